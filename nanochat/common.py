@@ -1,0 +1,189 @@
+"""Things every stage needs: where files live, which device and dtype to compute in, and torchrun's process group."""
+
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(RuntimeError):
+    """An error caused by the user's input or environment; scripts print its one-line message and exit 1."""
+
+
+def get_base_dir() -> Path:
+    """Root of everything nanochat writes: data, tokenizer, checkpoints, report (`NANOCHAT_BASE_DIR`)."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    path = Path(base)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Device and compute dtype
+
+def autodetect_device_type() -> str:
+    """cuda > mps > cpu, unless `NANOCHAT_DEVICE` (or a script's --device-type) says otherwise."""
+    forced = os.environ.get("NANOCHAT_DEVICE", "").strip()
+    if forced:
+        if forced not in ("cuda", "mps", "cpu"):
+            raise UserError(f"NANOCHAT_DEVICE={forced!r} is not one of cuda, mps, cpu")
+        return forced
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 matmuls beat fp32 ~2x."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def get_compute_dtype(device_type: str) -> torch.dtype:
+    """The one dtype policy: matmuls run in this dtype under autocast; master weights always stay fp32.
+
+    bf16 on CUDA SM80+ (Ampere, Hopper); fp32 elsewhere. `NANOCHAT_DTYPE=bf16|fp16|fp32` overrides, e.g. bf16 on a
+    CPU with AVX512-BF16 (see `cpu_supports_bf16`), which roughly doubles matmul throughput there.
+    """
+    forced = os.environ.get("NANOCHAT_DTYPE", "").strip().lower()
+    if forced:
+        if forced not in _DTYPES:
+            raise UserError(f"NANOCHAT_DTYPE={forced!r} is not one of bf16, fp16, fp32")
+        return _DTYPES[forced]
+    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_ctx(device_type: str, dtype: torch.dtype):
+    """Autocast to `dtype` for matmuls, or nothing when computing in fp32."""
+    if dtype == torch.float32 or device_type == "mps":
+        return nullcontext()
+    return torch.amp.autocast(device_type=device_type, dtype=dtype)
+
+
+def synchronize(device_type: str) -> None:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Distributed (torchrun) setup
+
+@dataclass(frozen=True)
+class DistInfo:
+    is_ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def get_dist_info() -> DistInfo:
+    """Read torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); a plain `python -m` run is rank 0 of 1."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return DistInfo(True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    return DistInfo(False, 0, 0, 1)
+
+
+@dataclass(frozen=True)
+class Compute:
+    """What a stage computes on: device, dtype policy and its place in the process group."""
+    device: torch.device
+    device_type: str
+    dtype: torch.dtype
+    dist: DistInfo
+
+    def autocast(self):
+        return autocast_ctx(self.device_type, self.dtype)
+
+
+def compute_init(device_type: str = "") -> Compute:
+    """Pick the device, the compute dtype, and join torchrun's process group (nccl on CUDA, gloo otherwise)."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device-type=cuda but no CUDA GPU is visible; use --device-type=cpu")
+    info = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device(device_type)
+    if info.is_ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
+        dist.barrier()
+    return Compute(device=device, device_type=device_type, dtype=get_compute_dtype(device_type), dist=info)
+
+
+def compute_cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only, flushed so progress shows up live in logs and pipes."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging is off, so training code never branches on it."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def get_wandb(run_name: str, project: str, config: dict, is_master: bool):
+    """A real wandb run when `--run` names one (rank 0 only), otherwise a DummyWandb."""
+    if not run_name or run_name == "dummy" or not is_master:
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError as e:
+        raise UserError("--run is set but wandb is not installed: pip install wandb (or drop --run)") from e
+    return wandb.init(project=project, name=run_name, config=config)
+
+
+def run_cli(main) -> None:
+    """Run a script's main(); a UserError becomes one clear line on stderr and exit code 1, not a traceback."""
+    import sys
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        compute_cleanup()
