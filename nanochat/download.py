@@ -1,0 +1,176 @@
+"""The one place files come from the network: Hugging Face datasets and a few other files, or an offline mirror.
+
+`NANOCHAT_MIRROR` (a directory or an http:// base URL) replaces the real sources; its layout is the mirror's:
+`hf/datasets/<repo>/<path>` for Hub datasets, `files/<path>` for the rest. Downloads land in the cache under
+the base dir only after they verified (size, parquet footer, gzip stream, JSON lines), via a temp file and an atomic
+rename; partial downloads resume with HTTP Range; 5xx, resets and stalls are retried with backoff; a file lock
+makes concurrent ranks download once.
+"""
+
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from filelock import FileLock
+
+from nanochat.common import UserError, get_base_dir
+
+CHUNK = 1 << 20
+
+
+class DownloadError(UserError):
+    """A file could not be fetched or did not verify; the message is one line that says how to fix it."""
+
+
+def _retries() -> int:
+    return max(1, int(os.environ.get("NANOCHAT_DOWNLOAD_RETRIES", "5")))
+
+
+def _timeout() -> float:
+    return float(os.environ.get("NANOCHAT_DOWNLOAD_TIMEOUT", "30"))
+
+
+def _mirror() -> str:
+    return os.environ.get("NANOCHAT_MIRROR", "").rstrip("/")
+
+
+def hf_file(repo: str, path: str) -> Path:
+    """A file of a Hugging Face dataset repo, cached at <base>/hf/datasets/<repo>/<path>."""
+    rel = f"hf/datasets/{repo}/{path}"
+    endpoint = os.environ.get("NANOCHAT_HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return _fetch(rel, f"{endpoint}/datasets/{repo}/resolve/main/{path}")
+
+
+def external_file(mirror_path: str, url: str) -> Path:
+    """A file from elsewhere on the web (eval bundle, word list), cached at <base>/files/<mirror_path>."""
+    return _fetch(f"files/{mirror_path}", url)
+
+
+def _fetch(rel: str, url: str) -> Path:
+    dest = get_base_dir() / rel
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(dest) + ".lock"):
+        if dest.exists():  # another rank finished it while we waited for the lock
+            return dest
+        mirror = _mirror()
+        if mirror and not mirror.startswith(("http://", "https://")):
+            _copy_local(Path(mirror) / rel, dest)
+        else:
+            source = f"{mirror}/{rel}" if mirror else url
+            _download(source, dest, rel)
+    return dest
+
+
+def _copy_local(src: Path, dest: Path) -> None:
+    if not src.exists():
+        raise DownloadError(f"{src} is not in the mirror (NANOCHAT_MIRROR={_mirror()}): point NANOCHAT_MIRROR at a "
+                            "mirror that has it, or unset it to download from the internet")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    _verify_or_discard(tmp, str(src), expected_size=src.stat().st_size)
+    os.replace(tmp, dest)
+
+
+def _download(url: str, dest: Path, rel: str) -> None:
+    part = dest.with_name(dest.name + ".part")
+    last_error = ""
+    for attempt in range(_retries()):
+        if attempt:
+            time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))
+        try:
+            expected = _download_once(url, part)
+        except urllib.error.HTTPError as e:
+            if e.code in (404, 401, 403):
+                raise DownloadError(_missing_message(rel, url, f"HTTP {e.code}")) from None
+            last_error = f"HTTP {e.code}"
+            continue
+        except (urllib.error.URLError, OSError, TimeoutError, _Truncated) as e:
+            last_error = str(getattr(e, "reason", e)) or type(e).__name__
+            continue
+        try:
+            _verify_or_discard(part, url, expected)
+        except DownloadError as e:
+            last_error = str(e)
+            continue
+        os.replace(part, dest)
+        return
+    part.unlink(missing_ok=True)
+    raise DownloadError(_missing_message(rel, url, last_error))
+
+
+def _missing_message(rel: str, url: str, why: str) -> str:
+    hint = ("check that the mirror has it" if _mirror() else
+            "check the network, or set NANOCHAT_MIRROR=/path/to/mirror to read a local copy")
+    return f"could not download {rel} from {url} ({why}): {hint}"
+
+
+class _Truncated(OSError):
+    pass
+
+
+def _download_once(url: str, part: Path) -> int | None:
+    """Fetch url into part, resuming from its current size; returns the expected total size when known."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    with urllib.request.urlopen(request, timeout=_timeout()) as response:
+        if have and response.status != 206:  # the server ignored the Range: start over
+            have = 0
+        length = response.headers.get("Content-Length")
+        expected = have + int(length) if length is not None else None
+        name = url.rsplit("/", 1)[-1]
+        start, shown = time.time(), time.time()
+        with open(part, "ab" if have else "wb") as f:
+            got = have
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                got += len(chunk)
+                if time.time() - shown > 2.0:
+                    shown = time.time()
+                    rate = (got - have) / max(1e-9, shown - start) / 1e6
+                    total = f"/{expected / 1e6:.0f}" if expected else ""
+                    print(f"  {name}: {got / 1e6:.0f}{total} MB ({rate:.1f} MB/s)", file=sys.stderr, flush=True)
+    if expected is not None and got < expected:
+        raise _Truncated(f"connection closed after {got} of {expected} bytes")
+    return expected
+
+
+def _verify_or_discard(path: Path, source: str, expected_size: int | None) -> None:
+    """Raise DownloadError (and delete the file) unless it has the right size and its format parses."""
+    try:
+        size = path.stat().st_size
+        if expected_size is not None and size != expected_size:
+            raise ValueError(f"size {size} != expected {expected_size}")
+        name = path.name.removesuffix(".part").removesuffix(".tmp")
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+            pq.ParquetFile(path).metadata  # reads the footer
+        elif name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                while f.read(CHUNK):
+                    pass
+        elif name.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        json.loads(line)
+        elif name.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        elif name.endswith(".zip"):
+            with zipfile.ZipFile(path) as z:
+                if z.testzip() is not None:
+                    raise ValueError("corrupt zip member")
+    except Exception as e:  # anything unparsable is a bad download, never a cache entry
+        path.unlink(missing_ok=True)
+        raise DownloadError(f"{source} did not verify ({type(e).__name__}: {str(e)[:120]}); it was discarded")

@@ -1,0 +1,263 @@
+"""The GPT: RoPE, QK-norm, untied embeddings, ReLU² MLP, parameter-free RMSNorm, no biases, GQA, sliding windows,
+value embeddings (ResFormer), x0 residual mixing, soft-capped fp32 logits.
+
+Shapes: B batch, T time, C n_embd, H query heads, Hkv key/value heads, D head_dim.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.attention import attention
+from nanochat.kv_cache import KVCache
+
+SOFTCAP = 15.0
+ROPE_BASE = 100_000
+VE_GATE_CHANNELS = 12
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "L"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // 64) * 64
+
+    def validate(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if not self.window_pattern or set(self.window_pattern.upper()) - {"L", "S"}:
+            raise ValueError(f"window_pattern={self.window_pattern!r} must be a string of L (full) and S (short)")
+
+    def window_sizes(self) -> list[int]:
+        """Attention window per layer: the pattern tiled over layers, the last layer always full context.
+
+        S = a quarter of the context rounded up to a multiple of 128; L = the full context.
+        """
+        short = min(self.sequence_len, -(-self.sequence_len // 4 // 128) * 128 or 128)
+        pattern = self.window_pattern.upper()
+        sizes = [short if pattern[i % len(pattern)] == "S" else self.sequence_len for i in range(self.n_layer)]
+        sizes[-1] = self.sequence_len
+        return sizes
+
+    def has_value_embedding(self, layer: int) -> bool:
+        return layer % 2 == (self.n_layer - 1) % 2
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, H, D); cos, sin: (B or 1, T, 1, D/2)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        C = config.n_embd
+        self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) \
+            if config.has_value_embedding(layer) else None
+
+    def forward(self, x, ve, cos, sin, window: int, kv_cache: KVCache | None, slots, positions):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # value embedding mixed into V through an input-dependent gate per KV head
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q) * 1.2, norm(k) * 1.2  # QK-norm after RoPE
+        if kv_cache is None:
+            y = attention(q, k, v, window)  # (B, T, H, D)
+        else:
+            keys, values = kv_cache.write_and_read(self.layer, slots, positions, k, v)  # (B, Hkv, L, D)
+            y = attention(q, keys, values, window, positions=positions)
+        return self.c_proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos, sin, window, kv_cache, slots, positions):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache, slots, positions)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        V, C = config.padded_vocab_size, config.n_embd
+        kv_dim = config.n_kv_head * config.head_dim
+        self.wte = nn.Embedding(V, C)
+        self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
+                                           for i in range(config.n_layer) if config.has_value_embedding(i)})
+        self.lm_head = nn.Linear(C, V, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        self.windows = config.window_sizes()
+        # RoPE tables with headroom for generation past the training context; not saved in checkpoints.
+        cos, sin = self._rotary_tables(config.sequence_len * 4)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.config.head_dim // 2
+        inv_freq = 1.0 / ROPE_BASE ** (torch.arange(half, dtype=torch.float32, device=device) / half)
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (L, D/2)
+        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, L, 1, D/2)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The reference initialisation; call after `to_empty()` when the model was built on the meta device."""
+        C, L = self.config.n_embd, self.config.n_layer
+        s = math.sqrt(3) / math.sqrt(C)
+        nn.init.normal_(self.wte.weight, std=0.8)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        frac = torch.linspace(0, 1, L) if L > 1 else torch.zeros(1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        cos, sin = self._rotary_tables(self.cos.size(1), device=self.wte.weight.device)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                slots: torch.Tensor | list[int] | None = None, loss_reduction: str = "mean"):
+        """idx (B, T) → logits (B, T, vocab_size) fp32, or the fp32 loss when targets (B, T; -1 = ignore) are given.
+
+        With a kv_cache, the T new tokens are appended to the cache rows `slots` (default 0..B-1), each at its own
+        position, and attend to that row's history.
+        """
+        B, T = idx.shape
+        if kv_cache is None:
+            positions = None
+            cos, sin = self.cos[:, :T], self.sin[:, :T]
+        else:
+            slots = kv_cache.resolve_slots(slots, B)
+            positions = kv_cache.positions(slots, T)  # (B, T)
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+        x = norm(self.wte(idx))
+        x0 = x
+        for i, block in enumerate(self.blocks):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos.to(x.dtype), sin.to(x.dtype), self.windows[i], kv_cache, slots, positions)
+        if kv_cache is not None:
+            kv_cache.advance(slots, T)
+        x = norm(x)
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+
+    # --- sizes and FLOPs ---------------------------------------------------------------------------------------------
+
+    def num_params(self) -> dict[str, int]:
+        counts = {
+            "wte": self.wte.weight.numel(),
+            "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
+            "lm_head": self.lm_head.weight.numel(),
+            "transformer_matrices": sum(p.numel() for p in self.blocks.parameters()),
+            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def num_scaling_params(self) -> int:
+        """Parameters that scaling laws count: transformer matrices + LM head (not the embedding tables)."""
+        n = self.num_params()
+        return n["transformer_matrices"] + n["lm_head"]
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token: 6 per matmul weight + the attention scores and values of each layer."""
+        n = self.num_params()
+        matmul = n["transformer_matrices"] + n["lm_head"]
+        T, h, d = self.config.sequence_len, self.config.n_head, self.config.head_dim
+        attn = sum(12 * h * d * min(w, T) for w in self.windows)
+        return 6 * matmul + attn
+
+    # --- optimizer ----------------------------------------------------------------------------------------------------
+
+    def setup_optimizer(self, embedding_lr: float = 0.3, unembedding_lr: float = 0.008, matrix_lr: float = 0.02,
+                        scalar_lr: float = 0.5, weight_decay: float = 0.28, adam_lr_scale: float | None = None):
+        """Muon for the 2-D matrices of the blocks, AdamW for everything else, with the reference's groups.
+
+        AdamW learning rates are multiplied by (C/768)^-0.5 (`adam_lr_scale` to override); the caller scales all
+        learning rates by √(B/B_ref) beforehand (see nanochat.scaling).
+        """
+        from nanochat.optim import MuonAdamW
+        scale = adam_lr_scale if adam_lr_scale is not None else (self.config.n_embd / 768) ** -0.5
+        matrices = [p for p in self.blocks.parameters()]
+        groups = [
+            dict(kind="adamw", name="lm_head", params=[self.lm_head.weight], lr=unembedding_lr * scale,
+                 betas=(0.8, 0.96), weight_decay=0.01),
+            dict(kind="adamw", name="wte", params=[self.wte.weight], lr=embedding_lr * scale,
+                 betas=(0.8, 0.995), weight_decay=0.001),
+            dict(kind="adamw", name="value_embeds", params=list(self.value_embeds.parameters()),
+                 lr=embedding_lr * 0.5 * scale, betas=(0.8, 0.995), weight_decay=0.01),
+            dict(kind="adamw", name="resid_lambdas", params=[self.resid_lambdas], lr=scalar_lr * 0.01 * scale,
+                 betas=(0.8, 0.95), weight_decay=0.05),
+            dict(kind="adamw", name="x0_lambdas", params=[self.x0_lambdas], lr=scalar_lr * scale,
+                 betas=(0.96, 0.95), weight_decay=0.0),
+            dict(kind="muon", name="matrices", params=matrices, lr=matrix_lr, momentum=0.95,
+                 weight_decay=weight_decay),
+        ]
+        groups = [g for g in groups if g["params"]]
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+            g["initial_weight_decay"] = g["weight_decay"]
+        return MuonAdamW(groups)

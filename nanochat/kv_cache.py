@@ -1,0 +1,61 @@
+"""A preallocated key/value cache with one slot per sequence, each slot at its own position (continuous batching)."""
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` independent sequence slots.
+
+    k, v: (n_layer, slots, n_kv_head, max_seq_len, head_dim) in the compute dtype, allocated once and never resized
+    (resizing in place is how the reference lost the cache's layout). `pos[s]` is how many tokens slot s holds.
+    """
+
+    def __init__(self, batch_size: int, n_layer: int, n_kv_head: int, head_dim: int, max_seq_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layer, batch_size, n_kv_head, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+
+    def reset(self, slots: list[int] | torch.Tensor | None = None) -> None:
+        """Forget what the given slots (default: all) hold; the memory is reused, not freed."""
+        if slots is None:
+            self.pos.zero_()
+        else:
+            self.pos[torch.as_tensor(slots, dtype=torch.long, device=self.pos.device)] = 0
+
+    def copy_slot(self, src: int, dsts: list[int]) -> None:
+        """Duplicate one slot's history into others: prefill a prompt once, then sample many continuations."""
+        if not dsts:
+            return
+        n = int(self.pos[src])
+        dst = torch.as_tensor(dsts, dtype=torch.long, device=self.k.device)
+        self.k[:, dst, :, :n] = self.k[:, src:src + 1, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src:src + 1, :, :n]
+        self.pos[dst] = n
+
+    def resolve_slots(self, slots: torch.Tensor | list[int] | None, batch: int) -> torch.Tensor:
+        if slots is None:
+            return torch.arange(batch, device=self.pos.device)
+        return torch.as_tensor(slots, dtype=torch.long, device=self.pos.device)
+
+    def positions(self, slots: torch.Tensor, t: int) -> torch.Tensor:
+        """Absolute positions (B, t) of t new tokens appended to each slot; raises when a slot would overflow."""
+        start = self.pos[slots]
+        if int(start.max()) + t > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: {int(start.max())} + {t} tokens > max_seq_len {self.max_seq_len}")
+        return start[:, None] + torch.arange(t, device=start.device)[None, :]
+
+    def write_and_read(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, t, H_kv, D) at their positions; return each slot's keys/values (B, H_kv, L, D), L = max end."""
+        kc, vc = self.k[layer], self.v[layer]
+        kc[slots[:, None], :, positions] = k.to(kc.dtype)
+        vc[slots[:, None], :, positions] = v.to(vc.dtype)
+        length = int(positions[:, -1].max()) + 1
+        return kc[:, :, :length].index_select(0, slots), vc[:, :, :length].index_select(0, slots)
+
+    def advance(self, slots: torch.Tensor, t: int) -> None:
+        self.pos[slots] += t

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The whole nanochat lifecycle at toy scale on a CPU, in about 25 minutes on 2 cores:
+# data -> tokenizer -> pretraining -> base eval -> SFT -> chat eval -> RL -> chat eval -> report card.
+#
+#   bash runs/cpu.sh                                    # downloads from the Hugging Face Hub
+#   NANOCHAT_MIRROR=../shared/mirror bash runs/cpu.sh   # offline, from a local mirror of the datasets
+#
+# Safe to re-run: finished stages are skipped, an interrupted pretraining run resumes from its last checkpoint.
+# Knobs (environment): NANOCHAT_BASE_DIR (where everything is written), DEPTH, BASE_STEPS, SFT_STEPS, RL_STEPS,
+# MAX_PER_TASK, CHAT_PROBLEMS, SKIP_SETUP=1 (use the active Python environment as is).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+if [ "${SKIP_SETUP:-0}" != "1" ]; then
+    source runs/setup.sh
+fi
+
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+if [ -n "${NANOCHAT_MIRROR:-}" ]; then
+    # The mirror has no FineWeb-Edu; its pretraining shards are a sample of real educational text.
+    export NANOCHAT_DATASET="${NANOCHAT_DATASET:-nanochat-mirror/docs-dictionary-sample}"
+fi
+# CPUs with native bf16 (AVX512-BF16 / AMX) run the matmuls in bf16 with fp32 master weights; others stay in fp32.
+if [ -z "${NANOCHAT_DTYPE:-}" ] && grep -qwE "avx512_bf16|amx_bf16" /proc/cpuinfo 2>/dev/null; then
+    export NANOCHAT_DTYPE=bf16
+fi
+
+DEPTH="${DEPTH:-4}"
+SEQ_LEN="${SEQ_LEN:-512}"
+VOCAB="${VOCAB:-8192}"
+TOK_CHARS="${TOK_CHARS:-50000000}"
+BASE_STEPS="${BASE_STEPS:-300}"
+DEVICE_BATCH="${DEVICE_BATCH:-16}"
+SFT_STEPS="${SFT_STEPS:-150}"
+RL_STEPS="${RL_STEPS:-20}"
+MAX_PER_TASK="${MAX_PER_TASK:-100}"
+CHAT_PROBLEMS="${CHAT_PROBLEMS:-100}"
+TAG="d${DEPTH}"
+STAGES="$NANOCHAT_BASE_DIR/stages"
+mkdir -p "$STAGES"
+
+# run_stage NAME COMMAND...: run a stage once; a marker file records that it finished.
+run_stage() {
+    local name="$1"; shift
+    if [ -f "$STAGES/$name.done" ]; then
+        echo "== $name: done already (delete $STAGES/$name.done to redo it)"
+        return
+    fi
+    echo "== $name: $*"
+    local start=$SECONDS
+    "$@"
+    echo "$((SECONDS - start))" > "$STAGES/$name.done"
+    echo "== $name: finished in $((SECONDS - start)) s"
+}
+
+T0=$SECONDS
+run_stage report_reset python -m nanochat.report reset
+run_stage data        python -m nanochat.dataset -n 6
+run_stage tok_train   python -m scripts.tok_train --max-chars="$TOK_CHARS" --vocab-size="$VOCAB"
+run_stage tok_eval    python -m scripts.tok_eval
+run_stage base_train  python -m scripts.base_train --depth="$DEPTH" --head-dim=64 --window-pattern=L \
+    --max-seq-len="$SEQ_LEN" --device-batch-size="$DEVICE_BATCH" --total-batch-size=$((DEVICE_BATCH * SEQ_LEN)) \
+    --num-iterations="$BASE_STEPS" --eval-every=100 --eval-tokens=$((64 * SEQ_LEN)) --sample-every=-1 \
+    --core-metric-every=-1 --save-every=100 --resume-from-step=latest --model-tag="$TAG"
+run_stage base_eval   python -m scripts.base_eval --model-tag="$TAG" --max-per-task="$MAX_PER_TASK"
+run_stage chat_sft    python -m scripts.chat_sft --model-tag="$TAG" --num-iterations="$SFT_STEPS" \
+    --device-batch-size=8 --max-seq-len="$SEQ_LEN" --eval-every=-1 --eval-metrics-every=-1
+run_stage sft_eval    python -m scripts.chat_eval -i sft --model-tag="$TAG" --max-problems="$CHAT_PROBLEMS"
+run_stage chat_rl     python -m scripts.chat_rl --model-tag="$TAG" --num-steps="$RL_STEPS" \
+    --examples-per-step=4 --num-samples=4 --max-new-tokens=128 --eval-every=-1
+run_stage rl_eval     python -m scripts.chat_eval -i rl --model-tag="$TAG" -a GSM8K --max-problems="$CHAT_PROBLEMS"
+python -m nanochat.report generate
+
+echo
+echo "nanochat pipeline finished in $(( (SECONDS - T0) / 60 )) min $(( (SECONDS - T0) % 60 )) s."
+echo "Report card: $NANOCHAT_BASE_DIR/report/report.md"
+echo "Talk to your model:"
+echo "  source .venv/bin/activate"
+echo "  python -m scripts.chat_cli -p \"Why is the sky blue?\"     # one answer in the terminal"
+echo "  python -m scripts.chat_cli                                 # interactive chat"
+echo "  python -m scripts.chat_web                                 # web UI at http://localhost:8000"
