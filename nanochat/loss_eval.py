@@ -1,0 +1,37 @@
+"""Bits per byte: a tokenizer-independent loss, so models with different vocabularies compare fairly."""
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches: Iterator, steps: int, token_bytes: torch.Tensor, autocast=None) -> float:
+    """Σ loss (nats) over targets that are real text / (ln 2 · Σ their UTF-8 bytes), summed over all ranks.
+
+    Special tokens have 0 bytes and are left out of both sums; targets of -1 are ignored.
+    """
+    device = token_bytes.device
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(steps):
+        x, y = next(batches)
+        if autocast is not None:
+            with autocast():
+                loss = model(x, y, loss_reduction="none").view(-1)  # (B*T,)
+        else:
+            loss = model(x, y, loss_reduction="none").view(-1)
+        y = y.reshape(-1)
+        valid = y >= 0
+        nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
+        counted = nbytes > 0
+        total_nats += (loss.double() * counted).sum()
+        total_bytes += nbytes.sum()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        return float("inf")
+    return total_nats.item() / (math.log(2) * total_bytes.item())

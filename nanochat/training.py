@@ -1,0 +1,116 @@
+"""Pieces the training scripts share: progress lines, RNG state, greedy samples, a model from hyper-parameters."""
+
+import time
+
+import torch
+
+from nanochat.common import print0
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """One line per step: step/total, loss, lr multiplier, tokens/s, MFU, elapsed and ETA (excluding eval time)."""
+
+    def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float, peak_flops: float,
+                 start_step: int = 0):
+        self.total, self.tokens_per_step = total_steps, tokens_per_step
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
+        self.start_step = start_step
+        self.train_time = 0.0
+        self.ema, self.ema_steps = 0.0, 0
+
+    def smoothed(self, loss: float) -> float:
+        self.ema = 0.9 * self.ema + 0.1 * loss
+        self.ema_steps += 1
+        return self.ema / (1 - 0.9 ** self.ema_steps)  # debiased
+
+    def line(self, step: int, loss: float, lrm: float, dt: float, extra: str = "") -> str:
+        self.train_time += dt
+        tok_s = self.tokens_per_step / max(dt, 1e-9)
+        mfu = 100 * self.flops_per_token * tok_s / self.peak
+        done = step + 1 - self.start_step
+        eta = self.train_time / max(done, 1) * (self.total - step - 1)
+        return (f"step {step + 1:05d}/{self.total:05d} ({100 * (step + 1) / self.total:5.1f}%) | loss "
+                f"{self.smoothed(loss):.4f} | lrm {lrm:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1f}% | "
+                f"elapsed {format_duration(self.train_time)} | ETA {format_duration(eta)}{extra}")
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema, "ema_steps": self.ema_steps, "train_time": self.train_time}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.ema_steps, self.train_time = state["ema"], state["ema_steps"], state["train_time"]
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+@torch.no_grad()
+def greedy_complete(model, tokenizer, prompt: str, max_tokens: int, device, autocast) -> str:
+    """Greedy continuation with the KV cache (for progress samples; the chat Engine does the real serving)."""
+    from nanochat.kv_cache import KVCache
+    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+    c = model.config
+    cache = KVCache(1, c.n_layer, c.n_kv_head, c.head_dim, len(ids) + max_tokens, device,
+                    next(model.parameters()).dtype)
+    out = []
+    x = torch.tensor([ids], device=device)
+    for _ in range(max_tokens):
+        with autocast():
+            logits = model(x, kv_cache=cache)
+        token = int(logits[0, -1].argmax())
+        if token == tokenizer.get_bos_token_id():
+            break
+        out.append(token)
+        x = torch.tensor([[token]], device=device)
+    return tokenizer.decode(out)
+
+
+def print_samples(model, tokenizer, device, autocast, max_tokens: int = 16) -> list[str]:
+    samples = []
+    for prompt in SAMPLE_PROMPTS:
+        text = prompt + greedy_complete(model, tokenizer, prompt, max_tokens, device, autocast)
+        samples.append(text)
+        print0(f"  sample: {text!r}")
+    return samples
+
+
+class Timer:
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+
+    def __enter__(self):
+        from nanochat.common import synchronize
+        synchronize(self.device_type)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        from nanochat.common import synchronize
+        synchronize(self.device_type)
+        self.dt = time.perf_counter() - self.t0

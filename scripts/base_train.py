@@ -1,0 +1,249 @@
+"""Pretrain the base model. One dial, --depth, derives everything else (see nanochat/scaling.py).
+
+    python -m scripts.base_train --depth=12
+    torchrun --nproc_per_node=8 -m scripts.base_train -- --depth=20
+"""
+
+import argparse
+import math
+import os
+
+import torch
+
+from nanochat.checkpoint import build_model, checkpoint_dir, last_step, load_checkpoint, save_checkpoint
+from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
+from nanochat.dataloader import PackedLoader
+from nanochat.dataset import default_dataset, list_shards
+from nanochat.flops import device_peak_flops
+from nanochat.gpt import GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.scaling import derive_hparams, lr_multiplier, muon_momentum, weight_decay_multiplier
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import Progress, Timer, print_samples, rng_state, set_rng_state
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Pretrain a base GPT; every size and rate follows from --depth.")
+    p.add_argument("--depth", type=int, default=20, help="number of transformer layers: the one dial")
+    p.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth × aspect ratio (rounded)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: = query heads)")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--window-pattern", default="L", help="per-layer attention windows, e.g. SSSL (S = 1/4 context)")
+    p.add_argument("--num-iterations", type=int, default=None, help="override the derived number of steps")
+    p.add_argument("--target-flops", type=float, default=None, help="derive steps from a compute budget")
+    p.add_argument("--target-param-data-ratio", type=float, default=10.5, help="training tokens per parameter")
+    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per process")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (all processes)")
+    p.add_argument("--embedding-lr", type=float, default=None)
+    p.add_argument("--unembedding-lr", type=float, default=None)
+    p.add_argument("--matrix-lr", type=float, default=None)
+    p.add_argument("--scalar-lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None, help="Muon weight decay (cosine-decayed to 0)")
+    p.add_argument("--warmup-steps", type=int, default=40)
+    p.add_argument("--warmdown-ratio", type=float, default=0.65)
+    p.add_argument("--final-lr-frac", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the global grad norm (0 = off)")
+    p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1 = only at the end)")
+    p.add_argument("--eval-tokens", type=int, default=20 * 2 ** 19, help="tokens per val bpb evaluation")
+    p.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1 = never)")
+    p.add_argument("--core-metric-every", type=int, default=-1, help="CORE every N steps (-1 = never)")
+    p.add_argument("--core-metric-max-per-task", type=int, default=500)
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--resume-from-step", default=None, help="a step number or 'latest' (fresh start if none)")
+    p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
+    p.add_argument("--dataset", default=None, help="pretraining dataset (default $NANOCHAT_DATASET or FineWeb-Edu)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+    p.add_argument("--run", default="", help="wandb run name (default: no wandb)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--dry-run", action="store_true", help="derive and print the plan, check inputs, then exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    compute = compute_init(args.device_type)
+    dist_info, device = compute.dist, compute.device
+    torch.manual_seed(args.seed)
+
+    # --- inputs -------------------------------------------------------------------------------------------------------
+    dataset = args.dataset or default_dataset()
+    try:
+        tokenizer = get_tokenizer()
+        token_bytes = get_token_bytes(device)
+        list_shards("train", dataset), list_shards("val", dataset)
+        vocab_size = tokenizer.get_vocab_size()
+    except UserError as e:
+        if not args.dry_run:
+            raise
+        print0(f"warning (dry run): {e}")
+        tokenizer, vocab_size = None, 32768
+
+    # --- the one dial ----------------------------------------------------------------------------------------------
+    hp_kwargs = dict(vocab_size=vocab_size, world_size=dist_info.world_size, aspect_ratio=args.aspect_ratio,
+                     head_dim=args.head_dim, n_kv_head=args.n_kv_head, max_seq_len=args.max_seq_len,
+                     window_pattern=args.window_pattern, device_batch_size=args.device_batch_size,
+                     total_batch_size=args.total_batch_size, num_iterations=args.num_iterations,
+                     target_param_data_ratio=args.target_param_data_ratio, embedding_lr=args.embedding_lr,
+                     unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
+                     weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+                     warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac)
+    hp = derive_hparams(args.depth, **hp_kwargs)
+    config = GPTConfig(sequence_len=hp.max_seq_len, vocab_size=vocab_size, n_layer=hp.depth, n_head=hp.n_head,
+                       n_kv_head=hp.n_kv_head, n_embd=hp.model_dim, window_pattern=hp.window_pattern)
+    if args.target_flops is not None:
+        with torch.device("meta"):
+            from nanochat.gpt import GPT
+            flops = GPT(config).estimate_flops()
+        hp = derive_hparams(args.depth, target_flops=args.target_flops, flops_per_token=flops,
+                            **{**hp_kwargs, "num_iterations": None})
+    model_tag = args.model_tag or f"d{args.depth}"
+    print0(f"base_train {model_tag} on {dataset}: {dist_info.world_size} process(es) on {compute.device_type}, "
+           f"compute dtype {str(compute.dtype).removeprefix('torch.')}")
+    print0(hp.describe())
+    if args.dry_run:
+        print0("dry run: arguments and derived hyper-parameters are valid; not training")
+        return
+
+    # --- model, optimizer, data ---------------------------------------------------------------------------------------
+    model = build_model(vars(config), device)
+    n = model.num_params()
+    flops_per_token = model.estimate_flops()
+    print0(f"parameters: {n['total']:,} ({', '.join(f'{k} {v:,}' for k, v in n.items() if k != 'total')}); "
+           f"{flops_per_token:.3g} FLOPs/token; {hp.num_iterations * hp.total_batch_size:,} training tokens")
+    optimizer = model.setup_optimizer(embedding_lr=hp.embedding_lr, unembedding_lr=hp.unembedding_lr,
+                                      matrix_lr=hp.matrix_lr, scalar_lr=hp.scalar_lr, weight_decay=hp.weight_decay)
+    use_compile = args.compile == "on" or (args.compile == "auto" and compute.device_type == "cuda")
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
+
+    # One loader per micro-batch stream: process `rank` with `accum` micro-steps reads streams rank*accum + i of
+    # world*accum, so the data of a step does not depend on how it is split over processes and accumulation.
+    accum, world = hp.grad_accum_steps, dist_info.world_size
+    loaders = [PackedLoader(tokenizer, hp.device_batch_size, hp.max_seq_len, "train", device, dataset,
+                            rank=dist_info.rank * accum + i, world_size=world * accum, seed=args.seed)
+               for i in range(accum)]
+    ckpt_dir = checkpoint_dir("base", model_tag)
+    progress = Progress(hp.num_iterations, hp.total_batch_size, flops_per_token,
+                        device_peak_flops(compute.device_type, compute.dtype) * world)
+    curves = {"train_loss": [], "val_bpb": []}
+    start_step = 0
+
+    resume = args.resume_from_step
+    if resume is not None:
+        step = last_step(ckpt_dir) if resume == "latest" else int(resume)
+        if step is not None:
+            ckpt = load_checkpoint(ckpt_dir, step, device, rank=dist_info.rank)
+            if ckpt["meta"]["model_config"] != vars(config):
+                raise UserError(f"checkpoint {ckpt_dir} step {step} has a different model config: use another "
+                                "--model-tag or the same flags")
+            model.load_state_dict(ckpt["model"])
+            state = ckpt["rank_state"]
+            optimizer.load_state_dict(state["optimizer"])
+            for loader, s in zip(loaders, state["loaders"]):
+                loader.load_state_dict(s)
+            progress.load_state_dict(state["progress"])
+            set_rng_state(state["rng"])
+            curves = ckpt["meta"]["curves"]
+            start_step = step
+            print0(f"resumed from {ckpt_dir} step {step}")
+        else:
+            print0(f"no checkpoint in {ckpt_dir} to resume from: starting fresh")
+    progress.start_step = start_step
+    streams = [iter(loader) for loader in loaders]
+    wandb = get_wandb(args.run, "nanochat", hp.to_dict(), dist_info.is_master)
+
+    def val_bpb() -> float:
+        model.eval()
+        val = PackedLoader(tokenizer, hp.device_batch_size, hp.max_seq_len, "val", device, dataset,
+                           rank=dist_info.rank, world_size=world, buffer_docs=100)
+        steps = max(1, args.eval_tokens // (hp.device_batch_size * hp.max_seq_len * world))
+        bpb = evaluate_bpb(model, iter(val), steps, token_bytes, autocast=compute.autocast)
+        model.train()
+        return bpb
+
+    def save(step: int) -> None:
+        rank_state = {"optimizer": optimizer.state_dict(), "loaders": [l.state_dict() for l in loaders],
+                      "progress": progress.state_dict(), "rng": rng_state()}
+        meta = {"model_config": vars(config), "hyperparams": hp.to_dict(), "args": vars(args), "curves": curves,
+                "dataset": dataset, "crop_fraction": loaders[0].stats["crop_fraction"]}
+        path = save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world)
+        print0(f"saved checkpoint {path}")
+
+    # --- the loop --------------------------------------------------------------------------------------------------------
+    last_bpb = None
+    for step in range(start_step, hp.num_iterations):
+        lrm = lr_multiplier(step, hp.num_iterations, hp.warmup_steps, hp.warmdown_ratio, hp.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step, hp.num_iterations, hp.warmdown_ratio)
+                group["weight_decay"] = group["initial_weight_decay"] * weight_decay_multiplier(
+                    step, hp.num_iterations)
+        with Timer(compute.device_type) as timer:
+            loss_sum = torch.zeros((), device=device)
+            for stream in streams:
+                x, y = next(stream)
+                with compute.autocast():
+                    loss = train_model(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            if dist_info.is_ddp:
+                torch.distributed.all_reduce(loss_sum)
+            if args.grad_clip > 0:  # the optimizer averages gradients over ranks first, so clip after it would
+                optimizer_average_then_clip(optimizer, model, args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = loss_sum.item() / (accum * world)
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"loss became {loss_value} at step {step + 1}: lower the learning rates")
+        curves["train_loss"].append([step + 1, (step + 1) * hp.total_batch_size * flops_per_token, loss_value])
+        last = step + 1 == hp.num_iterations
+        extra = ""
+        if (args.eval_every > 0 and (step + 1) % args.eval_every == 0) or last:
+            last_bpb = val_bpb()
+            curves["val_bpb"].append([step + 1, (step + 1) * hp.total_batch_size * flops_per_token, last_bpb])
+            extra = f" | val bpb {last_bpb:.4f}"
+        print0(progress.line(step, loss_value, lrm, timer.dt, extra))
+        wandb.log({"step": step + 1, "loss": loss_value, "lrm": lrm, "val_bpb": last_bpb})
+        if args.sample_every > 0 and (step + 1) % args.sample_every == 0 and dist_info.is_master:
+            model.eval()
+            print_samples(model, tokenizer, device, compute.autocast)
+            model.train()
+        if args.core_metric_every > 0 and (step + 1) % args.core_metric_every == 0:
+            from nanochat.core_eval import evaluate_core
+            model.eval()
+            core = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task,
+                                 autocast=compute.autocast)
+            model.train()
+            print0(f"  {core['label']}: {core['core']:.4f}")
+        if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
+            save(step + 1)
+
+    # --- report ----------------------------------------------------------------------------------------------------------
+    if dist_info.is_master:
+        from nanochat.report import get_report
+        samples = []
+        if tokenizer is not None:
+            model.eval()
+            samples = print_samples(model, tokenizer, device, compute.autocast)
+        summary = {"model_tag": model_tag, "dataset": dataset, "parameters": n["total"],
+                   "scaling_params": hp.scaling_params, "flops_per_token": flops_per_token,
+                   "steps": hp.num_iterations, "tokens": hp.num_iterations * hp.total_batch_size,
+                   "final_train_loss": curves["train_loss"][-1][2] if curves["train_loss"] else None,
+                   "val_bpb": last_bpb, "training_time_s": round(progress.train_time, 1),
+                   "compute_dtype": str(compute.dtype).removeprefix("torch."), "processes": world,
+                   "crop_fraction": round(loaders[0].stats["crop_fraction"], 4)}
+        get_report().log("Base model training", [summary, hp.to_dict(), {"samples": samples}], curves=curves)
+    wandb.finish()
+
+
+def optimizer_average_then_clip(optimizer, model, max_norm: float) -> None:
+    """Clip the *global* gradient: average over ranks first (as the optimizer would), then clip once."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        optimizer._average_gradients()  # averaging again inside step() leaves equal gradients unchanged
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+
+if __name__ == "__main__":
+    run_cli(main)
