@@ -1,0 +1,52 @@
+"""The maths of simplified GRPO: group-relative advantages and a token-level policy-gradient loss.
+
+No critic, no KL term, no ratio clipping (on-policy, one update per batch of samples): each question's samples are
+compared with each other, advantage = reward − the group's mean reward (optionally / its std), and the loss pushes up
+the log-probability of every sampled token of a sequence in proportion to its advantage.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def group_advantages(rewards: torch.Tensor, std_normalize: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """rewards (num_samples,) of one question → advantages; all-equal groups (all right or all wrong) give 0."""
+    advantages = rewards - rewards.mean()
+    if std_normalize:
+        advantages = advantages / (rewards.std(unbiased=False) + eps)
+    return advantages
+
+
+def rollout_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples (prompt + completion, with masks 1 only on sampled tokens) → inputs (B, T) and targets (B, T).
+
+    Targets are -1 wherever the next token was not sampled by the policy (prompt, forced tool output) or is padding.
+    """
+    T = max(len(s) for s in sequences) - 1
+    inputs = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), T), -1, dtype=torch.long)
+    for i, (seq, mask) in enumerate(zip(sequences, masks)):
+        n = len(seq) - 1
+        inputs[i, :n] = torch.tensor(seq[:-1])
+        target = torch.tensor(seq[1:])
+        sampled = torch.tensor(mask[1:], dtype=torch.bool)
+        targets[i, :n] = target.masked_fill(~sampled, -1)
+    return inputs.to(device), targets.to(device)
+
+
+def policy_gradient_loss(logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
+                         num_tokens: int | float) -> torch.Tensor:
+    """−Σ advantage · log p(sampled token) over valid targets, divided by num_tokens (token-level normalisation).
+
+    logits (B, T, V), targets (B, T) with -1 = not a sampled token, advantages (B,).
+    """
+    logp = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                            reduction="none").view(targets.shape)  # (B, T), 0 where ignored
+    valid = (targets >= 0).float()
+    return -(logp * valid * advantages[:, None]).sum() / max(float(num_tokens), 1.0)
+
+
+def pass_at_k(correct: list[bool], k: int) -> float:
+    """1 if any of the first k samples of a question is correct (samples are independent draws)."""
+    return float(any(correct[:k]))

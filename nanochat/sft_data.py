@@ -1,0 +1,71 @@
+"""Batches for supervised fine-tuning: rendered conversations packed best-fit into rows, padded, never cropped.
+
+Each row holds whole conversations (each starting with <|bos|>); the rest of the row is padding. Targets are -1
+(ignored by the loss) on padding and on every token the assistant did not write (mask 0: the user's text, tool
+outputs, the <|assistant_start|> markers). A conversation longer than a row is truncated to the row length when it
+is rendered (the only case where tokens are dropped).
+"""
+
+from bisect import bisect_right, insort
+
+import torch
+
+
+class SFTLoader:
+    """Yields (inputs, targets) (B, T) forever over a task's conversations, rank::world_size, epoch after epoch."""
+
+    def __init__(self, task, tokenizer, batch_size: int, seq_len: int, device: torch.device | str = "cpu",
+                 rank: int = 0, world_size: int = 1, buffer_size: int = 64):
+        self.task, self.tokenizer = task, tokenizer
+        self.B, self.T = batch_size, seq_len
+        self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.buffer_size = buffer_size
+        self.pad = tokenizer.get_bos_token_id()
+        self.epoch, self.cursor = 0, rank
+        self.buffer: list[tuple[int, int, list[int], list[int]]] = []  # sorted (length, order, ids, mask)
+        self.order = 0
+        self.tokens_supervised = 0
+
+    def _fill(self) -> None:
+        n = len(self.task)
+        while len(self.buffer) < self.buffer_size:
+            if self.cursor >= n:
+                self.epoch += 1
+                self.cursor = self.rank
+            ids, mask = self.tokenizer.render_conversation(self.task[self.cursor], max_tokens=self.T + 1)
+            self.cursor += self.world_size
+            insort(self.buffer, (len(ids), self.order, ids, mask))
+            self.order += 1
+
+    def _row(self) -> tuple[list[int], list[int]]:
+        ids, mask = [], []
+        while True:
+            self._fill()
+            room = self.T + 1 - len(ids)
+            fit = bisect_right(self.buffer, (room, float("inf"))) - 1
+            if fit < 0:
+                break
+            _, _, conv_ids, conv_mask = self.buffer.pop(fit)
+            ids += conv_ids
+            mask += conv_mask
+        pad = self.T + 1 - len(ids)
+        return ids + [self.pad] * pad, mask + [0] * pad
+
+    def __iter__(self):
+        while True:
+            rows, masks = zip(*(self._row() for _ in range(self.B)))
+            ids = torch.tensor(rows, dtype=torch.long)  # (B, T+1)
+            mask = torch.tensor(masks, dtype=torch.bool)
+            targets = ids[:, 1:].masked_fill(~mask[:, 1:], -1)
+            self.tokens_supervised += int(mask[:, 1:].sum())
+            yield ids[:, :-1].to(self.device), targets.to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "order": self.order, "buffer": list(self.buffer),
+                "tokens_supervised": self.tokens_supervised}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor, self.order = state["epoch"], state["cursor"], state["order"]
+        self.buffer = sorted(tuple(b) for b in state["buffer"])
+        self.tokens_supervised = state["tokens_supervised"]

@@ -1,0 +1,177 @@
+"""Reinforcement learning on GSM8K with simplified GRPO: sample, reward correct answers, push up what worked.
+
+    python -m scripts.chat_rl --model-tag=d12
+    torchrun --nproc_per_node=8 -m scripts.chat_rl -- --model-tag=d20
+
+Each step: for every question, prefill once and sample --num-samples completions through the Engine with the
+python tool on; reward 1 for the right final answer (GSM8K's own evaluate), advantage = reward − group mean; the loss
+is −advantage · log p over the sampled tokens only (prompt and tool outputs masked), normalised by token count.
+"""
+
+import argparse
+import time
+
+import torch
+
+from nanochat.checkpoint import build_model, checkpoint_dir, find_model_tag, last_step, load_checkpoint, save_checkpoint
+from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
+from nanochat.engine import Engine
+from nanochat.grpo import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
+from nanochat.tokenizer import get_tokenizer
+from tasks.gsm8k import GSM8K
+
+
+def completion_text(tokenizer, sequence: list[int], prompt_len: int, stops: set[int]) -> str:
+    return tokenizer.decode([t for t in sequence[prompt_len:] if t not in stops])
+
+
+def rollout(engine: Engine, tokenizer, task, index: int, num_samples: int, max_new_tokens: int, temperature: float,
+            top_k: int, seed: int) -> dict:
+    conv = task[index]
+    prompt = tokenizer.render_for_completion(conv)
+    sequences, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k, seed=seed)
+    texts = [completion_text(tokenizer, s, len(prompt), engine.tools.stops) for s in sequences]
+    rewards = torch.tensor([task.reward(conv, t) for t in texts])
+    return {"sequences": sequences, "masks": masks, "rewards": rewards, "prompt_len": len(prompt)}
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(engine, tokenizer, task, indices, k: int, max_new_tokens: int, top_k: int) -> dict:
+    p1, pk = [], []
+    for i in indices:
+        r = rollout(engine, tokenizer, task, i, k, max_new_tokens, 1.0, top_k, seed=10_000 + i)
+        correct = [bool(x) for x in r["rewards"]]
+        p1.append(sum(correct) / len(correct))
+        pk.append(pass_at_k(correct, k))
+    return {"pass@1": sum(p1) / max(1, len(p1)), f"pass@{k}": sum(pk) / max(1, len(pk))}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="GRPO-style RL of the SFT model on GSM8K.")
+    p.add_argument("--model-tag", default=None, help="SFT model to start from (default: the largest)")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--num-steps", type=int, default=None, help="default: one pass over GSM8K train")
+    p.add_argument("--examples-per-step", type=int, default=16, help="questions per step (over all processes)")
+    p.add_argument("--num-samples", type=int, default=16, help="completions per question")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--init-lr-frac", type=float, default=0.05, help="learning rates = base run's × this")
+    p.add_argument("--std-normalize", action="store_true", help="divide advantages by the group's std")
+    p.add_argument("--eval-every", type=int, default=60, help="pass@k on held-out questions (-1 = at the end)")
+    p.add_argument("--eval-examples", type=int, default=400)
+    p.add_argument("--eval-k", type=int, default=8)
+    p.add_argument("--save-every", type=int, default=-1)
+    p.add_argument("--device-type", default="")
+    p.add_argument("--run", default="")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    compute = compute_init(args.device_type)
+    dist_info, device, world = compute.dist, compute.device, compute.dist.world_size
+    if args.examples_per_step % world:
+        raise UserError(f"--examples-per-step={args.examples_per_step} must be a multiple of the {world} processes")
+    train, test = GSM8K("main", "train"), GSM8K("main", "test")
+    num_steps = args.num_steps or len(train) // args.examples_per_step
+    if args.dry_run:
+        print0(f"chat_rl dry run: {num_steps} steps × {args.examples_per_step} questions × {args.num_samples} samples")
+        return
+
+    model_tag = args.model_tag or find_model_tag("sft")
+    sft_dir = checkpoint_dir("sft", model_tag)
+    sft_step = args.step if args.step is not None else last_step(sft_dir)
+    if sft_step is None:
+        raise UserError(f"no SFT checkpoint in {sft_dir}: run `python -m scripts.chat_sft` first")
+    sft = load_checkpoint(sft_dir, sft_step, device)
+    hp = sft["meta"]["hyperparams"]
+    model = build_model(sft["meta"]["model_config"], device, sft["model"])
+    tokenizer = get_tokenizer()
+    frac = args.init_lr_frac
+    optimizer = model.setup_optimizer(embedding_lr=hp["embedding_lr"] * frac, unembedding_lr=hp["unembedding_lr"] * frac,
+                                      matrix_lr=hp["matrix_lr"] * frac, scalar_lr=hp["scalar_lr"] * frac,
+                                      weight_decay=0.0)
+    engine = Engine(model, tokenizer, compute.autocast)
+    per_rank = args.examples_per_step // world
+    print0(f"chat_rl {model_tag}: from SFT step {sft_step}; {num_steps} steps × {args.examples_per_step} questions × "
+           f"{args.num_samples} samples, ≤{args.max_new_tokens} new tokens, temperature {args.temperature}, "
+           f"top-k {args.top_k}; LRs × {frac} of the base run, decaying to 0")
+    ckpt_dir = checkpoint_dir("rl", model_tag)
+    wandb = get_wandb(args.run, "nanochat-rl", vars(args), dist_info.is_master)
+    curves = {"mean_reward": [], "pass@1": []}
+    eval_indices = list(range(dist_info.rank, min(args.eval_examples, len(test)), world))
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        local = evaluate_pass_at_k(engine, tokenizer, test, eval_indices, args.eval_k, args.max_new_tokens,
+                                   args.top_k)
+        sums = torch.tensor([v * len(eval_indices) for v in local.values()] + [len(eval_indices)],
+                            dtype=torch.float64, device=device)
+        if dist_info.is_ddp:
+            torch.distributed.all_reduce(sums)
+        result = {k: (sums[i] / sums[-1].clamp(min=1)).item() for i, k in enumerate(local)}
+        print0(f"  eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        curves["pass@1"].append([step, 0, result["pass@1"]])
+        return result
+
+    last_eval = None
+    t_start = time.time()
+    for step in range(num_steps):
+        if args.eval_every > 0 and step % args.eval_every == 0:
+            last_eval = evaluate(step)
+        lrm = 1.0 - step / num_steps
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        # --- rollouts (no grad), then one update -----------------------------------------------------------------
+        t0 = time.time()
+        model.eval()
+        batches = []
+        for j in range(per_rank):
+            index = (step * args.examples_per_step + dist_info.rank * per_rank + j) % len(train)
+            batches.append(rollout(engine, tokenizer, train, index, args.num_samples, args.max_new_tokens,
+                                   args.temperature, args.top_k, seed=step * 1000 + index))
+        sampled_tokens = sum(sum(m) for b in batches for m in b["masks"])
+        counts = torch.tensor([float(sampled_tokens)], device=device)
+        if dist_info.is_ddp:
+            torch.distributed.all_reduce(counts)
+        model.train()
+        for b in batches:
+            advantages = group_advantages(b["rewards"].float(), args.std_normalize).to(device)
+            inputs, targets = rollout_batch(b["sequences"], b["masks"], tokenizer.get_bos_token_id(), device)
+            with compute.autocast():
+                logits = model(inputs)
+            # each rank divides by the global token count; the optimizer then averages (×1/world) → undo that
+            loss = policy_gradient_loss(logits, targets, advantages, counts.item() / world)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        rewards = torch.cat([b["rewards"] for b in batches]).float()
+        stats = torch.tensor([rewards.sum().item(), rewards.numel(), float(sampled_tokens)], device=device)
+        if dist_info.is_ddp:
+            torch.distributed.all_reduce(stats)
+        mean_reward = (stats[0] / stats[1]).item()
+        mean_len = (stats[2] / stats[1]).item()
+        curves["mean_reward"].append([step + 1, 0, mean_reward])
+        eta = (time.time() - t_start) / (step + 1) * (num_steps - step - 1)
+        print0(f"step {step + 1:04d}/{num_steps:04d} | mean reward {mean_reward:.3f} | mean completion length "
+               f"{mean_len:.1f} | {stats[2].item() / dt:,.0f} sampled tok/s | lrm {lrm:.3f} | ETA {eta:.0f}s")
+        wandb.log({"step": step + 1, "reward": mean_reward, "completion_length": mean_len})
+        last = step + 1 == num_steps
+        if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
+            meta = {"model_config": sft["meta"]["model_config"], "hyperparams": hp, "args": vars(args),
+                    "model_tag": model_tag, "sft_step": sft_step, "curves": curves}
+            save_checkpoint(ckpt_dir, step + 1, model, meta, None, dist_info.rank, world)
+            print0(f"saved checkpoint {ckpt_dir} step {step + 1}")
+    last_eval = evaluate(num_steps)
+    if dist_info.is_master:
+        from nanochat.report import get_report
+        get_report().log("Chat RL", [{"model_tag": model_tag, "sft_step": sft_step, "steps": num_steps,
+                                      "examples_per_step": args.examples_per_step, "num_samples": args.num_samples,
+                                      "final_mean_reward": curves["mean_reward"][-1][2] if curves["mean_reward"] else None,
+                                      **{f"GSM8K {k}": v for k, v in last_eval.items()},
+                                      "time_s": round(time.time() - t_start, 1)}], curves=curves)
+    wandb.finish()
+
+
+if __name__ == "__main__":
+    run_cli(main)
