@@ -46,11 +46,18 @@ def run_tool(code: str, timeout: float = 3.0) -> str:
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) → token ids (B,); each row is its own draw. temperature 0 = greedy; top_k None or 0 = all."""
+                generator: torch.Generator | None, top_p: float = 1.0) -> torch.Tensor:
+    """logits (B, V) → token ids (B,); each row is its own draw. temperature 0 = greedy; top_k None or 0 = all;
+    top_p < 1 keeps the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     if top_k:
         k = min(top_k, logits.size(-1))
         values, indices = torch.topk(logits, k, dim=-1)
@@ -207,6 +214,7 @@ class Request:
     max_tokens: int
     temperature: float = 0.8
     top_k: int | None = 50
+    top_p: float = 1.0
     seed: int = 0
     events: queue.Queue = field(default_factory=queue.Queue)  # ("token", id, mask) … then ("done", reason)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -300,7 +308,8 @@ class BatchScheduler:
             if request.cancelled.is_set():
                 self._finish(slot, "cancelled")
                 continue
-            sampled = int(sample_next(self.logits[slot][None], request.temperature, request.top_k, generator)[0])
+            sampled = int(sample_next(self.logits[slot][None], request.temperature, request.top_k, generator,
+                                      request.top_p)[0])
             token, mask = tools.next_token(state, sampled)
             tools.advance(state, token, mask)
             request.events.put(("token", token, mask))
