@@ -60,3 +60,43 @@ def tiny_tokenizer():
     """A real BPE tokenizer (vocab 1024) trained on ~1M characters of mirror text."""
     from nanochat.tokenizer import Tokenizer
     return Tokenizer.train_from_iterator(iter(mirror_texts(1_000_000) + [FIXTURE_TEXT]), vocab_size=1024)
+
+
+TINY_TAG = "d2"
+
+
+def tiny_config(vocab_size: int, sequence_len: int = 128, window_pattern: str = "L"):
+    from nanochat.gpt import GPTConfig
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                     window_pattern=window_pattern)
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0, **kwargs):
+    """A freshly initialised tiny GPT whose zero-initialised projections are perturbed, so outputs depend on input."""
+    import torch
+    from dataclasses import asdict
+    from nanochat.checkpoint import build_model
+    torch.manual_seed(seed)
+    model = build_model(asdict(tiny_config(vocab_size, **kwargs)), "cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.normal_(0, 0.02)
+    return model
+
+
+@pytest.fixture
+def tiny_checkpoint(base_dir, tiny_tokenizer):
+    """A tiny model saved as base, sft and rl checkpoints (tag d2, step 1) next to the tiny tokenizer."""
+    from dataclasses import asdict
+    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+    from nanochat.scaling import derive_hparams
+    tiny_tokenizer.save(base_dir / "tokenizer")
+    model = make_tiny_model(tiny_tokenizer.get_vocab_size())
+    hp = derive_hparams(2, vocab_size=tiny_tokenizer.get_vocab_size(), head_dim=32, max_seq_len=128,
+                        device_batch_size=4, total_batch_size=512, num_iterations=10)
+    meta = {"model_config": asdict(model.config), "hyperparams": hp.to_dict(), "args": {"model_tag": TINY_TAG},
+            "model_tag": TINY_TAG, "curves": {}}
+    for phase in ("base", "sft", "rl"):
+        save_checkpoint(checkpoint_dir(phase, TINY_TAG), 1, model, meta)
+    return model
