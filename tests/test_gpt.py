@@ -1,0 +1,176 @@
+"""Model invariants: causality, windows, GQA, KV-cache decoding equal to full forward passes, sizes and FLOPs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_model
+from nanochat.attention import attention
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import KVCache
+
+V = 300
+
+
+def model_with(**kwargs) -> GPT:
+    return make_tiny_model(V, **kwargs)
+
+
+def naive_attention(q, k, v, window):
+    """(B, T, H, D) reference: explicit scores, causal + window mask, GQA by repeating K/V heads."""
+    B, T, H, D = q.shape
+    rep = H // k.size(2)
+    k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)
+    i = torch.arange(T)
+    allowed = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("window", [3, 8, 64])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_sdpa_attention_matches_naive_reference(window, kv_heads):
+    torch.manual_seed(0)
+    q = torch.randn(2, 20, 4, 16)
+    k, v = torch.randn(2, 20, kv_heads, 16), torch.randn(2, 20, kv_heads, 16)
+    assert torch.allclose(attention(q, k, v, window), naive_attention(q, k, v, window), atol=1e-5)
+
+
+def test_changing_a_future_token_never_changes_past_logits():
+    model = model_with(window_pattern="SL", sequence_len=256)
+    idx = torch.randint(0, V, (1, 40))
+    changed = idx.clone()
+    changed[0, 30] = (changed[0, 30] + 1) % V
+    a, b = model(idx), model(changed)
+    assert torch.equal(a[:, :30], b[:, :30])
+    assert not torch.allclose(a[:, 30:], b[:, 30:])
+
+
+def test_window_pattern_tiles_and_keeps_the_last_layer_full():
+    config = GPTConfig(sequence_len=2048, n_layer=6, window_pattern="SSL")
+    assert config.window_sizes() == [512, 512, 2048, 512, 512, 2048]
+    config = GPTConfig(sequence_len=2048, n_layer=4, window_pattern="S")
+    assert config.window_sizes() == [512, 512, 512, 2048]
+    assert GPTConfig(sequence_len=1000, n_layer=2, window_pattern="S").window_sizes()[0] == 256
+
+
+def test_short_window_layers_do_not_see_past_the_window():
+    model = make_tiny_model(V, sequence_len=512, window_pattern="L")
+    model.windows = [4, 4]  # every layer windowed: a token 10 positions back cannot matter
+    idx = torch.randint(0, V, (1, 20))
+    changed = idx.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % V
+    a, b = model(idx), model(changed)
+    assert torch.equal(a[:, 12:], b[:, 12:])
+    assert not torch.allclose(a[:, 2:5], b[:, 2:5])
+
+
+def test_gqa_projection_shapes():
+    model = model_with()
+    attn = model.blocks[0].attn
+    assert attn.c_q.weight.shape == (2 * 32, 64)
+    assert attn.c_k.weight.shape == attn.c_v.weight.shape == (1 * 32, 64)
+    with pytest.raises(ValueError, match="must divide"):
+        GPT(GPTConfig(n_head=4, n_kv_head=3, n_embd=64))
+
+
+def test_value_embeddings_on_alternating_layers_including_the_last():
+    config = GPTConfig(n_layer=5, n_embd=64, n_head=2, n_kv_head=2, vocab_size=V)
+    model = GPT(config)
+    assert sorted(int(k) for k in model.value_embeds) == [0, 2, 4]
+    assert [b.attn.ve_gate is not None for b in model.blocks] == [True, False, True, False, True]
+
+
+@pytest.mark.parametrize("pattern", ["L", "SL"])
+def test_kv_cache_prefill_and_decode_equal_full_forward(pattern):
+    model = model_with(window_pattern=pattern, sequence_len=256)
+    if pattern == "SL":
+        model.windows = [8, 256]  # a window shorter than the sequence, so the cached mask is exercised
+    idx = torch.randint(0, V, (3, 30))
+    full = model(idx)
+    cache = KVCache(4, 2, 1, 32, 64)
+    slots = [3, 0, 2]  # rows of the cache need not be in order
+    steps = [model(idx[:, :17], kv_cache=cache, slots=slots)]
+    for t in range(17, 30):
+        steps.append(model(idx[:, t:t + 1], kv_cache=cache, slots=slots))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
+
+
+def test_slots_at_different_positions_decode_together():
+    model = model_with()
+    a, b = torch.randint(0, V, (1, 12)), torch.randint(0, V, (1, 5))
+    cache = KVCache(2, 2, 1, 32, 64)
+    model(a[:, :11], kv_cache=cache, slots=[0])
+    model(b[:, :4], kv_cache=cache, slots=[1])
+    both = model(torch.tensor([[a[0, 11]], [b[0, 4]]]), kv_cache=cache, slots=[0, 1])
+    assert torch.allclose(both[0, -1], model(a)[0, -1], atol=1e-4)
+    assert torch.allclose(both[1, -1], model(b)[0, -1], atol=1e-4)
+    assert cache.pos.tolist() == [12, 5]
+
+
+def test_copy_slot_gives_identical_continuations():
+    model = model_with()
+    prompt = torch.randint(0, V, (1, 9))
+    cache = KVCache(3, 2, 1, 32, 32)
+    model(prompt, kv_cache=cache, slots=[0])
+    cache.copy_slot(0, [1, 2])
+    nxt = torch.randint(0, V, (1, 1)).expand(3, 1)
+    out = model(nxt, kv_cache=cache)
+    assert torch.allclose(out[0], out[1]) and torch.allclose(out[0], out[2])
+    assert cache.k.shape == (2, 3, 1, 32, 32)  # never resized
+
+
+def test_cache_overflow_is_an_error_not_a_silent_resize():
+    model = model_with()
+    cache = KVCache(1, 2, 1, 32, 8)
+    with pytest.raises(ValueError, match="overflow"):
+        model(torch.randint(0, V, (1, 9)), kv_cache=cache)
+
+
+def test_logits_are_soft_capped_fp32_and_never_include_padding():
+    model = model_with()
+    logits = model(torch.randint(0, V, (2, 7)))
+    assert logits.dtype == torch.float32 and logits.shape == (2, 7, V)
+    assert model.config.padded_vocab_size == 320 and model.lm_head.weight.shape[0] == 320
+    assert logits.abs().max() <= 15.0
+
+
+def test_loss_ignores_minus_one_targets():
+    model = model_with()
+    idx = torch.randint(0, V, (1, 10))
+    targets = idx.clone()
+    targets[0, :5] = -1
+    logits = model(idx)
+    expected = F.cross_entropy(logits[0, 5:], targets[0, 5:])
+    assert torch.allclose(model(idx, targets), expected, atol=1e-6)
+
+
+def test_init_follows_the_reference_recipe():
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=4096, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
+    model = GPT(config)
+    model.init_weights()
+    s = math.sqrt(3) / math.sqrt(256)
+    assert abs(model.wte.weight.std().item() - 0.8) < 0.02
+    assert abs(model.lm_head.weight.std().item() - 0.001) < 1e-4
+    assert model.blocks[0].attn.c_q.weight.abs().max() <= s
+    assert model.blocks[0].mlp.c_fc.weight.abs().max() <= 0.4 * s
+    assert all((b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all() for b in model.blocks)
+    assert torch.allclose(model.resid_lambdas[[0, -1]], torch.tensor([1.15, 1.05]))
+    assert torch.allclose(model.x0_lambdas[[0, -1]], torch.tensor([0.20, 0.05]))
+
+
+def test_param_counts_and_flops_on_a_known_config():
+    config = GPTConfig(sequence_len=512, vocab_size=8192, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
+    model = GPT(config)
+    n = model.num_params()
+    C = 256
+    blocks = 4 * (4 * C * C + 8 * C * C) + 2 * 12 * 4  # 2 layers carry a 12→4 gate
+    assert n["transformer_matrices"] == blocks
+    assert n["lm_head"] == n["wte"] == 8192 * C
+    assert n["value_embeds"] == 2 * 8192 * C
+    assert model.num_scaling_params() == blocks + 8192 * C
+    assert model.estimate_flops() == 6 * (blocks + 8192 * C) + 4 * 12 * 4 * 64 * 512

@@ -1,0 +1,128 @@
+"""Muon + AdamW: orthogonalisation, agreement with a plain reference, state round trip, torchrun equality."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import make_tiny_model
+from nanochat.optim import MuonAdamW, orthogonalize, POLAR_EXPRESS
+
+
+def test_orthogonalize_pushes_singular_values_towards_one():
+    torch.manual_seed(0)
+    for shape in [(32, 128), (128, 32), (48, 64)]:
+        g = torch.randn(shape) * 3.0  # gradient-like: well-conditioned, arbitrary scale
+        before = torch.linalg.svdvals(g)
+        s = torch.linalg.svdvals(orthogonalize(g))
+        assert before.max() / before.min() > 2  # the input is far from orthogonal
+        assert s.max() < 1.25 and s.min() > 0.6, (shape, s.min(), s.max())
+        assert orthogonalize(g).shape == shape
+
+
+def reference_step(params, grads, state, lr, momentum, wd, kinds, adam_cfg, t):
+    """Straightforward re-implementation of one step, parameter by parameter."""
+    for name, p in params.items():
+        g = grads[name]
+        if kinds[name] == "muon":
+            buf = state.setdefault(name, torch.zeros_like(g))
+            buf.mul_(momentum).add_(g, alpha=1 - momentum)
+            nesterov = g * (1 - momentum) + buf * momentum
+            x = nesterov.clone()
+            if x.size(0) > x.size(1):
+                x = x.T
+            x = x / (x.norm() * 1.01 + 1e-7)
+            for a, b, c in POLAR_EXPRESS:
+                A = x @ x.T
+                x = a * x + (b * A + c * A @ A) @ x
+            update = x.T if nesterov.size(0) > nesterov.size(1) else x
+            mask = (update * p) > 0
+            p.sub_(lr * wd * p * mask)
+            p.sub_(lr * max(1, p.size(0) / p.size(1)) ** 0.5 * update)
+        else:
+            lr_a, (b1, b2), wd_a = adam_cfg[name]
+            m, v = state.setdefault(name + ".m", torch.zeros_like(p)), state.setdefault(name + ".v", torch.zeros_like(p))
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.mul_(1 - lr_a * wd_a)
+            p.sub_(lr_a * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + 1e-10))
+
+
+def test_fused_optimizer_matches_a_plain_reference():
+    model = make_tiny_model(300)
+    optimizer = model.setup_optimizer(weight_decay=0.2)
+    reference = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = {id(p): n for n, p in model.named_parameters()}
+    kinds, adam_cfg = {}, {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            kinds[ids[id(p)]] = g["kind"]
+            if g["kind"] == "adamw":
+                adam_cfg[ids[id(p)]] = (g["lr"], g["betas"], g["weight_decay"])
+    muon = next(g for g in optimizer.param_groups if g["kind"] == "muon")
+    state = {}
+    torch.manual_seed(1)
+    for t in range(1, 4):
+        x = torch.randint(0, 300, (2, 17))
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        reference_step(reference, grads, state, muon["lr"], muon["momentum"], muon["weight_decay"], kinds, adam_cfg, t)
+        for n, p in model.named_parameters():
+            assert torch.allclose(p, reference[n], atol=1e-6), n
+        with torch.no_grad():  # keep the reference exactly in step with the model for the next gradient
+            for n, p in model.named_parameters():
+                p.copy_(reference[n])
+
+
+def test_adamw_part_matches_torch_adamw():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(10))
+    w2 = torch.nn.Parameter(w.detach().clone())
+    ours = MuonAdamW([dict(kind="adamw", params=[w], lr=0.01, betas=(0.8, 0.95), weight_decay=0.1)])
+    theirs = torch.optim.AdamW([w2], lr=0.01, betas=(0.8, 0.95), weight_decay=0.1, eps=1e-10)
+    for _ in range(5):
+        for p, opt in ((w, ours), (w2, theirs)):
+            (p ** 2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    assert torch.allclose(w, w2, atol=1e-6)
+
+
+def test_state_dict_round_trip_continues_identically():
+    def run(split: bool):
+        model = make_tiny_model(300)
+        opt = model.setup_optimizer()
+        torch.manual_seed(5)
+        batches = [torch.randint(0, 300, (2, 17)) for _ in range(4)]
+        for i, x in enumerate(batches):
+            if split and i == 2:
+                state = copy.deepcopy(opt.state_dict())
+                weights = copy.deepcopy(model.state_dict())
+                model = make_tiny_model(300, seed=99)
+                model.load_state_dict(weights)
+                opt = model.setup_optimizer()
+                opt.load_state_dict(state)
+            model(x[:, :-1], x[:, 1:]).backward()
+            opt.step()
+            opt.zero_grad()
+        return model.state_dict()
+    a, b = run(False), run(True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_torchrun_update_equals_one_process(tmp_path):
+    worker = Path(__file__).with_name("optim_worker.py")
+    single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one.pt")], capture_output=True, text=True,
+                            timeout=120)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(worker), str(tmp_path / "two.pt")], capture_output=True, text=True, timeout=300)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-5), k
