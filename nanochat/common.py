@@ -146,6 +146,7 @@ def compute_init(device_type: str = "") -> Compute:
 
 def compute_cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears down the group while another still talks to it
         dist.destroy_process_group()
 
 
@@ -185,5 +186,4 @@ def run_cli(main) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-    finally:
-        compute_cleanup()
+    compute_cleanup()  # only after success: a failed rank exits at once and torchrun stops the others

@@ -28,6 +28,7 @@ def main(out: str) -> None:
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
     if distributed:
+        dist.barrier()
         dist.destroy_process_group()
 
 
