@@ -1,0 +1,92 @@
+"""The one dial: what --depth derives, what flags override, which inputs are refused, and the schedules."""
+
+import pytest
+
+
+from nanochat.common import UserError
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.scaling import (derive_hparams, lr_multiplier, model_shape, muon_momentum, scaling_params,
+                              weight_decay_multiplier)
+
+
+@pytest.mark.parametrize("depth, width, heads", [(12, 768, 6), (20, 1280, 10), (24, 1536, 12), (26, 1664, 13),
+                                                 (32, 2048, 16)])
+def test_width_and_heads_follow_the_reference(depth, width, heads):
+    assert model_shape(depth) == (width, heads)
+
+
+def test_small_cpu_models_use_a_smaller_head_dim():
+    assert model_shape(4, head_dim=64) == (256, 4)
+    assert model_shape(4) == (256, 2)
+
+
+def test_closed_form_scaling_params_equal_the_model_count():
+    for depth, n_kv in [(2, 1), (3, 3), (4, 2)]:
+        width, heads = model_shape(depth, head_dim=64)
+        model = GPT(GPTConfig(n_layer=depth, n_embd=width, n_head=heads, n_kv_head=n_kv, vocab_size=1000))
+        assert scaling_params(depth, width, heads, n_kv, 1000) == model.num_scaling_params()
+
+
+def test_reference_depth_gets_the_reference_batch_and_rates():
+    hp = derive_hparams(12)
+    assert hp.total_batch_size == 2 ** 19
+    assert hp.matrix_lr == pytest.approx(0.02) and hp.embedding_lr == pytest.approx(0.3)
+    assert hp.weight_decay == pytest.approx(0.28)
+    assert hp.num_iterations == round(hp.target_tokens / hp.total_batch_size)
+
+
+def test_bigger_models_get_bigger_batches_and_scaled_rates():
+    d20, d26 = derive_hparams(20, device_batch_size=16), derive_hparams(26, device_batch_size=16)
+    assert d20.total_batch_size == 2 ** 20 and d26.total_batch_size == 2 ** 20
+    assert d20.matrix_lr == pytest.approx(0.02 * (2 ** 20 / 2 ** 19) ** 0.5)
+    assert d20.grad_accum_steps == 2 ** 20 // (16 * 2048)
+
+
+def test_every_flag_overrides_its_derived_value():
+    hp = derive_hparams(4, head_dim=64, max_seq_len=512, device_batch_size=16, total_batch_size=8192,
+                        num_iterations=60, matrix_lr=0.03, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.1,
+                        weight_decay=0.0, warmup_steps=5, warmdown_ratio=0.5, final_lr_frac=0.1)
+    assert (hp.total_batch_size, hp.num_iterations, hp.grad_accum_steps) == (8192, 60, 1)
+    assert (hp.matrix_lr, hp.embedding_lr, hp.unembedding_lr, hp.scalar_lr, hp.weight_decay) == (0.03, 0.2, 0.004,
+                                                                                                 0.1, 0.0)
+    assert {"total_batch_size", "num_iterations", "matrix_lr"} <= set(hp.sources)
+    assert "(flag)" in hp.describe()
+
+
+def test_target_flops_sets_the_step_count():
+    hp = derive_hparams(4, head_dim=64, total_batch_size=2 ** 16, target_flops=1e15, flops_per_token=1e8)
+    assert hp.num_iterations == round(1e15 / (1e8 * 2 ** 16))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(depth=0), "at least 1"),
+    (dict(depth=4, head_dim=63), "even"),
+    (dict(depth=4, head_dim=64, n_kv_head=3), "must divide"),
+    (dict(depth=4, total_batch_size=1000, device_batch_size=4, max_seq_len=128), "not a multiple"),
+    (dict(depth=4, window_pattern="SXL"), "window-pattern"),
+])
+def test_bad_input_is_refused_before_any_work(kwargs, message):
+    with pytest.raises(UserError, match=message):
+        derive_hparams(**kwargs)
+
+
+def test_lr_schedule_warms_up_stays_flat_then_decays_to_the_final_fraction():
+    lrm = [lr_multiplier(s, 100, 10, 0.5, 0.05) for s in range(100)]
+    assert lrm[0] == pytest.approx(0.1) and lrm[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in lrm[10:51])
+    assert all(a >= b for a, b in zip(lrm[50:], lrm[51:]))
+    assert lrm[-1] >= 0.05
+
+
+def test_lr_never_goes_negative_when_steps_are_short_or_overrun():
+    for total in (1, 2, 5, 40):
+        for step in range(total + 5):
+            assert lr_multiplier(step, total, 40, 0.65, 0.05) > 0
+
+
+def test_muon_momentum_and_weight_decay_schedules():
+    assert muon_momentum(0, 1000, 0.65) == pytest.approx(0.85)
+    assert muon_momentum(350, 1000, 0.65) == pytest.approx(0.97, abs=0.02)
+    assert muon_momentum(999, 1000, 0.65) == pytest.approx(0.90, abs=0.01)
+    assert weight_decay_multiplier(0, 100) == 1.0 and weight_decay_multiplier(100, 100) == pytest.approx(0.0)
+
