@@ -1,0 +1,57 @@
+"""GRPO maths: group advantages, masks that keep prompts and tool outputs out of the loss, the gradient's sign."""
+
+import torch
+
+from conftest import make_tiny_model
+from nanochat.grpo import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
+
+
+def test_all_correct_and_all_wrong_groups_have_zero_advantage():
+    assert torch.equal(group_advantages(torch.ones(4)), torch.zeros(4))
+    assert torch.equal(group_advantages(torch.zeros(4)), torch.zeros(4))
+    assert torch.equal(group_advantages(torch.ones(4), std_normalize=True), torch.zeros(4))
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    assert torch.allclose(adv, torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert torch.allclose(group_advantages(torch.tensor([1.0, 0.0]), std_normalize=True), torch.tensor([1.0, -1.0]),
+                          atol=1e-4)
+
+
+def test_rollout_batch_masks_prompt_forced_tokens_and_padding():
+    sequences = [[1, 2, 3, 4, 5], [1, 2, 6]]
+    masks = [[0, 0, 1, 0, 1], [0, 0, 1]]
+    inputs, targets = rollout_batch(sequences, masks, pad_id=0)
+    assert inputs.tolist() == [[1, 2, 3, 4], [1, 2, 0, 0]]
+    assert targets.tolist() == [[-1, 3, -1, 5], [-1, 6, -1, -1]]
+
+
+def test_raising_a_samples_reward_raises_its_probability():
+    model = make_tiny_model(50)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    good, bad = [0, 7, 11, 13], [0, 7, 11, 29]
+    sequences, masks = [good, bad], [[0, 0, 1, 1], [0, 0, 1, 1]]
+    inputs, targets = rollout_batch(sequences, masks, pad_id=0)
+
+    def logp(seq):
+        with torch.no_grad():
+            logits = model(torch.tensor([seq[:-1]]))
+        return torch.log_softmax(logits[0, -1], -1)[seq[-1]].item()
+
+    before_good, before_bad = logp(good), logp(bad)
+    advantages = group_advantages(torch.tensor([1.0, 0.0]))
+    loss = policy_gradient_loss(model(inputs), targets, advantages, num_tokens=int((targets >= 0).sum()))
+    loss.backward()
+    optimizer.step()
+    assert logp(good) > before_good and logp(bad) < before_bad
+
+
+def test_loss_has_no_gradient_through_masked_positions():
+    model = make_tiny_model(50)
+    inputs = torch.tensor([[1, 2, 3, 4]])
+    logits = model(inputs).detach().requires_grad_(True)
+    targets = torch.tensor([[-1, 3, -1, -1]])
+    policy_gradient_loss(logits, targets, torch.tensor([1.0]), 1).backward()
+    assert logits.grad[0, [0, 2, 3]].abs().sum() == 0 and logits.grad[0, 1].abs().sum() > 0
+
+
+def test_pass_at_k():
+    assert pass_at_k([False, True, False], 1) == 0.0 and pass_at_k([False, True, False], 2) == 1.0
