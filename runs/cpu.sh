@@ -32,10 +32,14 @@ VOCAB="${VOCAB:-8192}"
 TOK_CHARS="${TOK_CHARS:-50000000}"
 BASE_STEPS="${BASE_STEPS:-300}"
 DEVICE_BATCH="${DEVICE_BATCH:-16}"
-SFT_STEPS="${SFT_STEPS:-150}"
+BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-100}"
+SAVE_EVERY="${SAVE_EVERY:-100}"
+COMPILE="${COMPILE:-on}"
+SFT_STEPS="${SFT_STEPS:-80}"
 RL_STEPS="${RL_STEPS:-20}"
-MAX_PER_TASK="${MAX_PER_TASK:-100}"
-CHAT_PROBLEMS="${CHAT_PROBLEMS:-100}"
+MAX_PER_TASK="${MAX_PER_TASK:-50}"
+CHAT_PROBLEMS="${CHAT_PROBLEMS:-50}"
+MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-128}"
 TAG="d${DEPTH}"
 STAGES="$NANOCHAT_BASE_DIR/stages"
 mkdir -p "$STAGES"
@@ -56,20 +60,25 @@ run_stage() {
 
 T0=$SECONDS
 run_stage report_reset python -m nanochat.report reset
-run_stage data        python -m nanochat.dataset -n 6
+run_stage data        python -m nanochat.dataset -n "${DATA_SHARDS:-4}"
 run_stage tok_train   python -m scripts.tok_train --max-chars="$TOK_CHARS" --vocab-size="$VOCAB"
 run_stage tok_eval    python -m scripts.tok_eval
-run_stage base_train  python -m scripts.base_train --depth="$DEPTH" --head-dim=64 --window-pattern=L \
+run_stage "base_train_$TAG"  python -m scripts.base_train --depth="$DEPTH" --head-dim=64 --window-pattern=L \
     --max-seq-len="$SEQ_LEN" --device-batch-size="$DEVICE_BATCH" --total-batch-size=$((DEVICE_BATCH * SEQ_LEN)) \
-    --num-iterations="$BASE_STEPS" --eval-every=100 --eval-tokens=$((64 * SEQ_LEN)) --sample-every=-1 \
-    --core-metric-every=-1 --save-every=100 --resume-from-step=latest --model-tag="$TAG"
-run_stage base_eval   python -m scripts.base_eval --model-tag="$TAG" --max-per-task="$MAX_PER_TASK"
-run_stage chat_sft    python -m scripts.chat_sft --model-tag="$TAG" --num-iterations="$SFT_STEPS" \
-    --device-batch-size=8 --max-seq-len="$SEQ_LEN" --eval-every=-1 --eval-metrics-every=-1
-run_stage sft_eval    python -m scripts.chat_eval -i sft --model-tag="$TAG" --max-problems="$CHAT_PROBLEMS"
-run_stage chat_rl     python -m scripts.chat_rl --model-tag="$TAG" --num-steps="$RL_STEPS" \
-    --examples-per-step=4 --num-samples=4 --max-new-tokens=128 --eval-every=-1
-run_stage rl_eval     python -m scripts.chat_eval -i rl --model-tag="$TAG" -a GSM8K --max-problems="$CHAT_PROBLEMS"
+    --num-iterations="$BASE_STEPS" --eval-every="$BASE_EVAL_EVERY" --eval-tokens=$((64 * SEQ_LEN)) \
+    --sample-every=-1 --core-metric-every=-1 --save-every="$SAVE_EVERY" --resume-from-step=latest \
+    --compile="$COMPILE" --model-tag="$TAG"
+run_stage "base_eval_$TAG"   python -m scripts.base_eval --model-tag="$TAG" --max-per-task="$MAX_PER_TASK"
+run_stage "chat_sft_$TAG"    python -m scripts.chat_sft --model-tag="$TAG" --num-iterations="$SFT_STEPS" \
+    --device-batch-size=8 --max-seq-len="$SEQ_LEN" --eval-every=-1 --eval-steps=8 --eval-metrics-every=-1 \
+    --save-every="$SFT_STEPS" --resume-from-step=latest
+run_stage "sft_eval_$TAG"    python -m scripts.chat_eval -i sft --model-tag="$TAG" --max-problems="$CHAT_PROBLEMS" \
+    --max-new-tokens="$MAX_NEW_TOKENS"
+run_stage "chat_rl_$TAG"     python -m scripts.chat_rl --model-tag="$TAG" --num-steps="$RL_STEPS" \
+    --examples-per-step=4 --num-samples=4 --max-new-tokens="$MAX_NEW_TOKENS" --eval-every=-1 \
+    --eval-examples="$CHAT_PROBLEMS" --eval-k=4
+run_stage "rl_eval_$TAG"     python -m scripts.chat_eval -i rl --model-tag="$TAG" -a GSM8K --max-problems="$CHAT_PROBLEMS" \
+    --max-new-tokens="$MAX_NEW_TOKENS"
 python -m nanochat.report generate
 
 echo
