@@ -71,11 +71,12 @@ def main(argv=None) -> None:
     dist_info, device, world = compute.dist, compute.device, compute.dist.world_size
     if args.examples_per_step % world:
         raise UserError(f"--examples-per-step={args.examples_per_step} must be a multiple of the {world} processes")
+    if args.dry_run:
+        steps = args.num_steps or 7473 // args.examples_per_step  # GSM8K train has 7,473 questions
+        print0(f"chat_rl dry run: {steps} steps × {args.examples_per_step} questions × {args.num_samples} samples")
+        return
     train, test = GSM8K("main", "train"), GSM8K("main", "test")
     num_steps = args.num_steps or len(train) // args.examples_per_step
-    if args.dry_run:
-        print0(f"chat_rl dry run: {num_steps} steps × {args.examples_per_step} questions × {args.num_samples} samples")
-        return
 
     model_tag = args.model_tag or find_model_tag("sft")
     sft_dir = checkpoint_dir("sft", model_tag)

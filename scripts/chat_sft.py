@@ -98,12 +98,14 @@ def main(argv=None) -> None:
     dist_info, device = compute.dist, compute.device
 
     # --- the base model and its recipe ---------------------------------------------------------------------------
+    if args.dry_run:
+        chat = "HH-RLHF + Dolly JSONL (offline)" if offline_mode() else "SmolTalk"
+        print0(f"chat_sft dry run: mixture of {chat}, MMLU ×3, GSM8K ×4, SpellingBee ({args.spelling_size:,}), "
+               f"SimpleSpelling ({args.simple_spelling_size:,}), {len(args.custom_json)} custom JSONL; not training")
+        return
     mixture, notes = build_mixture(args.custom_json, args.spelling_size, args.simple_spelling_size)
     for note in notes:
         print0(note)
-    if args.dry_run:
-        print0(f"chat_sft dry run: {len(mixture):,} training conversations; not training")
-        return
     model_tag = args.model_tag or find_model_tag("base")
     base_dir = checkpoint_dir("base", model_tag)
     base_step = args.step if args.step is not None else last_step(base_dir)

@@ -1,0 +1,30 @@
+"""The shell pipelines: the GPU speedrun's every command validates its arguments in a dry run, on a CPU."""
+
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_speedrun_dry_run_checks_every_stage(base_dir):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), DRY_RUN="1")
+    env.pop("NANOCHAT_MIRROR", None)
+    proc = subprocess.run(["bash", "runs/speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    for stage in ("scripts.base_train", "scripts.base_eval", "scripts.chat_sft", "scripts.chat_eval",
+                  "scripts.chat_rl"):
+        assert f"+ python -m {stage} --dry-run" in out
+    assert "model_dim                1,280" in out  # d20
+    assert "dry run: arguments and derived hyper-parameters are valid" in out
+    assert "chat_sft dry run" in out and "chat_rl dry run: 467 steps" in out
+
+
+def test_readme_opens_with_the_two_commands():
+    lines = (REPO / "README.md").read_text().splitlines()
+    block = lines[lines.index("```bash") + 1:lines.index("```")]
+    assert [line.split("#")[0].strip() for line in block] == ["bash runs/cpu.sh", "bash runs/test.sh"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "bash runs/test.sh" in ci
