@@ -60,7 +60,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
-            self._average_gradients()
+            self.average_gradients()
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 self._adamw(group)
@@ -79,7 +79,7 @@ class MuonAdamW(torch.optim.Optimizer):
                     p.sub_(p * cautious, alpha=lr * wd)
                 p.sub_(update, alpha=lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
-    def _average_gradients(self) -> None:
+    def average_gradients(self) -> None:
         """All-reduce-average every gradient, flattened per dtype into one buffer (one collective, gloo or nccl)."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         world = dist.get_world_size()

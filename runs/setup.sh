@@ -14,23 +14,26 @@ source .venv/bin/activate
 
 has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
+quiet() { grep -v "is ignored: it is neither a file nor a directory" || true; }  # noise from local indexes
+
 if ! python -c "import torch" >/dev/null 2>&1; then
     if has_gpu; then
         echo "[setup] NVIDIA GPU found: installing the CUDA build of torch==${TORCH_VERSION}"
-        pip install -q "torch==${TORCH_VERSION}"
-    else
-        # A bare `pip install torch` pulls a multi-GB CUDA build; on a machine without a GPU take the CPU build.
+        pip install -q "torch==${TORCH_VERSION}" 2>&1 | quiet
+    elif python -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" \
+            >/dev/null 2>&1; then
+        # A bare `pip install torch` pulls a multi-GB CUDA build; without a GPU take the CPU build.
         echo "[setup] no GPU: installing the CPU build of torch==${TORCH_VERSION}"
-        if python -c "import urllib.request as u; u.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" >/dev/null 2>&1; then
-            pip install -q "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
-        else
-            pip install -q "torch==${TORCH_VERSION}"   # a local/proxied index that serves the CPU wheel
-        fi
+        pip install -q "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu 2>&1 | quiet
+    else
+        echo "[setup] no GPU: installing torch==${TORCH_VERSION} from the configured index (expects its CPU build)"
+        pip install -q "torch==${TORCH_VERSION}" 2>&1 | quiet
     fi
+    python -c "import torch" || { echo "[setup] could not install torch" >&2; exit 1; }
 fi
 
 spec="."
 [ -n "$EXTRAS" ] && spec=".[${EXTRAS}]"
 echo "[setup] installing nanochat${EXTRAS:+[$EXTRAS]} and its dependencies"
-pip install -q -e "$spec" 2>&1 | grep -vE "is ignored: it is neither a file nor a directory" || true
+pip install -q -e "$spec" 2>&1 | quiet
 python -c "import torch, nanochat; print(f'[setup] torch {torch.__version__}, python', __import__('sys').version.split()[0])"

@@ -241,7 +241,7 @@ def main(argv=None) -> None:
 def optimizer_average_then_clip(optimizer, model, max_norm: float) -> None:
     """Clip the *global* gradient: average over ranks first (as the optimizer would), then clip once."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        optimizer._average_gradients()  # averaging again inside step() leaves equal gradients unchanged
+        optimizer.average_gradients()  # averaging again inside step() leaves equal gradients unchanged
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
