@@ -14,11 +14,14 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from nanochat.common import get_compute_dtype
 from nanochat.execution import execute_code
 from nanochat.kv_cache import KVCache
 
@@ -45,40 +48,87 @@ def run_tool(code: str, timeout: float = 3.0) -> str:
     return text[:TOOL_OUTPUT_LIMIT]
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  uniform: torch.Tensor) -> torch.Tensor:
+    """One token per row, each row with its own settings and its own uniform draw; no Python loop over rows.
+
+    logits (B, V); temperature (B,) (0 = greedy); top_k (B,) long (0 = no top-k); top_p (B,) (1 = off);
+    uniform (B,) in [0, 1). Sampling is by inverse CDF over the candidate tokens in id order (the first token whose
+    cumulative probability exceeds the row's draw), so a row's token depends only on its own logits, settings and
+    draw, not on which rows it is batched with. When every row has a top-k, only the best k_max candidates are
+    looked at (much cheaper than the whole vocabulary).
+    """
+    greedy = logits.argmax(dim=-1)  # (B,)
+    sampling = temperature > 0
+    if not bool(sampling.any()):
+        return greedy
+    V = logits.size(-1)
+    x = logits.float() / torch.where(sampling, temperature, torch.ones_like(temperature))[:, None]  # (B, V)
+    k = torch.where(top_k > 0, top_k, V).clamp(max=V)
+    k = torch.where(sampling, k, torch.ones_like(k))  # greedy rows need no candidates
+    k_max = int(k.max())
+    if k_max < V:
+        values, ids = torch.topk(x, k_max, dim=-1)  # (B, K), best first
+        values = values.masked_fill(torch.arange(k_max, device=x.device)[None, :] >= k[:, None], float("-inf"))
+    else:
+        values, ids = x, None  # the whole vocabulary, in id order
+        limited = k < V
+        if bool(limited.any()):  # rows with a top-k next to rows without: drop what is below their k-th best
+            kth = torch.topk(x[limited], int(k[limited].max()), dim=-1).values.gather(-1, k[limited][:, None] - 1)
+            values = values.clone()
+            values[limited] = values[limited].masked_fill(values[limited] < kth, float("-inf"))
+    if bool((top_p[sampling] < 1).any()):  # nucleus: keep the best tokens until their mass reaches top_p
+        ranked = values if ids is not None else values.sort(dim=-1, descending=True).values
+        p = torch.softmax(ranked, dim=-1)
+        keep = (p.cumsum(dim=-1) - p) < top_p[:, None]
+        keep[:, 0] = True  # the most likely token always stays
+        cutoff = torch.where(keep, ranked, torch.full_like(ranked, float("inf"))).min(dim=-1, keepdim=True).values
+        values = values.masked_fill(values < cutoff, float("-inf"))
+    if ids is not None:  # candidates back in id order, as in the whole-vocabulary case
+        order = ids.argsort(dim=-1)
+        ids, values = ids.gather(-1, order), values.gather(-1, order)
+    cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)  # (B, K)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]  # in [0, total)
+    choice = (cdf <= target).sum(dim=-1).clamp(max=cdf.size(-1) - 1)  # first cdf > target: never a p = 0 token
+    token = choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.where(sampling, token, greedy)
+
+
+def sampling_params(rows: int, temperature: float, top_k: int | None, top_p: float,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(temperature, top_k, top_p) tensors of `rows` rows sharing one setting; top_k None or 0 = no top-k."""
+    return (torch.full((rows,), float(temperature), device=device),
+            torch.full((rows,), int(top_k or 0), dtype=torch.long, device=device),
+            torch.full((rows,), float(top_p), device=device))
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
                 generator: torch.Generator | None, top_p: float = 1.0) -> torch.Tensor:
-    """logits (B, V) → token ids (B,); each row is its own draw. temperature 0 = greedy; top_k None or 0 = all;
-    top_p < 1 keeps the smallest set of tokens whose probability reaches top_p (nucleus sampling)."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) > top_p  # keep the token that crosses top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    if top_k:
-        k = min(top_k, logits.size(-1))
-        values, indices = torch.topk(logits, k, dim=-1)
-        probs = torch.softmax(values, dim=-1)
-        choice = torch.multinomial(probs, 1, generator=generator)
-        return indices.gather(-1, choice).squeeze(-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """logits (B, V) → token ids (B,) with one setting for all rows; each row is its own draw."""
+    B = logits.size(0)
+    uniform = torch.rand(B, generator=generator, device=logits.device)
+    return sample_tokens(logits, *sampling_params(B, temperature, top_k, top_p, logits.device), uniform)
 
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tool use
 
 @dataclass
 class SequenceState:
-    """Where one sequence is: its tokens, tool-call progress and tokens waiting to be forced in."""
+    """Where one sequence is: its tool-call progress and the tokens waiting to be forced in."""
     forced: deque = field(default_factory=deque)
     python: list | None = None  # tokens of an open <|python_start|> call
+    tool_call: str | None = None  # code of a call that just closed and still has to run
     done: bool = False
     generated: int = 0
 
 
 class ToolStateMachine:
-    """Advances a SequenceState with each token; runs tool calls and queues their forced output tokens."""
+    """Advances a SequenceState with each token. A closed call is left in `state.tool_call` for the caller to run
+    (inline in `Engine`, on a thread pool in `BatchScheduler`); `finish_tool_call` queues its forced output."""
 
     def __init__(self, tokenizer, use_tools: bool = True, tool_timeout: float = 3.0):
         self.tokenizer = tokenizer
@@ -91,6 +141,8 @@ class ToolStateMachine:
     def initial_state(self, prompt: list[int]) -> SequenceState:
         """A prompt may end inside a tool call (<|python_start|> without its end): continue collecting it."""
         state = SequenceState()
+        if not self.use_tools:
+            return state
         for i in range(len(prompt) - 1, -1, -1):
             if prompt[i] == self.python_end:
                 break
@@ -116,14 +168,36 @@ class ToolStateMachine:
         elif token == self.python_start:
             state.python = []
         elif token == self.python_end and state.python is not None:
-            output = run_tool(self.tokenizer.decode(state.python), self.tool_timeout)
-            state.forced.extend([self.output_start, *self.tokenizer.encode(output), self.output_end])
+            state.tool_call = self.tokenizer.decode(state.python)
             state.python = None
         elif state.python is not None:
             state.python.append(token)
 
+    def run_tool_call(self, state: SequenceState) -> None:
+        """Run the pending call now and queue its output."""
+        self.finish_tool_call(state, run_tool(state.tool_call, self.tool_timeout))
+
+    def run_tool_calls(self, states: list[SequenceState]) -> None:
+        """Run the pending calls of several sequences at once (each in its own sandbox process)."""
+        pending = [s for s in states if s.tool_call is not None]
+        if len(pending) == 1:
+            self.run_tool_call(pending[0])
+        elif pending:
+            with ThreadPoolExecutor(max_workers=min(len(pending), 8)) as pool:
+                list(pool.map(self.run_tool_call, pending))
+
+    def finish_tool_call(self, state: SequenceState, output: str) -> None:
+        state.forced.extend([self.output_start, *self.tokenizer.encode(output), self.output_end])
+        state.tool_call = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One prompt, many samples
 
 class Engine:
+    """Sampling from one model for one prompt at a time (evaluation, RL rollouts, the CLI); the server's many
+    concurrent requests go through `BatchScheduler` instead."""
+
     def __init__(self, model, tokenizer, autocast: Callable = nullcontext, use_tools: bool = True):
         self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
         self.tools = ToolStateMachine(tokenizer, use_tools)
@@ -132,44 +206,65 @@ class Engine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def max_context(self) -> int:
+        """Longest sequence the model can be run on (its rotary tables have headroom past the training context)."""
+        return self.model.cos.size(1)
+
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
+        """A cache in the compute dtype (bf16 on modern GPUs, `NANOCHAT_DTYPE` to override)."""
         c = self.model.config
-        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = get_compute_dtype(self.device.type)
         return KVCache(batch_size, c.n_layer, c.n_kv_head, c.head_dim, max_seq_len, self.device, dtype)
+
+    def forward_last(self, tokens: torch.Tensor, cache: KVCache, slots: list[int]) -> torch.Tensor:
+        """tokens (B, T) appended to cache rows `slots` → next-token logits (B, V), fp32."""
+        with self.autocast():
+            return self.model(tokens, kv_cache=cache, slots=slots)[:, -1].float()
 
     @torch.no_grad()
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+                 temperature: float = 1.0, top_k: int | None = None, seed: int = 42, top_p: float = 1.0,
                  cancel: Callable[[], bool] | None = None) -> Iterator[tuple[list[int], list[int]]]:
-        """Yield (token_column, token_masks) per step: one token per sample (mask 0 = forced tool output)."""
+        """Yield (token_column, token_masks) per step: one token per sample, mask 1 = sampled, 0 = forced.
+
+        The prompt is prefilled once and its cache copied to every sample. A sample that finished (stop token)
+        is no longer computed: until the others finish its column entry repeats its last token with mask 0.
+        """
         if not tokens:
             raise ValueError("generate needs at least one prompt token")
-        limit = self.model.cos.size(1)
         max_tokens = max_tokens if max_tokens is not None else self.model.config.sequence_len
-        max_tokens = max(0, min(max_tokens, limit - len(tokens)))
+        max_tokens = max(0, min(max_tokens, self.max_context - len(tokens)))
         if max_tokens == 0:
             return
+        device = self.device
         cache = self.new_cache(num_samples, len(tokens) + max_tokens)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        with self.autocast():
-            logits = self.model(torch.tensor([tokens], device=self.device), kv_cache=cache, slots=[0])[:, -1]
+        generator = torch.Generator(device=device).manual_seed(seed)
+        logits = self.forward_last(torch.tensor([tokens], device=device), cache, [0])  # (1, V)
         cache.copy_slot(0, list(range(1, num_samples)))  # prefill once, sample many
         logits = logits.expand(num_samples, -1)
+        params = sampling_params(num_samples, temperature, top_k, top_p, device)
         states = [self.tools.initial_state(tokens) for _ in range(num_samples)]
-        for _ in range(max_tokens):
-            sampled = sample_next(logits.float(), temperature, top_k, generator).tolist()
-            column, masks = [], []
-            for state, s in zip(states, sampled):
-                token, mask = self.tools.next_token(state, s)
-                if not state.done:
-                    self.tools.advance(state, token, mask)
-                column.append(token)
-                masks.append(mask)
-            yield column, masks
-            if all(s.done for s in states) or (cancel is not None and cancel()):
+        live = list(range(num_samples))  # samples still generating, in cache-slot order
+        column = [tokens[-1]] * num_samples
+        for step in range(max_tokens):
+            uniform = torch.rand(num_samples, generator=generator, device=device)  # one draw per sample, always
+            row_params = params
+            if len(live) < num_samples:
+                rows = torch.tensor(live, device=device)
+                row_params, uniform = tuple(p[rows] for p in params), uniform[rows]
+            sampled = sample_tokens(logits, *row_params, uniform).tolist()
+            masks = [0] * num_samples
+            for row, s in zip(live, sampled):
+                token, mask = self.tools.next_token(states[row], s)
+                self.tools.advance(states[row], token, mask)
+                column[row], masks[row] = token, mask
+            yield list(column), masks
+            live = [row for row in live if not states[row].done]
+            if not live or step == max_tokens - 1 or (cancel is not None and cancel()):
                 return
-            with self.autocast():
-                logits = self.model(torch.tensor(column, device=self.device)[:, None], kv_cache=cache)[:, -1]
+            self.tools.run_tool_calls([states[row] for row in live])
+            logits = self.forward_last(torch.tensor([column[r] for r in live], device=device)[:, None], cache, live)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]],
                                                                                         list[list[int]]]:
@@ -191,39 +286,63 @@ class Engine:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Continuous batching for the server
+# Streaming text
 
 class TextStream:
-    """Turns a growing token list into text deltas that never split a UTF-8 character."""
+    """Token ids in, text deltas out; a delta never ends in a partial UTF-8 character.
+
+    Tokens are held back while their text ends in U+FFFD (a character whose remaining bytes have not arrived yet, or
+    bytes that are not UTF-8 at all). Text that ends in a whole character decodes the same on its own as inside
+    the full reply, so only the held tokens are decoded and the deltas add up to `decode(all tokens)`.
+    """
 
     def __init__(self, tokenizer):
-        self.tokenizer, self.tokens, self.emitted = tokenizer, [], 0
+        self.tokenizer, self.held = tokenizer, []
 
     def push(self, token: int) -> str:
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+        self.held.append(token)
+        text = self.tokenizer.decode(self.held)
+        if text.endswith("\ufffd"):
             return ""
-        delta, self.emitted = text[self.emitted:], len(text)
-        return delta
+        self.held = []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held (at the end of a stream)."""
+        text = self.tokenizer.decode(self.held) if self.held else ""
+        self.held = []
+        return text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Continuous batching for the server
+
+class PromptTooLong(ValueError):
+    """The conversation does not fit in the model's context."""
 
 
 @dataclass
 class Request:
+    """One generation request. The scheduler puts ("token", id, mask) events, then ("done", reason) with reason
+    "stop", "length", "cancelled", "shutdown" or "error: …", into `events` (anything with a thread-safe `put`)."""
     tokens: list[int]
     max_tokens: int
     temperature: float = 0.8
     top_k: int | None = 50
     top_p: float = 1.0
     seed: int = 0
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("token", id, mask) … then ("done", reason)
+    events: Any = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    finish_reason: str | None = None
+    wakeup: threading.Event | None = None  # the scheduler's, so a cancel is noticed at once
 
     def cancel(self) -> None:
         self.cancelled.set()
+        if self.wakeup is not None:
+            self.wakeup.set()
 
     def stream(self, timeout: float | None = None) -> Iterator[tuple[int, int]]:
-        """(token, mask) as they are produced, until the request finishes."""
+        """(token, mask) as they are produced, until the request finishes (for a `queue.Queue` of events)."""
         while True:
             event = self.events.get(timeout=timeout)
             if event[0] == "done":
@@ -232,31 +351,54 @@ class Request:
             yield event[1], event[2]
 
 
+@dataclass
+class Slot:
+    """A request being served in one row of the scheduler's KV cache."""
+    request: Request
+    state: SequenceState
+    generator: torch.Generator  # the request's own RNG stream: its samples do not depend on its neighbours
+    prefilled: int = 0  # prompt tokens already in the cache
+    logits: torch.Tensor | None = None  # (V,) next-token logits once the prompt is in
+    tool: Future | None = None  # a running tool call; the slot sits out decode steps until it returns
+
+
 class BatchScheduler:
-    """Owns the model and a KV cache of `slots` rows; requests join when a slot is free and leave when finished."""
+    """Owns the model and a KV cache of `slots` rows; requests join when a slot is free and leave when finished.
+
+    One thread runs the loop: admit waiting requests into free slots, prefill at most `prefill_chunk` prompt
+    tokens (so a long prompt never stalls the others for long), then one decode step for every ready slot
+    together. Tool calls run on a small thread pool while their slot waits; everyone else keeps decoding.
+    """
 
     def __init__(self, model, tokenizer, slots: int = 8, max_seq_len: int | None = None,
-                 autocast: Callable = nullcontext, use_tools: bool = True):
+                 autocast: Callable = nullcontext, use_tools: bool = True, prefill_chunk: int = 512):
         self.engine = Engine(model, tokenizer, autocast, use_tools)
-        self.max_seq_len = max_seq_len or model.config.sequence_len
+        self.tools = self.engine.tools
+        self.max_seq_len = min(max_seq_len or model.config.sequence_len, self.engine.max_context)
+        self.vocab_size = model.config.vocab_size
         self.cache = self.engine.new_cache(slots, self.max_seq_len)
+        self.prefill_chunk = prefill_chunk
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.active: dict[int, tuple[Request, SequenceState, torch.Generator]] = {}
+        self.active: dict[int, Slot] = {}
         self.free = list(range(slots))
-        self.logits: dict[int, torch.Tensor] = {}
-        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "tokens": 0, "errors": 0}
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0, "tool_calls": 0}
         self.lock = threading.Lock()
         self.wakeup = threading.Event()
         self.stopping = False
+        self.tool_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tool")
         self.thread = threading.Thread(target=self._loop, daemon=True, name="batch-scheduler")
         self.thread.start()
 
     def submit(self, request: Request) -> Request:
+        """Queue a request; raises PromptTooLong when it leaves no room to generate."""
+        if not request.tokens or not all(0 <= t < self.vocab_size for t in request.tokens):
+            raise ValueError("a request needs at least one prompt token, all within the vocabulary")
         budget = self.max_seq_len - len(request.tokens)
         if budget < 1:
-            raise ValueError(f"the conversation is {len(request.tokens)} tokens, over the model's context of "
-                             f"{self.max_seq_len}: start a new conversation")
-        request.max_tokens = min(request.max_tokens, budget)
+            raise PromptTooLong(f"the conversation is {len(request.tokens)} tokens, over the model's context of "
+                                f"{self.max_seq_len}: start a new conversation")
+        request.max_tokens = max(1, min(request.max_tokens, budget))
+        request.wakeup = self.wakeup
         with self.lock:
             self.stats["requests"] += 1
         self.waiting.put(request)
@@ -265,86 +407,155 @@ class BatchScheduler:
 
     def status(self) -> dict:
         with self.lock:
-            return dict(self.stats, active=len(self.active), waiting=self.waiting.qsize(), free_slots=len(self.free),
-                        slots=self.cache.batch_size)
+            stats = dict(self.stats)
+            active = list(self.active.values())
+        return dict(stats, active=len(active), waiting=self.waiting.qsize(), slots=self.cache.batch_size,
+                    free_slots=self.cache.batch_size - len(active),
+                    prefilling=sum(s.logits is None for s in active), in_tool=sum(s.tool is not None for s in active))
 
     def shutdown(self) -> None:
         self.stopping = True
         self.wakeup.set()
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=30)
+        self.tool_pool.shutdown(wait=False, cancel_futures=True)
 
-    # --- the loop (one thread) -----------------------------------------------------------------------------------------
+    # --- the loop (one thread) ---------------------------------------------------------------------------------------
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.stats[key] += n
 
     def _finish(self, slot: int, reason: str) -> None:
-        request, _, _ = self.active.pop(slot)
-        self.logits.pop(slot, None)
-        self.cache.reset([slot])
-        self.free.append(slot)
         with self.lock:
-            self.stats["cancelled" if reason == "cancelled" else "completed"] += 1
+            request = self.active.pop(slot).request
+            self.free.append(slot)
+        self.cache.reset([slot])
+        self._count("cancelled" if reason == "cancelled" else "errors" if reason.startswith("error") else "completed")
         request.events.put(("done", reason))
 
-    @torch.no_grad()
     def _admit(self) -> None:
-        engine = self.engine
         while self.free and not self.waiting.empty():
             request = self.waiting.get()
             if request.cancelled.is_set():
+                self._count("cancelled")
                 request.events.put(("done", "cancelled"))
                 continue
-            slot = self.free.pop()
+            # CPU generator: one tiny draw per row per step, no device launch; any int works as a seed
+            generator = torch.Generator().manual_seed(request.seed % 2 ** 63)
+            with self.lock:
+                slot = min(self.free)
+                self.free.remove(slot)
+                self.active[slot] = Slot(request, self.tools.initial_state(request.tokens), generator)
             self.cache.reset([slot])
-            generator = torch.Generator(device=engine.device).manual_seed(request.seed)
-            self.active[slot] = (request, engine.tools.initial_state(request.tokens), generator)
-            with engine.autocast():
-                x = torch.tensor([request.tokens], device=engine.device)
-                self.logits[slot] = engine.model(x, kv_cache=self.cache, slots=[slot])[0, -1].float()
+
+    def _compact(self) -> None:
+        """Move the highest active slots down into freed ones, so that a full decode batch is the contiguous rows
+        0..n-1 of the cache (which attention can read in place instead of gathering them every step)."""
+        while self.active and self.free and min(self.free) < max(self.active):
+            low, high = min(self.free), max(self.active)
+            self.cache.copy_slot(high, [low])
+            with self.lock:
+                self.active[low] = self.active.pop(high)
+                self.free.remove(low)
+                self.free.append(high)
+            self.cache.reset([high])
+
+    def _poll(self) -> None:
+        """Drop cancelled requests; hand finished tool calls back to their sequences."""
+        for slot, s in list(self.active.items()):
+            if s.request.cancelled.is_set():
+                self._finish(slot, "cancelled")
+            elif s.tool is not None and s.tool.done():
+                try:
+                    output = s.tool.result()
+                except Exception as e:  # the sandbox itself failed: tell the model, as a tool error would
+                    output = f"Error: {type(e).__name__}"
+                self.tools.finish_tool_call(s.state, output)
+                s.tool = None
 
     @torch.no_grad()
-    def _step(self) -> None:
-        engine, tools = self.engine, self.engine.tools
-        slots, column = [], []
-        for slot, (request, state, generator) in list(self.active.items()):
-            if request.cancelled.is_set():
-                self._finish(slot, "cancelled")
+    def _prefill(self) -> bool:
+        """Feed up to `prefill_chunk` prompt tokens of newly admitted requests into their cache rows."""
+        budget = self.prefill_chunk
+        for slot, s in list(self.active.items()):
+            if s.logits is not None:
                 continue
-            sampled = int(sample_next(self.logits[slot][None], request.temperature, request.top_k, generator,
-                                      request.top_p)[0])
-            token, mask = tools.next_token(state, sampled)
-            tools.advance(state, token, mask)
-            request.events.put(("token", token, mask))
-            with self.lock:
-                self.stats["tokens"] += 1
-            if state.done:
+            if budget <= 0:
+                break
+            tokens = s.request.tokens
+            end = min(len(tokens), s.prefilled + budget)
+            try:
+                x = torch.tensor([tokens[s.prefilled:end]], device=self.engine.device)
+                logits = self.engine.forward_last(x, self.cache, [slot])[0]
+            except Exception as e:  # fail this request only
+                self._finish(slot, f"error: {type(e).__name__}: {e}")
+                continue
+            budget -= end - s.prefilled
+            s.prefilled = end
+            if end == len(tokens):
+                s.logits = logits
+        return budget < self.prefill_chunk
+
+    @torch.no_grad()
+    def _decode(self) -> bool:
+        """One step for every ready slot: sample (batched), advance state machines, stream, run the model once."""
+        ready = sorted(((slot, s) for slot, s in self.active.items() if s.logits is not None and s.tool is None),
+                       key=lambda item: item[0])
+        if not ready:
+            return False
+        device = self.engine.device
+        requests = [s.request for _, s in ready]
+        logits = torch.stack([s.logits for _, s in ready])  # (B, V)
+        temperature = torch.tensor([r.temperature for r in requests], device=device)
+        top_k = torch.tensor([r.top_k or 0 for r in requests], dtype=torch.long, device=device)
+        top_p = torch.tensor([r.top_p for r in requests], device=device)
+        uniform = torch.cat([torch.rand(1, generator=s.generator) for _, s in ready]).to(device)
+        sampled = sample_tokens(logits, temperature, top_k, top_p, uniform).tolist()
+        feed_slots, feed_tokens = [], []
+        for (slot, s), token in zip(ready, sampled):
+            token, mask = self.tools.next_token(s.state, token)
+            self.tools.advance(s.state, token, mask)
+            s.request.events.put(("token", token, mask))
+            if s.state.done:
                 self._finish(slot, "stop")
-            elif state.generated >= request.max_tokens:
+            elif s.state.generated >= s.request.max_tokens:
                 self._finish(slot, "length")
             else:
-                slots.append(slot)
-                column.append(token)
-        if slots:
-            with engine.autocast():
-                x = torch.tensor(column, device=engine.device)[:, None]
-                logits = engine.model(x, kv_cache=self.cache, slots=slots)[:, -1].float()
-            for i, slot in enumerate(slots):
-                self.logits[slot] = logits[i]
+                if s.state.tool_call is not None:
+                    self._count("tool_calls")
+                    s.tool = self.tool_pool.submit(run_tool, s.state.tool_call, self.tools.tool_timeout)
+                    s.tool.add_done_callback(lambda _: self.wakeup.set())
+                feed_slots.append(slot)
+                feed_tokens.append(token)
+        self._count("tokens", len(ready))
+        if feed_slots:
+            try:
+                x = torch.tensor(feed_tokens, device=device)[:, None]
+                logits = self.engine.forward_last(x, self.cache, feed_slots)
+            except Exception as e:  # cannot tell whose fault: fail the requests of this step, keep serving
+                for slot in feed_slots:
+                    self._finish(slot, f"error: {type(e).__name__}: {e}")
+                return True
+            for i, slot in enumerate(feed_slots):
+                self.active[slot].logits = logits[i]
+        return True
 
     def _loop(self) -> None:
         while not self.stopping:
-            if not self.active and self.waiting.empty():
-                self.wakeup.wait(timeout=0.5)
-                self.wakeup.clear()
-                continue
+            self.wakeup.clear()  # before looking for work, so a submit/cancel/tool result in between is not lost
             try:
+                self._poll()
+                self._compact()
                 self._admit()
-                self._step()
-            except Exception as e:  # never let one bad request kill the server: fail the active ones, go on
-                with self.lock:
-                    self.stats["errors"] += 1
+                busy = self._prefill()
+                busy = self._decode() or busy
+            except Exception as e:  # a bug of ours: fail what is in flight, keep the server up
                 for slot in list(self.active):
-                    request = self.active[slot][0]
-                    request.events.put(("done", f"error: {type(e).__name__}: {e}"))
-                    self.active.pop(slot)
-                    self.logits.pop(slot, None)
-                    self.cache.reset([slot])
-                    self.free.append(slot)
+                    self._finish(slot, f"error: {type(e).__name__}: {e}")
+                busy = False
+            if not busy:
+                self.wakeup.wait(timeout=0.5)
+        for slot in list(self.active):
+            self._finish(slot, "shutdown")
+        while not self.waiting.empty():
+            self.waiting.get().events.put(("done", "shutdown"))

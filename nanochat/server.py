@@ -1,44 +1,98 @@
 """The chat web service: the UI's streaming endpoint and an OpenAI-compatible API over continuous-batching workers.
 
-Generation happens in each worker's scheduler thread, never inside an async handler; handlers only wait on the
-request's event queue, so one slow client never blocks the others. A client that disconnects cancels its request
-and frees its slot.
+Generation happens in each worker's scheduler thread, never inside an async handler: the scheduler hands every
+event to the event loop (`EventBridge`), and handlers only await their own queue, so one slow client never blocks
+the others. A client that disconnects cancels its requests and frees their slots.
 """
 
 import asyncio
 import itertools
 import json
-import queue
+import os
 import time
 import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from nanochat.engine import BatchScheduler, Request, TextStream
+from nanochat.common import UserError
+from nanochat.engine import BatchScheduler, PromptTooLong, Request, TextStream
 
 LIMITS = {"max_messages": 500, "max_message_chars": 8000, "max_total_chars": 32000,
-          "temperature": (0.0, 2.0), "top_k": (0, 200), "top_p": (0.0, 1.0), "max_tokens": (1, 4096), "n": (1, 8)}
+          "temperature": (0.0, 2.0), "top_k": (0, 200), "top_p": (0.0, 1.0), "max_tokens": (1, 4096), "n": (1, 8),
+          "seed": (0, 2 ** 63 - 1)}
+MAX_BODY_BYTES = 1 << 20  # the largest valid conversation is ~32k characters; anything far beyond is refused unread
+MAX_WAITING = 256  # requests queued per worker beyond its slots before new ones are turned away (503)
 ROLES = ("system", "user", "assistant")
+PART_TYPES = {"system": ("text",), "user": ("text",), "assistant": ("text", "python", "python_output")}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
+    """A request we refuse, with the one-line reason the client sees."""
 
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Validation
 
 def _number(body: dict, key: str, default, cast):
-    value = body.get(key, default)
+    value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadRequest(f"'{key}' must be a number", key)
     low, high = LIMITS[key]
-    if not low <= value <= high:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadRequest(f"'{key}' must be a number between {low} and {high}, got {value!r}", key)
+    if not low <= value <= high:  # also refuses NaN
         raise BadRequest(f"'{key}' must be between {low} and {high}, got {value}", key)
+    if cast is int and value != int(value):
+        raise BadRequest(f"'{key}' must be an integer, got {value}", key)
     return cast(value)
+
+
+def _message(m, i: int) -> tuple[str, str | list[dict], int]:
+    """(role, content, characters) of one message; content is a string or, for the assistant, a list of parts."""
+    if not isinstance(m, dict):
+        raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'", "messages")
+    role = m.get("role")
+    if role not in ROLES:
+        raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}", "messages")
+    content = m.get("content")
+    if isinstance(content, list):  # OpenAI content parts; the assistant's may also be python calls and outputs
+        parts = []
+        for j, p in enumerate(content):
+            if not isinstance(p, dict) or p.get("type") not in PART_TYPES[role] or not isinstance(p.get("text"), str):
+                raise BadRequest(f"messages[{i}].content[{j}] must be {{'type': one of "
+                                 f"{', '.join(PART_TYPES[role])}, 'text': string}}", "messages")
+            parts.append({"type": p["type"], "text": p["text"]})
+        text = "".join(p["text"] for p in parts)
+        content = parts if any(p["type"] != "text" for p in parts) else text
+    elif isinstance(content, str):
+        text = content
+    else:
+        raise BadRequest(f"messages[{i}].content must be a string or a list of parts", "messages")
+    if not text.strip():
+        raise BadRequest(f"messages[{i}].content must not be empty", "messages")
+    if len(text) > LIMITS["max_message_chars"]:
+        raise BadRequest(f"messages[{i}] is {len(text)} characters, over the limit of {LIMITS['max_message_chars']}",
+                         "messages")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"messages[{i}].content is not valid Unicode (a lone surrogate)", "messages") from None
+    return role, content, len(text)
+
+
+def _join(a: str | list[dict], b: str | list[dict]) -> str | list[dict]:
+    """Two consecutive messages of one role as one (the chat format alternates user and assistant)."""
+    if isinstance(a, str) and isinstance(b, str):
+        return a + "\n\n" + b
+    as_parts = lambda c: [{"type": "text", "text": c}] if isinstance(c, str) else c  # noqa: E731
+    return as_parts(a) + [{"type": "text", "text": "\n\n"}] + as_parts(b)
 
 
 def validate(body, defaults: dict) -> dict:
@@ -47,200 +101,281 @@ def validate(body, defaults: dict) -> dict:
         raise BadRequest("the request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty list", "messages")
+        raise BadRequest("'messages' must be a non-empty list of {'role', 'content'} objects", "messages")
     if len(messages) > LIMITS["max_messages"]:
         raise BadRequest(f"too many messages: {len(messages)} > {LIMITS['max_messages']}", "messages")
-    total = 0
-    clean = []
+    system, chat, total = [], [], 0
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}", "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-        if not isinstance(content, str) or not content.strip():
-            raise BadRequest(f"messages[{i}].content must be a non-empty string", "messages")
-        if len(content) > LIMITS["max_message_chars"]:
-            raise BadRequest(f"messages[{i}] is {len(content)} characters, over {LIMITS['max_message_chars']}",
-                             "messages")
-        total += len(content)
-        clean.append({"role": m["role"], "content": content})
+        role, content, chars = _message(m, i)
+        total += chars
+        if role == "system":
+            system.append(content if isinstance(content, str) else "".join(p["text"] for p in content))
+        elif chat and chat[-1]["role"] == role:
+            chat[-1]["content"] = _join(chat[-1]["content"], content)
+        else:
+            chat.append({"role": role, "content": content})
     if total > LIMITS["max_total_chars"]:
-        raise BadRequest(f"the conversation is {total} characters, over {LIMITS['max_total_chars']}", "messages")
-    system = [m for m in clean if m["role"] == "system"]
-    chat = [m for m in clean if m["role"] != "system"]
+        raise BadRequest(f"the conversation is {total} characters, over the limit of {LIMITS['max_total_chars']}",
+                         "messages")
     if not chat or chat[-1]["role"] != "user":
         raise BadRequest("the last message must be from the user", "messages")
-    merged = []  # merge consecutive same-role messages so roles alternate
-    for m in chat:
-        if merged and merged[-1]["role"] == m["role"]:
-            merged[-1] = {"role": m["role"], "content": merged[-1]["content"] + "\n\n" + m["content"]}
-        else:
-            merged.append(dict(m))
-    if merged[0]["role"] != "user":
-        raise BadRequest("the conversation must start with a user message", "messages")
+    if chat[0]["role"] != "user":
+        raise BadRequest("the conversation must start with a user message (after any system message)", "messages")
     if system:
-        merged = [{"role": "system", "content": "\n\n".join(m["content"] for m in system)}] + merged
-    return {"messages": merged,
+        chat.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    if body.get("max_tokens") is None and "max_completion_tokens" in body:  # newer OpenAI clients' name for it
+        body = {**body, "max_tokens": body["max_completion_tokens"]}
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
+    return {"messages": chat,
             "temperature": _number(body, "temperature", defaults["temperature"], float),
             "top_k": _number(body, "top_k", defaults["top_k"], int),
             "top_p": _number(body, "top_p", 1.0, float),
             "max_tokens": _number(body, "max_tokens", defaults["max_tokens"], int),
             "n": _number(body, "n", 1, int),
-            "stream": bool(body.get("stream", False)),
-            "seed": body.get("seed") if isinstance(body.get("seed"), int) else None}
+            "seed": _number(body, "seed", None, int),
+            "stream": stream}
 
+
+async def read_json(http: HTTPRequest):
+    """The request body as JSON, refusing bodies over MAX_BODY_BYTES before reading them whole."""
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise BadRequest(f"the request body is over {MAX_BODY_BYTES} bytes", status=413)
+    body = bytearray()
+    async for chunk in http.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BadRequest(f"the request body is over {MAX_BODY_BYTES} bytes", status=413)
+    try:
+        return json.loads(bytes(body))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"malformed JSON in the request body: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# From the scheduler thread to the event loop
+
+class EventBridge:
+    """A request's event sink: the scheduler thread `put`s, the handler awaits `queue` (events tagged by choice)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, index: int):
+        self.loop, self.queue, self.index = loop, queue, index
+
+    def put(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+
+async def drain(requests: list[Request], queue: asyncio.Queue, http: HTTPRequest, poll: float = 0.5):
+    """(index, event) of all `requests` until each is done; stops early if the client goes away. Always cancels
+    whatever is still running on exit (a disconnect, an error, or the response being torn down)."""
+    remaining, checked = len(requests), time.monotonic()
+    try:
+        while remaining:
+            try:
+                index, event = await asyncio.wait_for(queue.get(), timeout=poll)
+            except asyncio.TimeoutError:
+                index, event = None, None
+            if time.monotonic() - checked >= poll:  # also while tokens keep coming
+                checked = time.monotonic()
+                if await http.is_disconnected():
+                    return
+            if event is None:
+                continue
+            if event[0] == "done":
+                remaining -= 1
+            yield index, event
+    finally:
+        for request in requests:
+            request.cancel()  # a no-op for finished ones
+
+
+def sse(payload) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The app
 
 def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nanochat",
                defaults: dict | None = None) -> FastAPI:
-    defaults = defaults or {"temperature": 0.8, "top_k": 50, "max_tokens": 512}
+    defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 512, **(defaults or {})}
     app = FastAPI(title="nanochat")
     ui = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
-    counter = itertools.count()
+    started = time.time()
+    turn = itertools.count()
     special = tokenizer.encode_special
-    kinds = {special("<|python_start|>"): ("python", True), special("<|python_end|>"): ("text", False),
-             special("<|output_start|>"): ("python_output", True), special("<|output_end|>"): ("text", False)}
+    part_after = {special("<|python_start|>"): "python", special("<|python_end|>"): "text",
+                  special("<|output_start|>"): "python_output", special("<|output_end|>"): "text"}
     stops = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
     def pick_worker() -> BatchScheduler:
-        return min(workers, key=lambda w: (w.status()["active"] + w.status()["waiting"], next(counter)))
+        def load(w):
+            s = w.status()
+            return s["active"] + s["waiting"]
+        return min(workers, key=lambda w: (load(w), next(turn)))
 
-    def submit(params: dict, sample: int = 0) -> Request:
-        tokens = tokenizer.render_for_completion({"messages": params["messages"]})
-        seed = params["seed"] if params["seed"] is not None else int(time.time() * 1000) % 2 ** 31
-        request = Request(tokens=tokens, max_tokens=params["max_tokens"], temperature=params["temperature"],
-                          top_k=params["top_k"] or None, top_p=params["top_p"], seed=seed + sample)
-        return pick_worker().submit(request)
-
-    async def events(request: Request, http: HTTPRequest):
-        """(kind, token, mask) events until the request is done; cancels it if the client goes away."""
+    def submit(params: dict) -> tuple[list[Request], asyncio.Queue, int]:
+        """Queue n requests for the conversation; (requests, their shared event queue, prompt tokens)."""
         try:
-            while True:
-                try:
-                    event = await asyncio.to_thread(request.events.get, True, 0.5)
-                except queue.Empty:
-                    if await http.is_disconnected():
-                        request.cancel()
-                        return
-                    continue
-                yield event
-                if event[0] == "done":
-                    return
-        finally:
-            request.cancel()  # no-op when finished; frees the slot when the client disconnected mid-stream
-
-    async def parse(http: HTTPRequest) -> dict:
+            tokens = tokenizer.render_for_completion({"messages": params["messages"]})
+        except UserError as e:
+            raise BadRequest(str(e), "messages") from None
+        seed = params["seed"] if params["seed"] is not None else int.from_bytes(os.urandom(4), "little")
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        worker, requests = pick_worker(), []
+        if worker.status()["waiting"] >= MAX_WAITING:
+            raise BadRequest("the server is busy: try again in a moment", status=503)
         try:
-            body = await http.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-            raise BadRequest("malformed JSON in the request body")
-        return validate(body, defaults)
+            for i in range(params["n"]):
+                requests.append(worker.submit(Request(
+                    tokens=tokens, max_tokens=params["max_tokens"], temperature=params["temperature"],
+                    top_k=params["top_k"], top_p=params["top_p"], seed=seed + i, events=EventBridge(loop, queue, i))))
+        except PromptTooLong as e:
+            for r in requests:
+                r.cancel()
+            raise BadRequest(str(e), "messages") from None
+        return requests, queue, len(tokens)
+
+    def failure(reason: str) -> str | None:
+        """The error message of an abnormal finish, else None."""
+        if reason.startswith("error"):
+            return "generation failed: " + reason.removeprefix("error: ")
+        if reason == "shutdown":
+            return "the server is shutting down"
+        return None
 
     @app.exception_handler(BadRequest)
     async def bad_request(_, exc: BadRequest):
-        return JSONResponse(status_code=400, content={"error": {"message": str(exc), "type": "invalid_request_error",
-                                                                "param": exc.param}})
+        kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+        return JSONResponse(status_code=exc.status, content={
+            "error": {"message": str(exc), "type": kind, "param": exc.param}})
 
-    @app.exception_handler(ValueError)
-    async def too_long(_, exc: ValueError):
-        return JSONResponse(status_code=400, content={"error": {"message": str(exc), "type": "invalid_request_error",
-                                                                "param": "messages"}})
+    @app.exception_handler(Exception)
+    async def server_error(_, exc: Exception):
+        return JSONResponse(status_code=500, content={
+            "error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error", "param": None}})
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
         return ui
 
+    @app.get("/favicon.ico")
+    async def favicon():
+        return Response(status_code=204)
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "workers": len(workers), "model": model_name}
+        return {"status": "ok", "model": model_name, "workers": len(workers)}
 
     @app.get("/stats")
     async def stats():
-        return {"workers": [w.status() for w in workers]}
+        return {"model": model_name, "uptime_s": round(time.time() - started, 1),
+                "workers": [w.status() for w in workers]}
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "nanochat"}]}
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
+                                            "owned_by": "nanochat"}]}
 
     @app.post("/chat/completions")
     async def ui_chat(http: HTTPRequest):
-        """The UI's stream: data: {"part": "text"|"python"|"python_output", "delta": "..."} … data: {"done": ...}."""
-        params = await parse(http)
-        request = submit(params)
+        """The UI's stream: {"part": "text"|"python"|"python_output", "delta": str} events (a new part starts with
+        an empty delta), then {"done": true, "finish_reason", "usage"}; {"error": str} before it on a failure."""
+        params = validate(await read_json(http), defaults)
+        params["n"] = 1
+        requests, queue, prompt_tokens = submit(params)
 
         async def stream():
-            part, text = "text", TextStream(tokenizer)
-            async for event in events(request, http):
+            part, text, generated = "text", TextStream(tokenizer), 0
+            async for _, event in drain(requests, queue, http):
                 if event[0] == "done":
-                    yield f"data: {json.dumps({'done': True, 'finish_reason': event[1]})}\n\n"
+                    if tail := text.flush():
+                        yield sse({"part": part, "delta": tail})
+                    if message := failure(event[1]):
+                        yield sse({"error": message})
+                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated}
+                    yield sse({"done": True, "finish_reason": event[1], "usage": usage})
                     return
                 token = event[1]
+                generated += 1
                 if token in stops:
                     continue
-                if token in kinds:
-                    part, _ = kinds[token]
-                    text = TextStream(tokenizer)
-                    yield f"data: {json.dumps({'part': part, 'delta': ''})}\n\n"
-                    continue
-                delta = text.push(token)
-                if delta:
-                    yield f"data: {json.dumps({'part': part, 'delta': delta})}\n\n"
+                if token in part_after:
+                    if tail := text.flush():
+                        yield sse({"part": part, "delta": tail})
+                    part = part_after[token]
+                    yield sse({"part": part, "delta": ""})
+                elif delta := text.push(token):
+                    yield sse({"part": part, "delta": delta})
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     @app.post("/v1/chat/completions")
     async def openai_chat(http: HTTPRequest):
-        params = await parse(http)
-        requests = [submit(params, i) for i in range(params["n"])]
-        prompt_tokens = len(requests[0].tokens)
+        """OpenAI's chat completions: tool calls and outputs appear inline in the content as the model's own
+        <|python_start|>…<|python_end|><|output_start|>…<|output_end|> markup."""
+        params = validate(await read_json(http), defaults)
+        requests, queue, prompt_tokens = submit(params)
+        n = len(requests)
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
+        head = {"id": completion_id, "created": created, "model": model_name}
 
-        def chunk(index: int, delta: dict, finish: str | None) -> str:
-            body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
-            return f"data: {json.dumps(body)}\n\n"
+        def usage(completion_tokens: int) -> dict:
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens}
 
         def finish_reason(reason: str) -> str:
             return "length" if reason == "length" else "stop"
 
         if params["stream"]:
+            def chunk(index: int, delta: dict, finish: str | None) -> str:
+                return sse({**head, "object": "chat.completion.chunk",
+                            "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+
             async def stream():
-                completion_tokens = 0
-                for index, request in enumerate(requests):
+                texts, generated, finished = [TextStream(tokenizer) for _ in range(n)], [0] * n, 0
+                for index in range(n):
                     yield chunk(index, {"role": "assistant", "content": ""}, None)
-                    text = TextStream(tokenizer)
-                    async for event in events(request, http):
-                        if event[0] == "done":
-                            yield chunk(index, {}, finish_reason(event[1]))
-                            break
-                        completion_tokens += 1
-                        if event[1] in stops:
-                            continue
-                        delta = text.push(event[1])
-                        if delta:
-                            yield chunk(index, {"content": delta}, None)
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                         "total_tokens": prompt_tokens + completion_tokens}
-                yield f"data: {json.dumps({'id': completion_id, 'object': 'chat.completion.chunk', 'created': created, 'model': model_name, 'choices': [], 'usage': usage})}\n\n"
-                yield "data: [DONE]\n\n"
+                async for index, event in drain(requests, queue, http):
+                    if event[0] == "done":
+                        finished += 1
+                        if tail := texts[index].flush():
+                            yield chunk(index, {"content": tail}, None)
+                        if message := failure(event[1]):
+                            yield sse({"error": {"message": message, "type": "server_error", "param": None}})
+                        yield chunk(index, {}, finish_reason(event[1]))
+                        continue
+                    generated[index] += 1
+                    if event[1] not in stops and (delta := texts[index].push(event[1])):
+                        yield chunk(index, {"content": delta}, None)
+                if finished == n:
+                    yield sse({**head, "object": "chat.completion.chunk", "choices": [],
+                               "usage": usage(sum(generated))})
+                    yield sse("[DONE]")
 
-            return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-        choices, completion_tokens = [], 0
-        for index, request in enumerate(requests):
-            tokens, reason = [], "stop"
-            async for event in events(request, http):
-                if event[0] == "done":
-                    reason = event[1]
-                    break
-                completion_tokens += 1
-                if event[1] not in stops:
-                    tokens.append(event[1])
-            choices.append({"index": index, "message": {"role": "assistant", "content": tokenizer.decode(tokens)},
-                            "finish_reason": finish_reason(reason)})
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                              "total_tokens": prompt_tokens + completion_tokens}}
+        tokens, reasons = [[] for _ in range(n)], [None] * n
+        async for index, event in drain(requests, queue, http):
+            if event[0] == "done":
+                reasons[index] = event[1]
+            else:
+                tokens[index].append(event[1])
+        if any(r is None for r in reasons):  # the client went away: nobody to answer
+            return Response(status_code=499)
+        if message := next(filter(None, map(failure, reasons)), None):
+            return JSONResponse(status_code=500 if "failed" in message else 503, content={
+                "error": {"message": message, "type": "server_error", "param": None}})
+        choices = [{"index": i, "finish_reason": finish_reason(reasons[i]),
+                    "message": {"role": "assistant", "content": tokenizer.decode([t for t in ts if t not in stops])}}
+                   for i, ts in enumerate(tokens)]
+        return {**head, "object": "chat.completion", "choices": choices,
+                "usage": usage(sum(len(ts) for ts in tokens))}
 
     return app

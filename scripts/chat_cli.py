@@ -2,58 +2,91 @@
 
     python -m scripts.chat_cli                       # interactive; 'clear' starts over, 'quit' exits
     python -m scripts.chat_cli -p "Why is the sky blue?"
+    python -m scripts.chat_cli -i base -p "The capital of France is"   # a base model continues the text
 """
 
 import argparse
 import sys
 
 from nanochat.checkpoint import load_model
-from nanochat.common import compute_init, run_cli
-from nanochat.engine import Engine
+from nanochat.common import UserError, compute_init, print0, run_cli
+from nanochat.engine import Engine, TextStream
+
+PART_STYLE = {  # part → (colour on a terminal, plain-text opening, closing)
+    "python": ("\033[36m", "[python] ", " [/python]"),
+    "python_output": ("\033[33m", "[output] ", " [/output]"),
+}
+RESET = "\033[0m"
 
 
 class Printer:
     """Streams tokens as text; tool calls and tool outputs are shown in their own colour and brackets."""
 
     def __init__(self, tokenizer, color: bool):
-        self.tokenizer = tokenizer
+        self.tokenizer, self.color = tokenizer, color
         special = tokenizer.encode_special
-        self.markers = {special("<|python_start|>"): ("\033[36m[python] ", "[python] "),
-                        special("<|python_end|>"): ("\033[0m", " [/python]"),
-                        special("<|output_start|>"): ("\033[33m[output] ", "[output] "),
-                        special("<|output_end|>"): ("\033[0m", " [/output]")}
-        self.color = color
-        self.pending: list[int] = []
+        self.opens = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output"}
+        self.closes = {special("<|python_end|>"), special("<|output_end|>")}
+        self.text = TextStream(tokenizer)
+        self.part = "text"
 
     def feed(self, token: int) -> None:
-        if token in self.markers:
-            self.flush()
-            sys.stdout.write(self.markers[token][0 if self.color else 1])
+        if token in self.opens:
+            self.close_part()
+            self.part = self.opens[token]
+            colour, opening, _ = PART_STYLE[self.part]
+            sys.stdout.write(colour if self.color else opening)
+        elif token in self.closes:
+            self.close_part()
         else:
-            self.pending.append(token)
-            text = self.tokenizer.decode(self.pending)
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text)
-                self.pending = []
+            sys.stdout.write(self.text.push(token))
+        sys.stdout.flush()
+
+    def close_part(self) -> None:
+        """Write out held text and end a tool part, if one is open (never leave the terminal coloured)."""
+        sys.stdout.write(self.text.flush())
+        if self.part != "text":
+            sys.stdout.write(RESET if self.color else PART_STYLE[self.part][2])
+            self.part = "text"
         sys.stdout.flush()
 
     def flush(self) -> None:
-        if self.pending:
-            sys.stdout.write(self.tokenizer.decode(self.pending))
-            self.pending = []
+        """At the end of a reply."""
+        self.close_part()
 
 
-def reply(engine: Engine, tokenizer, conversation: dict, args, printer: Printer) -> list[int]:
-    """Stream the assistant's answer to the conversation; returns its tokens (without the stop token)."""
-    prompt = tokenizer.render_for_completion(conversation)
+def assistant_parts(tokenizer, tokens: list[int]) -> str | list[dict]:
+    """The reply as conversation content: plain text, or parts when it called the tool (so the next turn renders
+    the same tokens the model saw)."""
+    special = tokenizer.encode_special
+    switch = {special("<|python_start|>"): "python", special("<|python_end|>"): "text",
+              special("<|output_start|>"): "python_output", special("<|output_end|>"): "text"}
+    parts, kind, run = [], "text", []
+    for token in tokens + [None]:
+        if token is None or token in switch:
+            if run:
+                parts.append({"type": kind, "text": tokenizer.decode(run)})
+            kind, run = switch.get(token, kind), []
+        else:
+            run.append(token)
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts) or "…"
+    return parts
+
+
+def reply(engine: Engine, prompt: list[int], args, printer: Printer) -> list[int]:
+    """Stream the model's answer to the prompt; returns its tokens (without the stop token). Ctrl-C stops it."""
     tokens = []
-    for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
-                                     temperature=args.temperature, top_k=args.top_k, seed=args.seed):
-        token = column[0]
-        if token in engine.tools.stops:
-            break
-        tokens.append(token)
-        printer.feed(token)
+    try:
+        for column, _ in engine.generate(prompt, num_samples=1, max_tokens=args.max_tokens,
+                                         temperature=args.temperature, top_k=args.top_k, seed=args.seed):
+            token = column[0]
+            if token in engine.tools.stops:
+                break
+            tokens.append(token)
+            printer.feed(token)
+    except KeyboardInterrupt:
+        pass
     printer.flush()
     print(flush=True)
     return tokens
@@ -66,23 +99,34 @@ def main(argv=None) -> None:
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--model-tag", default=None)
     p.add_argument("--step", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = sample from the whole vocabulary")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device-type", default="")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments and the model, then exit")
     args = p.parse_args(argv)
+    if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
+        raise UserError("--temperature and --top-k must be >= 0 and --max-tokens >= 1")
     compute = compute_init(args.device_type)
-    model, tokenizer, meta, source = load_chat_model(args.source, compute.device, args.model_tag, args.step)
+    try:
+        model, tokenizer, meta, source = load_chat_model(args.source, compute.device, args.model_tag, args.step)
+    except UserError as e:
+        if not args.dry_run:
+            raise
+        print0(f"warning (dry run): {e}")
+        return
+    if args.dry_run:
+        print0(f"chat_cli dry run: {describe(meta, source)} loads")
+        return
     engine = Engine(model, tokenizer, compute.autocast)
     printer = Printer(tokenizer, color=sys.stdout.isatty())
-    conversation = {"messages": []}
     if args.prompt is not None:
-        conversation["messages"].append({"role": "user", "content": args.prompt})
-        reply(engine, tokenizer, conversation, args, printer)
+        reply(engine, make_prompt(tokenizer, source, [{"role": "user", "content": args.prompt}]), args, printer)
         return
-    print(f"nanochat ({source} model {meta.get('model_tag', '')} step {meta['step']}). "
-          "Type 'clear' to start over, 'quit' to exit.")
+    mode = "each line is continued as plain text" if source == "base" else "multi-turn chat"
+    print(f"nanochat: {describe(meta, source)}, {mode}. Type 'clear' to start over, 'quit' to exit.")
+    messages = []
     while True:
         try:
             text = input("\nUser: ").strip()
@@ -92,20 +136,35 @@ def main(argv=None) -> None:
         if text.lower() in ("quit", "exit"):
             return
         if text.lower() == "clear":
-            conversation = {"messages": []}
+            messages = []
             print("(conversation cleared)")
             continue
         if not text:
             continue
-        conversation["messages"].append({"role": "user", "content": text})
+        messages.append({"role": "user", "content": text})
         print("\nAssistant: ", end="", flush=True)
-        tokens = reply(engine, tokenizer, conversation, args, printer)
-        conversation["messages"].append({"role": "assistant", "content": tokenizer.decode(tokens) or "…"})
+        tokens = reply(engine, make_prompt(tokenizer, source, messages), args, printer)
+        messages.append({"role": "assistant", "content": assistant_parts(tokenizer, tokens)})
+
+
+def make_prompt(tokenizer, source: str, messages: list[dict]) -> list[int]:
+    """A chat model gets the conversation in its chat format; a base model, which never saw that format, just
+    continues the last user text."""
+    if source == "base":
+        return tokenizer.encode(messages[-1]["content"], prepend="<|bos|>")
+    return tokenizer.render_for_completion({"messages": messages})
+
+
+def model_tag(meta: dict) -> str:
+    return meta.get("model_tag") or meta.get("args", {}).get("model_tag") or "model"
+
+
+def describe(meta: dict, source: str) -> str:
+    return f"{source} model {model_tag(meta)} step {meta.get('step')}"
 
 
 def load_chat_model(source: str | None, device, model_tag: str | None, step: int | None):
     """The requested checkpoints, or the most trained ones available: rl, then sft, then base."""
-    from nanochat.common import UserError
     candidates = [source] if source else ["rl", "sft", "base"]
     error = None
     for phase in candidates:
@@ -113,7 +172,7 @@ def load_chat_model(source: str | None, device, model_tag: str | None, step: int
             model, tokenizer, meta = load_model(phase, device, model_tag, step)
             return model, tokenizer, meta, phase
         except UserError as e:
-            error = e
+            error = e  # with no source this ends as base's error, naming the first command to run
     raise error
 
 

@@ -42,3 +42,47 @@ def test_no_checkpoint_gives_one_line_naming_the_command(base_dir):
     proc = cli(base_dir, "-p", "hi")
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error:") and "python -m scripts.base_train" in proc.stderr
+
+
+def test_base_model_continues_text_and_top_k_zero_works(tiny_checkpoint, base_dir):
+    proc = cli(base_dir, "-i", "base", "-p", "The capital of France is", "--max-tokens", "8", "--top-k", "0",
+               "--temperature", "1.0")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_dry_run_without_a_checkpoint_warns_and_exits_0(base_dir):
+    proc = cli(base_dir, "--dry-run")
+    assert proc.returncode == 0 and "warning (dry run)" in proc.stdout
+
+
+def test_bad_sampling_flags_are_a_one_line_error(base_dir):
+    proc = cli(base_dir, "-p", "hi", "--max-tokens", "0")
+    assert proc.returncode == 1 and proc.stderr.startswith("error:") and "--max-tokens" in proc.stderr
+
+
+def test_a_reply_with_a_tool_call_goes_back_into_history_as_parts(tiny_tokenizer):
+    from scripts.chat_cli import assistant_parts
+    tok = tiny_tokenizer
+    tokens = (tok.encode("Let me see.") + [tok.encode_special("<|python_start|>")] + tok.encode("6*7")
+              + [tok.encode_special("<|python_end|>"), tok.encode_special("<|output_start|>")] + tok.encode("42")
+              + [tok.encode_special("<|output_end|>")] + tok.encode("It is 42."))
+    parts = assistant_parts(tok, tokens)
+    assert parts == [{"type": "text", "text": "Let me see."}, {"type": "python", "text": "6*7"},
+                     {"type": "python_output", "text": "42"}, {"type": "text", "text": "It is 42."}]
+    rendered, _ = tok.render_conversation({"messages": [{"role": "user", "content": "q"},
+                                                        {"role": "assistant", "content": parts}]})
+    assert rendered[-len(tokens) - 1:-1] == tokens  # the next turn sees exactly what the model wrote
+    assert assistant_parts(tok, tok.encode("plain")) == "plain"
+
+
+def test_a_reply_cut_inside_a_tool_call_does_not_leave_the_terminal_coloured(tiny_tokenizer):
+    import io
+    from contextlib import redirect_stdout
+    from scripts.chat_cli import RESET, Printer
+    out = io.StringIO()
+    printer = Printer(tiny_tokenizer, color=True)
+    with redirect_stdout(out):
+        for t in [tiny_tokenizer.encode_special("<|python_start|>")] + tiny_tokenizer.encode("1+1"):
+            printer.feed(t)
+        printer.flush()
+    assert out.getvalue().startswith("\033[36m") and out.getvalue().endswith("1+1" + RESET)

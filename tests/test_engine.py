@@ -1,12 +1,17 @@
-"""The inference engine against repeated full forward passes, tool use, continuous batching and streaming text."""
+"""The inference engine against an oracle of full forward passes: greedy and sampled decoding, tool calls, continuous
+batching, cancellation, sampling rules (top-k, top-p, seeds) and UTF-8-safe streaming text."""
 
-
+import copy
+import queue
 
 import pytest
 import torch
 
 from conftest import make_tiny_model
-from nanochat.engine import BatchScheduler, Engine, Request, TextStream, sample_next, tool_program
+from nanochat.engine import (BatchScheduler, Engine, PromptTooLong, Request, TextStream, ToolStateMachine, run_tool,
+                             sample_next, sample_tokens, tool_program)
+
+PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "A"]
 
 
 @pytest.fixture(scope="module")
@@ -14,147 +19,396 @@ def model(tiny_tokenizer):
     return make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256).eval()
 
 
-def greedy_reference(model, prompt, n):
-    ids = list(prompt)
+@pytest.fixture(scope="module")
+def tool_prompt(tiny_tokenizer):
+    """A prompt that ends inside a tool call: <|python_start|>2+3 (the model has to close it)."""
+    tok = tiny_tokenizer
+    return (tok.encode("Let me compute.", prepend="<|bos|>") + [tok.encode_special("<|python_start|>")]
+            + tok.encode("2+3"))
+
+
+@pytest.fixture(scope="module")
+def tool_model(model, tiny_tokenizer, tool_prompt):
+    """The tiny model with two rows of its output layer swapped, so that greedy decoding of `tool_prompt` closes the
+    call right away: <|python_end|> takes the place of the token the model would have written first."""
+    python_end = tiny_tokenizer.encode_special("<|python_end|>")
     with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    return ids
+        first = int(model(torch.tensor([tool_prompt]))[0, -1].argmax())
+    swapped = copy.deepcopy(model)
+    with torch.no_grad():
+        w = swapped.lm_head.weight
+        w[[first, python_end]] = w[[python_end, first]]
+    return swapped
 
 
-PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time"]
+@pytest.fixture(scope="module")
+def stopping_model(model, tiny_tokenizer):
+    """The tiny model with a strong, context-dependent <|assistant_end|>, so samples stop at different steps."""
+    end = tiny_tokenizer.encode_special("<|assistant_end|>")
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.lm_head.weight[end] = torch.randn(m.lm_head.weight.size(1), generator=torch.Generator().manual_seed(3)) * 0.4
+    return m
 
+
+@torch.no_grad()
+def oracle(model, tok, prompt, num_samples, max_tokens, temperature=0.0, top_k=None, seed=0, use_tools=True):
+    """What the engine must produce, computed the slow way: a full forward pass over each whole sequence per token,
+    an independent tool state machine, and the engine's RNG protocol (one uniform per sample per step)."""
+    s = tok.encode_special
+    stops = {s("<|assistant_end|>"), tok.get_bos_token_id()}
+    generator = torch.Generator().manual_seed(seed)
+    results = []
+    uniforms = [torch.rand(num_samples, generator=generator) for _ in range(max_tokens)]
+    for i in range(num_samples):
+        ids, masks, forced = list(prompt), [0] * len(prompt), []
+        starts = [j for j, t in enumerate(prompt) if t == s("<|python_start|>")]
+        code = prompt[starts[-1] + 1:] if use_tools and starts and s("<|python_end|>") not in prompt[starts[-1]:] \
+            else None
+        for step in range(max_tokens):
+            if forced:
+                token, mask = forced.pop(0), 0
+            else:
+                logits = model(torch.tensor([ids]))[:, -1]
+                token = int(sample_tokens(logits, torch.tensor([float(temperature)]), torch.tensor([top_k or 0]),
+                                          torch.tensor([1.0]), uniforms[step][i:i + 1])[0])
+                mask = 1
+            ids.append(token)
+            masks.append(mask)
+            if mask == 0:
+                continue
+            if token in stops:
+                break
+            if not use_tools:
+                continue
+            if token == s("<|python_start|>"):
+                code = []
+            elif token == s("<|python_end|>") and code is not None:
+                forced = [s("<|output_start|>"), *tok.encode(run_tool(tok.decode(code))), s("<|output_end|>")]
+                code = None
+            elif code is not None:
+                code.append(token)
+        results.append((ids, masks))
+    return results
+
+
+def encode(tok, text):
+    return tok.encode(text, prepend="<|bos|>")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Engine.generate
 
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_greedy_engine_equals_full_forward_passes(model, tiny_tokenizer, num_samples):
     engine = Engine(model, tiny_tokenizer, use_tools=False)
     for text in PROMPTS:
-        prompt = tiny_tokenizer.encode(text, prepend="<|bos|>")
+        prompt = encode(tiny_tokenizer, text)
         results, masks = engine.generate_batch(prompt, num_samples, max_tokens=12, temperature=0.0)
-        expected = greedy_reference(model, prompt, 12)
-        for r, m in zip(results, masks):
-            stop = len(r)
-            assert r == expected[:stop]
-            assert m[len(prompt):] == [1] * (stop - len(prompt))
+        expected = oracle(model, tiny_tokenizer, prompt, 1, 12, use_tools=False)[0]
+        assert results == [expected[0]] * num_samples
+        assert masks == [expected[1]] * num_samples
 
 
-def test_tool_call_output_is_forced_and_masked(model, tiny_tokenizer):
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_greedy_engine_with_a_tool_call_equals_full_forward_passes(tool_model, tiny_tokenizer, tool_prompt,
+                                                                   num_samples):
     tok = tiny_tokenizer
-    engine = Engine(model, tok)
-    prompt = tok.encode("Compute:", prepend="<|bos|>") + [tok.encode_special("<|python_start|>")] + tok.encode("6*7")
-    prompt += [tok.encode_special("<|python_end|>")]
-    # the prompt's last token closes a call opened in the prompt: generation starts with its forced output
-    engine_prompt = prompt[:-1]
-    results, masks = engine.generate_batch(engine_prompt, 1, max_tokens=10, temperature=0.0)
-    out, mask = results[0][len(engine_prompt):], masks[0][len(engine_prompt):]
-    # the model must first produce <|python_end|> itself for the call to run; force the situation by checking the
-    # state machine directly on the real tokens
-    from nanochat.engine import ToolStateMachine
+    engine = Engine(tool_model, tok)
+    results, masks = engine.generate_batch(tool_prompt, num_samples, max_tokens=14, temperature=0.0)
+    expected = oracle(tool_model, tok, tool_prompt, 1, 14)[0]
+    assert results == [expected[0]] * num_samples and masks == [expected[1]] * num_samples
+    new, new_masks = results[0][len(tool_prompt):], masks[0][len(tool_prompt):]
+    assert new[:2] == [tok.encode_special("<|python_end|>"), tok.encode_special("<|output_start|>")]
+    end = new.index(tok.encode_special("<|output_end|>"))
+    assert tok.decode(new[2:end]) == "5"  # the sandbox ran 2+3
+    assert new_masks[0] == 1 and new_masks[1:end + 1] == [0] * end  # forced tokens are masked out
+    assert len(new) > end + 1  # and the model carried on after the tool's output
+
+
+def test_prompts_without_a_tool_call_are_unaffected_by_tools(tool_model, tiny_tokenizer):
+    engine = Engine(tool_model, tiny_tokenizer)
+    for text in PROMPTS[:2]:
+        prompt = encode(tiny_tokenizer, text)
+        results, masks = engine.generate_batch(prompt, 2, max_tokens=10, temperature=0.0)
+        assert (results[0], masks[0]) == oracle(tool_model, tiny_tokenizer, prompt, 1, 10)[0]
+
+
+def test_sampled_samples_equal_the_oracle_even_when_some_stop_early(stopping_model, tiny_tokenizer):
+    """Finished samples leave the batch; the others must be unaffected (same tokens as full forward passes)."""
+    prompt = encode(tiny_tokenizer, "Hello there")
+    engine = Engine(stopping_model, tiny_tokenizer, use_tools=False)
+    results, masks = engine.generate_batch(prompt, 5, max_tokens=20, temperature=1.0, top_k=50, seed=11)
+    expected = oracle(stopping_model, tiny_tokenizer, prompt, 5, 20, temperature=1.0, top_k=50, seed=11,
+                      use_tools=False)
+    assert list(zip(results, masks)) == expected
+    lengths = {len(r) for r in results}
+    assert min(lengths) < len(prompt) + 20 and len(lengths) > 1  # the premise: samples did stop at different steps
+
+
+def test_finished_samples_are_padded_with_mask_zero(stopping_model, tiny_tokenizer):
+    prompt = encode(tiny_tokenizer, "Hello there")
+    engine = Engine(stopping_model, tiny_tokenizer, use_tools=False)
+    end = tiny_tokenizer.encode_special("<|assistant_end|>")
+    columns = list(engine.generate(prompt, 5, max_tokens=20, temperature=1.0, top_k=50, seed=11))
+    for row in range(5):
+        tokens = [c[0][row] for c in columns]
+        masks = [c[1][row] for c in columns]
+        if end in tokens:
+            stop = tokens.index(end)
+            assert set(tokens[stop:]) == {end} and set(masks[stop + 1:]) <= {0}
+
+
+def test_top_k_zero_and_none_mean_no_top_k(model, tiny_tokenizer):
+    """Regression: the reference crashed on top_k=0."""
+    logits = torch.randn(4, 50)
+    for k in (0, None):
+        assert sample_next(logits, 1.0, k, torch.Generator().manual_seed(0)).shape == (4,)
+    engine = Engine(model, tiny_tokenizer, use_tools=False)
+    prompt = encode(tiny_tokenizer, "Hello")
+    a = engine.generate_batch(prompt, 2, max_tokens=5, temperature=1.0, top_k=0, seed=3)
+    b = engine.generate_batch(prompt, 2, max_tokens=5, temperature=1.0, top_k=None, seed=3)
+    assert a == b and all(len(r) > len(prompt) for r in a[0])
+
+
+def test_samples_do_not_all_share_the_first_token(model, tiny_tokenizer):
+    """Regression: the reference sampled the first token once and gave it to every sample."""
+    engine = Engine(model, tiny_tokenizer, use_tools=False)
+    prompt = encode(tiny_tokenizer, "Hello")
+    results, _ = engine.generate_batch(prompt, 8, max_tokens=3, temperature=1.0, top_k=None, seed=1)
+    assert len({r[len(prompt)] for r in results}) > 1
+
+
+def test_sampling_is_reproducible_for_a_seed_and_varies_across_seeds(model, tiny_tokenizer):
+    engine = Engine(model, tiny_tokenizer, use_tools=False)
+    prompt = encode(tiny_tokenizer, "Hello")
+    run = lambda seed: engine.generate_batch(prompt, 2, max_tokens=8, temperature=1.0, top_k=20, seed=seed)  # noqa
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_cancel_stops_generation(model, tiny_tokenizer):
+    engine = Engine(model, tiny_tokenizer, use_tools=False)
+    steps = []
+    for column, _ in engine.generate(encode(tiny_tokenizer, "Hi"), 2, max_tokens=50, temperature=1.0,
+                                     cancel=lambda: len(steps) >= 3):
+        steps.append(column)
+    assert len(steps) == 3
+
+
+def test_generation_stops_at_the_context(model, tiny_tokenizer):
+    engine = Engine(model, tiny_tokenizer, use_tools=False)
+    prompt = [tiny_tokenizer.get_bos_token_id()] + [5] * (engine.max_context - 4)
+    assert len(list(engine.generate(prompt, 1, max_tokens=100, temperature=1.0))) <= 3
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling rules (deterministic: a grid of uniforms stands in for random draws)
+
+def grid(n: int) -> torch.Tensor:
+    return (torch.arange(n) + 0.5) / n
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(1000, -1)
+    ones = torch.ones(1000)
+    tokens = sample_tokens(logits, ones, torch.zeros(1000, dtype=torch.long), ones, grid(1000))
+    assert torch.bincount(tokens, minlength=4).tolist() == [500, 300, 150, 50]
+
+
+def test_top_k_and_top_p_limit_the_candidates():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(1000, -1)
+    ones = torch.ones(1000)
+    top2 = sample_tokens(logits, ones, torch.full((1000,), 2), ones, grid(1000))
+    assert set(top2.tolist()) == {0, 1}
+    nucleus = sample_tokens(logits, ones, torch.zeros(1000, dtype=torch.long), torch.full((1000,), 0.7), grid(1000))
+    assert set(nucleus.tolist()) == {0, 1}  # 0.5 < 0.7, so the token that crosses 0.7 stays in
+    assert set(sample_tokens(logits, ones, torch.zeros(1000, dtype=torch.long), torch.zeros(1000),
+                             grid(1000)).tolist()) == {0}  # top_p = 0: only the most likely token
+
+
+def test_each_row_uses_its_own_settings():
+    logits = torch.tensor([[0.0, 1.0, 0.5], [0.0, 1.0, 0.5], [2.0, 1.0, 0.0]])
+    tokens = sample_tokens(logits, torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0, 1, 0]), torch.ones(3),
+                           torch.tensor([0.99, 0.99, 0.999]))
+    assert tokens.tolist() == [1, 1, 2]  # greedy; top-1; the last token of the CDF
+
+
+def test_a_rows_token_does_not_depend_on_its_neighbours():
+    torch.manual_seed(0)
+    logits, uniform = torch.randn(6, 100), torch.rand(6)
+    t, k, p = torch.tensor([1.0, 0.0, 0.7, 1.3, 1.0, 2.0]), torch.tensor([0, 5, 50, 0, 1, 10]), torch.tensor(
+        [1.0, 1.0, 0.9, 0.5, 1.0, 1.0])
+    together = sample_tokens(logits, t, k, p, uniform)
+    alone = [int(sample_tokens(logits[i:i + 1], t[i:i + 1], k[i:i + 1], p[i:i + 1], uniform[i:i + 1])[0])
+             for i in range(6)]
+    assert together.tolist() == alone
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tools
+
+def test_tool_state_machine_forces_the_output_of_a_closed_call(tiny_tokenizer):
+    tok = tiny_tokenizer
     machine = ToolStateMachine(tok)
-    state = machine.initial_state(engine_prompt)
+    state = machine.initial_state(encode(tok, "x") + [tok.encode_special("<|python_start|>")] + tok.encode("6*7"))
     machine.advance(state, tok.encode_special("<|python_end|>"), 1)
+    assert state.tool_call == "6*7"
+    machine.run_tool_call(state)
     forced = list(state.forced)
     assert forced[0] == tok.encode_special("<|output_start|>") and forced[-1] == tok.encode_special("<|output_end|>")
-    assert tok.decode(forced[1:-1]) == "42"
-    assert len(out) == len(mask)
-
-
-def test_engine_with_tools_matches_reference_including_forced_tokens(model, tiny_tokenizer):
-    """Greedy decoding with a tool call in the loop equals full forward passes over the same forced tokens."""
-    tok = tiny_tokenizer
-    engine = Engine(model, tok)
-    python_end = tok.encode_special("<|python_end|>")
-    # make the model emit <|python_end|> right away by biasing the LM head, so the tool runs during generation
-    biased = make_tiny_model(tok.get_vocab_size(), sequence_len=256).eval()
-    with torch.no_grad():
-        biased.lm_head.weight[python_end] = biased.lm_head.weight[python_end] + 50.0 * torch.ones(64)
-    engine = Engine(biased, tok)
-    prompt = tok.encode("x", prepend="<|bos|>") + [tok.encode_special("<|python_start|>")] + tok.encode("2+3")
-    results, masks = engine.generate_batch(prompt, 1, max_tokens=8, temperature=0.0)
-    new, new_masks = results[0][len(prompt):], masks[0][len(prompt):]
-    assert new[0] == python_end and new_masks[0] == 1
-    assert new[1] == tok.encode_special("<|output_start|>") and new_masks[1] == 0
-    end = new.index(tok.encode_special("<|output_end|>"))
-    assert tok.decode(new[2:end]) == "5" and set(new_masks[1:end + 1]) == {0}
-    # after the forced tokens, the model continues from the full context: compare with a full forward pass
-    context = results[0][:len(prompt) + end + 1]
-    with torch.no_grad():
-        expected = int(biased(torch.tensor([context]))[0, -1].argmax())
-    if len(new) > end + 1:
-        assert new[end + 1] == expected
+    assert tok.decode(forced[1:-1]) == "42" and state.tool_call is None
 
 
 def test_tool_program_prints_expression_values():
     assert "print" in tool_program("48/2") and tool_program("x = 1") == "x = 1"
+    assert run_tool("48/2") == "24" and run_tool("1/0").startswith("Error")
 
 
-def test_top_k_zero_and_none_mean_no_top_k():
-    logits = torch.randn(4, 50)
-    g = torch.Generator().manual_seed(0)
-    for k in (0, None):
-        assert sample_next(logits, 1.0, k, g).shape == (4,)
-
-
-def test_samples_do_not_all_share_the_first_token(model, tiny_tokenizer):
-    engine = Engine(model, tiny_tokenizer, use_tools=False)
-    prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
-    results, _ = engine.generate_batch(prompt, 8, max_tokens=3, temperature=2.0, top_k=None, seed=1)
-    assert len({r[len(prompt)] for r in results}) > 1
-
-
-def test_sampling_is_reproducible_for_a_seed(model, tiny_tokenizer):
-    engine = Engine(model, tiny_tokenizer, use_tools=False)
-    prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
-    a = engine.generate_batch(prompt, 2, max_tokens=6, temperature=1.0, top_k=20, seed=7)
-    b = engine.generate_batch(prompt, 2, max_tokens=6, temperature=1.0, top_k=20, seed=7)
-    assert a == b
-
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming text
 
 def test_text_stream_never_splits_a_utf8_character(tiny_tokenizer):
-    text = "naïve 🙂 東京 ok"
+    text = "naïve 🙂 東京 ok 🚀"
+    tokens = tiny_tokenizer.encode(text)
+    assert any("\ufffd" in tiny_tokenizer.decode([t]) for t in tokens)  # the premise: some tokens are partial bytes
     stream = TextStream(tiny_tokenizer)
-    deltas = [stream.push(t) for t in tiny_tokenizer.encode(text)]
-    assert "".join(deltas) == text
+    deltas = [stream.push(t) for t in tokens]
+    assert "".join(deltas) + stream.flush() == text
     assert all("\ufffd" not in d for d in deltas)
 
 
-def test_continuous_batching_serves_staggered_requests_like_solo_runs(model, tiny_tokenizer):
-    scheduler = BatchScheduler(model, tiny_tokenizer, slots=2, use_tools=False)
-    try:
-        prompts = [tiny_tokenizer.encode(t, prepend="<|bos|>") for t in PROMPTS + ["A", "Zebra crossing"]]
-        requests = [scheduler.submit(Request(tokens=p, max_tokens=10 + 2 * i, temperature=0.0))
-                    for i, p in enumerate(prompts)]
-        outputs = [[t for t, _ in r.stream(timeout=120)] for r in requests]
-        for p, out, r in zip(prompts, outputs, requests):
-            expected = greedy_reference(model, p, len(out))[len(p):]
-            assert out == expected
-        status = scheduler.status()
-        assert status["completed"] == 5 and status["free_slots"] == 2 and status["active"] == 0
-    finally:
-        scheduler.shutdown()
+def test_text_stream_holds_invalid_bytes_until_text_resumes(tiny_tokenizer):
+    tok = tiny_tokenizer
+    lone = next(t for t in range(256) if tok.decode([t]) == "\ufffd")  # a lone byte that is not UTF-8
+    tokens = [lone] * 3 + tok.encode("ok") + [lone]
+    stream = TextStream(tok)
+    deltas = [stream.push(t) for t in tokens]
+    assert deltas[:3] == ["", "", ""] and deltas[-1] == ""
+    assert "".join(deltas) + stream.flush() == tok.decode(tokens)
 
 
-def test_cancelled_request_frees_its_slot(model, tiny_tokenizer):
+# ---------------------------------------------------------------------------------------------------------------------
+# Continuous batching
+
+@pytest.fixture
+def scheduler_factory():
+    made = []
+
+    def make(*args, **kwargs):
+        made.append(BatchScheduler(*args, **kwargs))
+        return made[-1]
+    yield make
+    for s in made:
+        s.shutdown()
+
+
+def collect(request, timeout=120):
+    tokens, masks = [], []
+    for t, m in request.stream(timeout=timeout):
+        tokens.append(t)
+        masks.append(m)
+    return tokens, masks
+
+
+def test_staggered_requests_give_the_same_outputs_as_solo_runs(model, tiny_tokenizer, scheduler_factory):
+    """Requests join while others are mid-generation, with different lengths and sampling settings; each one's
+    tokens equal its own oracle (full forward passes, its own RNG stream)."""
+    tok = tiny_tokenizer
+    scheduler = scheduler_factory(model, tok, slots=2, use_tools=False, prefill_chunk=5)  # prompts span chunks
+    settings = [dict(temperature=0.0), dict(temperature=1.0, top_k=50, seed=1), dict(temperature=0.7, top_k=0, seed=2),
+                dict(temperature=1.0, top_k=5, seed=3), dict(temperature=0.0)]
+    prompts = [encode(tok, t) for t in PROMPTS + ["Zebra crossing"]]
+    requests, outputs = [], {}
+    for i, (prompt, kw) in enumerate(zip(prompts, settings)):
+        requests.append(scheduler.submit(Request(tokens=prompt, max_tokens=8 + 3 * i, **kw)))
+        if i >= 1:  # wait for a token of the previous request, so this one arrives mid-generation
+            outputs[i - 1] = [next(requests[i - 1].stream(timeout=60))]
+    for i, r in enumerate(requests):
+        outputs[i] = outputs.get(i, []) + list(r.stream(timeout=120))
+    for i, (prompt, kw) in enumerate(zip(prompts, settings)):
+        ids, masks = oracle(model, tok, prompt, 1, 8 + 3 * i, temperature=kw["temperature"], top_k=kw.get("top_k"),
+                            seed=kw.get("seed", 0), use_tools=False)[0]
+        assert [t for t, _ in outputs[i]] == ids[len(prompt):], f"request {i}"
+    status = scheduler.status()
+    assert status["completed"] == 5 and status["active"] == 0 and status["free_slots"] == 2
+
+
+def test_a_freed_slot_is_reused_by_a_waiting_request(model, tiny_tokenizer, scheduler_factory):
+    scheduler = scheduler_factory(model, tiny_tokenizer, slots=1, use_tools=False)
+    prompt = encode(tiny_tokenizer, "Hello")
+    requests = [scheduler.submit(Request(tokens=prompt, max_tokens=4, temperature=0.0)) for _ in range(3)]
+    outputs = [collect(r)[0] for r in requests]
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == 4
+    assert all(r.finish_reason == "length" for r in requests)
+    assert scheduler.status()["completed"] == 3 and scheduler.status()["free_slots"] == 1
+
+
+def test_a_tool_call_inside_the_scheduler_matches_the_oracle(tool_model, tiny_tokenizer, tool_prompt,
+                                                             scheduler_factory):
+    tok = tiny_tokenizer
+    scheduler = scheduler_factory(tool_model, tok, slots=2)
+    other = encode(tok, "Once upon a time")
+    with_tool = scheduler.submit(Request(tokens=tool_prompt, max_tokens=14, temperature=0.0))
+    without = scheduler.submit(Request(tokens=other, max_tokens=14, temperature=0.0))
+    expected = oracle(tool_model, tok, tool_prompt, 1, 14)[0]
+    assert collect(with_tool) == (expected[0][len(tool_prompt):], expected[1][len(tool_prompt):])
+    assert collect(without)[0] == oracle(tool_model, tok, other, 1, 14)[0][0][len(other):]
+    assert scheduler.status()["tool_calls"] >= 1
+
+
+def test_cancelling_frees_the_slot_and_skips_waiting_requests(model, tiny_tokenizer, scheduler_factory):
+    scheduler = scheduler_factory(model, tiny_tokenizer, slots=1, use_tools=False)
+    prompt = encode(tiny_tokenizer, "Hello")
+    running = scheduler.submit(Request(tokens=prompt, max_tokens=200, temperature=1.0))
+    waiting = scheduler.submit(Request(tokens=prompt, max_tokens=200, temperature=1.0))
+    assert next(running.stream(timeout=60))
+    waiting.cancel()
+    running.cancel()
+    assert collect(running) and running.finish_reason == "cancelled"
+    assert collect(waiting) == ([], []) and waiting.finish_reason == "cancelled"
+    short = scheduler.submit(Request(tokens=prompt, max_tokens=3, temperature=0.0))
+    assert len(collect(short)[0]) == 3
+    status = scheduler.status()
+    assert status["cancelled"] == 2 and status["completed"] == 1 and status["free_slots"] == 1
+
+
+def test_an_error_in_one_request_fails_only_that_request(model, tiny_tokenizer, scheduler_factory):
+    scheduler = scheduler_factory(model, tiny_tokenizer, slots=2, use_tools=False)
+    forward = scheduler.engine.forward_last
+    poison = 7
+
+    def flaky(x, cache, slots):
+        if x.size(1) > 1 and int(x[0, 1]) == poison:
+            raise RuntimeError("boom")
+        return forward(x, cache, slots)
+    scheduler.engine.forward_last = flaky
+    good = scheduler.submit(Request(tokens=encode(tiny_tokenizer, "Hello"), max_tokens=6, temperature=0.0))
+    bad = scheduler.submit(Request(tokens=[tiny_tokenizer.get_bos_token_id(), poison, 8], max_tokens=6))
+    assert collect(bad) == ([], []) and bad.finish_reason == "error: RuntimeError: boom"
+    assert len(collect(good)[0]) == 6 and good.finish_reason == "length"
+    after = scheduler.submit(Request(tokens=encode(tiny_tokenizer, "Again"), max_tokens=2, temperature=0.0))
+    assert len(collect(after)[0]) == 2
+
+
+def test_prompt_longer_than_the_context_is_refused(model, tiny_tokenizer, scheduler_factory):
+    scheduler = scheduler_factory(model, tiny_tokenizer, slots=1)
+    with pytest.raises(PromptTooLong, match="new conversation"):
+        scheduler.submit(Request(tokens=[1] * 300, max_tokens=5))
+    with pytest.raises(ValueError, match="vocabulary"):
+        scheduler.submit(Request(tokens=[10 ** 6], max_tokens=5))
+
+
+def test_shutdown_ends_every_open_request(model, tiny_tokenizer):
     scheduler = BatchScheduler(model, tiny_tokenizer, slots=1, use_tools=False)
-    try:
-        prompt = tiny_tokenizer.encode("Hello", prepend="<|bos|>")
-        long = scheduler.submit(Request(tokens=prompt, max_tokens=200, temperature=1.0))
-        first = next(long.stream(timeout=60))
-        long.cancel()
-        list(long.stream(timeout=60))
-        assert long.finish_reason == "cancelled" and first
-        short = scheduler.submit(Request(tokens=prompt, max_tokens=3, temperature=0.0))
-        assert len(list(short.stream(timeout=60))) == 3
-        assert scheduler.status()["cancelled"] == 1
-    finally:
-        scheduler.shutdown()
-
-
-def test_prompt_longer_than_the_context_is_refused(model, tiny_tokenizer):
-    scheduler = BatchScheduler(model, tiny_tokenizer, slots=1)
-    try:
-        with pytest.raises(ValueError, match="new conversation"):
-            scheduler.submit(Request(tokens=[1] * 300, max_tokens=5))
-    finally:
-        scheduler.shutdown()
-
+    prompt = encode(tiny_tokenizer, "Hello")
+    requests = [scheduler.submit(Request(tokens=prompt, max_tokens=10_000, temperature=1.0, events=queue.Queue()))
+                for _ in range(2)]
+    next(requests[0].stream(timeout=60))
+    scheduler.shutdown()
+    for r in requests:
+        collect(r, timeout=30)
+        assert r.finish_reason in ("shutdown", "length")
+    assert not scheduler.thread.is_alive()

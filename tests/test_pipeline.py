@@ -21,6 +21,7 @@ def test_cpu_pipeline_runs_every_stage(mirror, tmp_path):
         "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
         "DEPTH": "2", "SEQ_LEN": "128", "VOCAB": "2048", "TOK_CHARS": "3000000", "BASE_STEPS": "30",
         "DEVICE_BATCH": "8", "SFT_STEPS": "10", "RL_STEPS": "2", "MAX_PER_TASK": "4", "CHAT_PROBLEMS": "4",
+        "MAX_NEW_TOKENS": "16", "DATA_SHARDS": "2",
         "BASE_EVAL_EVERY": "15", "SAVE_EVERY": "15",
     })
     proc = subprocess.run(["bash", "runs/cpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)

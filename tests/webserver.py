@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import asdict
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -14,25 +16,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def save_long_talking_model(base_dir: Path, tokenizer, phase: str = "sft", sequence_len: int = 8192):
+    """A tiny chat model (tag d2) with a long context whose stop tokens get logit 0 while about half of the others
+    are above it, so top-k sampling practically never stops: replies run until max_tokens (long enough to be stopped
+    or disconnected from). Saved with the tokenizer under base_dir."""
+    import torch
+    from conftest import make_tiny_model
+    from nanochat.checkpoint import PHASE_DIRS, save_checkpoint
+    tokenizer.save(base_dir / "tokenizer")
+    model = make_tiny_model(tokenizer.get_vocab_size(), sequence_len=sequence_len)
+    with torch.no_grad():
+        for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>"):
+            model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
+    meta = {"model_config": asdict(model.config), "model_tag": "d2", "args": {"model_tag": "d2"}, "curves": {}}
+    save_checkpoint(base_dir / PHASE_DIRS[phase] / "d2", 1, model, meta)
+    return model
+
+
 class ChatServer:
     def __init__(self, base_dir, *args):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
-        self.proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1",
-                                      "--port", str(self.port), *args], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.log_path = Path(base_dir) / f"chat_web-{self.port}.log"
+        env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+        with open(self.log_path, "w") as log:  # a file, not a pipe nobody reads, which could fill up and block
+            self.proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1",
+                                          "--port", str(self.port), "--device-type", "cpu", *args], env=env,
+                                         stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("chat_web exited: " + self.proc.stdout.read())
+                raise RuntimeError("chat_web exited: " + self.log())
             try:
                 urllib.request.urlopen(self.url + "/health", timeout=1)
                 return
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError("chat_web did not start")
+        raise RuntimeError("chat_web did not start: " + self.log())
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-3000:]
 
     def stop(self):
         self.proc.terminate()
@@ -40,3 +64,4 @@ class ChatServer:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
