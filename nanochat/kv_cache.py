@@ -18,6 +18,7 @@ class KVCache:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
+        self.read_length = 0
 
     def reset(self, slots: list[int] | torch.Tensor | None = None) -> None:
         """Forget what the given slots (default: all) hold; the memory is reused, not freed."""
@@ -36,26 +37,44 @@ class KVCache:
         self.v[:, dst, :, :n] = self.v[:, src:src + 1, :, :n]
         self.pos[dst] = n
 
-    def resolve_slots(self, slots: torch.Tensor | list[int] | None, batch: int) -> torch.Tensor:
+    def resolve_slots(self, slots: torch.Tensor | list[int] | None, batch: int) -> slice | torch.Tensor:
+        """The cache rows of a batch: a slice when they are consecutive (the engine keeps its live rows first), so
+        reads are views instead of gathered copies; otherwise an index tensor."""
         if slots is None:
-            return torch.arange(batch, device=self.pos.device)
-        return torch.as_tensor(slots, dtype=torch.long, device=self.pos.device)
+            return slice(0, batch)
+        if isinstance(slots, torch.Tensor):
+            return slots.to(device=self.pos.device, dtype=torch.long)
+        slots = list(slots)
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        return torch.tensor(slots, dtype=torch.long, device=self.pos.device)
 
-    def positions(self, slots: torch.Tensor, t: int) -> torch.Tensor:
-        """Absolute positions (B, t) of t new tokens appended to each slot; raises when a slot would overflow."""
+    def positions(self, slots: slice | torch.Tensor, t: int) -> torch.Tensor:
+        """Absolute positions (B, t) of t new tokens appended to each slot; raises when a slot would overflow.
+        Also fixes how far this forward pass reads the cache (`read_length`), once rather than per layer."""
         start = self.pos[slots]
-        if int(start.max()) + t > self.max_seq_len:
-            raise ValueError(f"KV cache overflow: {int(start.max())} + {t} tokens > max_seq_len {self.max_seq_len}")
+        end = int(start.max()) + t
+        if end > self.max_seq_len:
+            raise ValueError(f"KV cache overflow: {end - t} + {t} tokens > max_seq_len {self.max_seq_len}")
+        self.read_length = end
         return start[:, None] + torch.arange(t, device=start.device)[None, :]
 
-    def write_and_read(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
+    def write_and_read(self, layer: int, slots: slice | torch.Tensor, positions: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, t, H_kv, D) at their positions; return each slot's keys/values (B, H_kv, L, D), L = max end."""
+        """Store k, v (B, t, H_kv, D) at their positions; return each slot's keys/values (B, H_kv, L, D) up to the
+        longest slot's end (positions past a slot's own end are masked by attention)."""
         kc, vc = self.k[layer], self.v[layer]
-        kc[slots[:, None], :, positions] = k.to(kc.dtype)
-        vc[slots[:, None], :, positions] = v.to(vc.dtype)
-        length = int(positions[:, -1].max()) + 1
-        return kc[:, :, :length].index_select(0, slots), vc[:, :, :length].index_select(0, slots)
+        if isinstance(slots, slice):
+            kc, vc = kc[slots], vc[slots]
+            rows = torch.arange(kc.size(0), device=kc.device)[:, None]
+        else:
+            rows = slots[:, None]
+        kc[rows, :, positions] = k.to(kc.dtype)
+        vc[rows, :, positions] = v.to(vc.dtype)
+        L = self.read_length
+        if isinstance(slots, slice):
+            return kc[:, :, :L], vc[:, :, :L]
+        return kc[:, :, :L].index_select(0, slots), vc[:, :, :L].index_select(0, slots)
 
     def advance(self, slots: torch.Tensor, t: int) -> None:
         self.pos[slots] += t

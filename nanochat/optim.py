@@ -1,8 +1,10 @@
 """One optimizer for the whole model: Muon for the 2-D matrices of the blocks, AdamW for everything else.
 
-Muon: Nesterov momentum, then the update is orthogonalised with 5 "Polar Express" quintic iterations (an
-approximation of U·Vᵀ from the SVD), scaled by √max(1, rows/cols), with cautious decoupled weight decay (only where
-the update and the weight agree in sign). AdamW keeps its maths in fp32 with eps 1e-10.
+Muon: Nesterov momentum; the rows of the update are brought to equal norms, then it is orthogonalised with 5
+"Polar Express" quintic iterations (an approximation of U·Vᵀ from the SVD) and rescaled to ‖·‖_F = √min(rows, cols);
+a per-neuron second-moment normalisation (β2 0.9, Frobenius norm kept) evens out how much each neuron moves; the
+step is scaled by √max(1, rows/cols), with cautious decoupled weight decay (only where the update and the weight
+agree in sign). AdamW keeps its maths in fp32 with eps 1e-10.
 
 Under torchrun the optimizer averages the gradients itself (no DDP wrapper) and splits the orthogonalisation across
 ranks: each rank orthogonalises every world_size-th matrix and broadcasts the result, so all ranks apply the same
@@ -21,9 +23,12 @@ POLAR_EXPRESS = [
 ]
 
 
-def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Push the singular values of g (rows, cols) towards 1 with 5 quintic iterations; returns g's dtype."""
+def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.float32, equalize_rows: bool = True) -> torch.Tensor:
+    """Push the singular values of g (rows, cols) towards 1 with 5 quintic iterations; returns g's dtype with
+    ‖·‖_F = √min(rows, cols), the norm of an exactly orthogonal matrix of that shape."""
     x = g.to(dtype)
+    if equalize_rows:  # every output neuron's row counts equally, whatever the scale of its gradient
+        x = x / (x.norm(dim=1, keepdim=True) + 1e-7)
     transposed = x.size(0) > x.size(1)
     if transposed:  # iterate on the wide orientation: X Xᵀ is then the smaller Gram matrix
         x = x.mT
@@ -33,7 +38,26 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
         x = a * x + (b * gram + c * gram @ gram) @ x
     if transposed:
         x = x.mT
+    x = x * (min(x.shape) ** 0.5 / (x.float().norm() + 1e-7)).to(x.dtype)
     return x.to(g.dtype)
+
+
+def normalize_neurons(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """Per-neuron second-moment normalisation of an orthogonalised update, keeping its Frobenius norm.
+
+    A neuron is a row of a tall (or square) matrix and a column of a wide one; `second_moment` ((rows, 1) or
+    (1, cols), fp32) is the running mean of that neuron's squared update, updated in place.
+    """
+    dim = 1 if update.size(0) >= update.size(1) else 0
+    u = update.float()
+    second_moment.lerp_(u.square().mean(dim=dim, keepdim=True), 1 - beta2)
+    scaled = u * second_moment.clamp_min(1e-10).rsqrt()
+    scaled = scaled * (u.norm() / scaled.norm().clamp_min(1e-10))
+    return scaled.to(update.dtype)
+
+
+def neuron_stat_shape(p: torch.Tensor) -> tuple[int, int]:
+    return (p.size(0), 1) if p.size(0) >= p.size(1) else (1, p.size(1))
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -42,7 +66,8 @@ class MuonAdamW(torch.optim.Optimizer):
     The training loop schedules `lr`, `momentum` and `weight_decay` by writing them into param_groups each step.
     """
 
-    def __init__(self, param_groups: list[dict], eps: float = 1e-10, ns_dtype: torch.dtype | None = None):
+    def __init__(self, param_groups: list[dict], eps: float = 1e-10, ns_dtype: torch.dtype | None = None,
+                 equalize_rows: bool = True, neuron_beta2: float | None = 0.9):
         for g in param_groups:
             if g.get("kind") not in ("muon", "adamw"):
                 raise ValueError(f"param group {g.get('name')} needs kind 'muon' or 'adamw'")
@@ -50,6 +75,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise ValueError("Muon only takes 2-D matrices")
         super().__init__(param_groups, dict(eps=eps))
         self.ns_dtype = ns_dtype
+        self.equalize_rows, self.neuron_beta2 = equalize_rows, neuron_beta2  # neuron_beta2 None: no normalisation
 
     def _ns_dtype(self, p: torch.Tensor) -> torch.dtype:
         if self.ns_dtype is not None:
@@ -74,6 +100,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 update = updates[id(p)]
+                if self.neuron_beta2 is not None:  # on every rank, after the broadcast: the state stays identical
+                    state = self.state[p]
+                    if "second_moment" not in state:
+                        state["second_moment"] = torch.zeros(neuron_stat_shape(p), device=p.device)
+                    update = normalize_neurons(update, state["second_moment"], self.neuron_beta2)
                 if wd:
                     cautious = (update * p) > 0  # decay only where the update already shrinks the weight
                     p.sub_(p * cautious, alpha=lr * wd)
@@ -106,7 +137,7 @@ class MuonAdamW(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - momentum)
             nesterov = p.grad.lerp(buf, momentum)
             if i % world == rank:
-                updates[id(p)] = orthogonalize(nesterov, self._ns_dtype(p))
+                updates[id(p)] = orthogonalize(nesterov, self._ns_dtype(p), self.equalize_rows)
             else:
                 updates[id(p)] = torch.empty_like(p)
         if distributed:

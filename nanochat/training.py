@@ -25,7 +25,8 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-    """One line per step: step/total, loss, lr multiplier, tokens/s, MFU, elapsed and ETA (excluding eval time)."""
+    """One line per step: step/total, loss, lr multiplier, tokens/s, MFU, elapsed and ETA (excluding eval time; the
+    ETA leaves out the session's first step, which includes compilation)."""
 
     def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float, peak_flops: float,
                  start_step: int = 0):
@@ -33,6 +34,7 @@ class Progress:
         self.flops_per_token, self.peak = flops_per_token, peak_flops
         self.start_step = start_step
         self.train_time = 0.0
+        self.steady_time, self.steady_steps = 0.0, 0  # this session's steps after its first (compile, warm-up)
         self.ema, self.ema_steps = 0.0, 0
 
     def smoothed(self, loss: float) -> float:
@@ -44,8 +46,11 @@ class Progress:
         self.train_time += dt
         tok_s = self.tokens_per_step / max(dt, 1e-9)
         mfu = 100 * self.flops_per_token * tok_s / self.peak
-        done = step + 1 - self.start_step
-        eta = self.train_time / max(done, 1) * (self.total - step - 1)
+        if step > self.start_step:
+            self.steady_time += dt
+            self.steady_steps += 1
+        per_step = self.steady_time / self.steady_steps if self.steady_steps else dt
+        eta = per_step * (self.total - step - 1)
         return (f"step {step + 1:05d}/{self.total:05d} ({100 * (step + 1) / self.total:5.1f}%) | loss "
                 f"{self.smoothed(loss):.4f} | lrm {lrm:.3f} | {tok_s:,.0f} tok/s | MFU {mfu:.1f}% | "
                 f"elapsed {format_duration(self.train_time)} | ETA {format_duration(eta)}{extra}")
@@ -55,6 +60,44 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         self.ema, self.ema_steps, self.train_time = state["ema"], state["ema_steps"], state["train_time"]
+
+
+def train_step(model, optimizer, streams, autocast, grad_clip: float = 0.0) -> float:
+    """One optimizer step: a micro-batch from each stream (gradient accumulation), optional clipping of the global
+    gradient norm, the update. Returns the mean loss over every micro-batch of every process."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    loss_sum = None
+    for stream in streams:
+        x, y = next(stream)
+        with autocast():
+            loss = model(x, y)
+        (loss / len(streams)).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    world = 1
+    if distributed:
+        torch.distributed.all_reduce(loss_sum)
+        world = torch.distributed.get_world_size()
+    if grad_clip > 0:
+        if distributed:  # clip the averaged gradient; averaging again inside step() leaves it unchanged
+            optimizer.average_gradients()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum.item() / (len(streams) * world)
+
+
+def training_state(optimizer, loaders, progress) -> dict:
+    """What a process needs, beyond the weights, to resume exactly: optimizer, data positions, progress, RNG."""
+    return {"optimizer": optimizer.state_dict(), "loaders": [loader.state_dict() for loader in loaders],
+            "progress": progress.state_dict(), "rng": rng_state()}
+
+
+def restore_training_state(state: dict, optimizer, loaders, progress) -> None:
+    optimizer.load_state_dict(state["optimizer"])
+    for loader, loader_state in zip(loaders, state["loaders"]):
+        loader.load_state_dict(loader_state)
+    progress.load_state_dict(state["progress"])
+    set_rng_state(state["rng"])
 
 
 def rng_state() -> dict:

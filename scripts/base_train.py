@@ -6,7 +6,6 @@
 
 import argparse
 import math
-import os
 
 import torch
 
@@ -19,7 +18,7 @@ from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.scaling import derive_hparams, lr_multiplier, muon_momentum, weight_decay_multiplier
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import Progress, Timer, print_samples, rng_state, set_rng_state
+from nanochat.training import Progress, Timer, print_samples, restore_training_state, train_step, training_state
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -138,12 +137,7 @@ def main(argv=None) -> None:
                 raise UserError(f"checkpoint {ckpt_dir} step {step} has a different model config: use another "
                                 "--model-tag or the same flags")
             model.load_state_dict(ckpt["model"])
-            state = ckpt["rank_state"]
-            optimizer.load_state_dict(state["optimizer"])
-            for loader, s in zip(loaders, state["loaders"]):
-                loader.load_state_dict(s)
-            progress.load_state_dict(state["progress"])
-            set_rng_state(state["rng"])
+            restore_training_state(ckpt["rank_state"], optimizer, loaders, progress)
             curves = ckpt["meta"]["curves"]
             start_step = step
             print0(f"resumed from {ckpt_dir} step {step}")
@@ -163,8 +157,7 @@ def main(argv=None) -> None:
         return bpb
 
     def save(step: int) -> None:
-        rank_state = {"optimizer": optimizer.state_dict(), "loaders": [l.state_dict() for l in loaders],
-                      "progress": progress.state_dict(), "rng": rng_state()}
+        rank_state = training_state(optimizer, loaders, progress)
         meta = {"model_config": vars(config), "hyperparams": hp.to_dict(), "args": vars(args), "curves": curves,
                 "dataset": dataset, "crop_fraction": loaders[0].stats["crop_fraction"]}
         path = save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world)
@@ -181,20 +174,7 @@ def main(argv=None) -> None:
                 group["weight_decay"] = group["initial_weight_decay"] * weight_decay_multiplier(
                     step, hp.num_iterations)
         with Timer(compute.device_type) as timer:
-            loss_sum = torch.zeros((), device=device)
-            for stream in streams:
-                x, y = next(stream)
-                with compute.autocast():
-                    loss = train_model(x, y)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            if dist_info.is_ddp:
-                torch.distributed.all_reduce(loss_sum)
-            if args.grad_clip > 0:  # the optimizer averages gradients over ranks first, so clip after it would
-                optimizer_average_then_clip(optimizer, model, args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = loss_sum.item() / (accum * world)
+            loss_value = train_step(train_model, optimizer, streams, compute.autocast, args.grad_clip)
         if not math.isfinite(loss_value):
             raise RuntimeError(f"loss became {loss_value} at step {step + 1}: lower the learning rates")
         curves["train_loss"].append([step + 1, (step + 1) * hp.total_batch_size * flops_per_token, loss_value])
@@ -236,13 +216,6 @@ def main(argv=None) -> None:
                    "crop_fraction": round(loaders[0].stats["crop_fraction"], 4)}
         get_report().log("Base model training", [summary, hp.to_dict(), {"samples": samples}], curves=curves)
     wandb.finish()
-
-
-def optimizer_average_then_clip(optimizer, model, max_norm: float) -> None:
-    """Clip the *global* gradient: average over ranks first (as the optimizer would), then clip once."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        optimizer.average_gradients()  # averaging again inside step() leaves equal gradients unchanged
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 if __name__ == "__main__":

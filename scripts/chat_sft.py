@@ -19,7 +19,7 @@ from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.flops import device_peak_flops
 from nanochat.sft_data import SFTLoader
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import Progress, Timer, rng_state, set_rng_state
+from nanochat.training import Progress, Timer, restore_training_state, train_step, training_state
 
 
 def sft_lr_multiplier(step: int, num_iterations: int) -> float:
@@ -149,11 +149,7 @@ def main(argv=None) -> None:
         if step is not None:
             ckpt = load_checkpoint(ckpt_dir, step, device, rank=dist_info.rank)
             model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["rank_state"]["optimizer"])
-            for loader, s in zip(loaders, ckpt["rank_state"]["loaders"]):
-                loader.load_state_dict(s)
-            progress.load_state_dict(ckpt["rank_state"]["progress"])
-            set_rng_state(ckpt["rank_state"]["rng"])
+            restore_training_state(ckpt["rank_state"], optimizer, loaders, progress)
             curves, start = ckpt["meta"]["curves"], step
             print0(f"resumed SFT from step {step}")
     progress.start_step = start
@@ -177,8 +173,7 @@ def main(argv=None) -> None:
         return (total_loss[0] / total_loss[1].clamp(min=1)).item()
 
     def save(step: int) -> None:
-        rank_state = {"optimizer": optimizer.state_dict(), "loaders": [l.state_dict() for l in loaders],
-                      "progress": progress.state_dict(), "rng": rng_state()}
+        rank_state = training_state(optimizer, loaders, progress)
         meta = {"model_config": base["meta"]["model_config"], "hyperparams": hp, "args": vars(args),
                 "model_tag": model_tag, "base_step": base_step, "curves": curves}
         save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world)
@@ -195,18 +190,7 @@ def main(argv=None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
         with Timer(compute.device_type) as timer:
-            loss_sum = torch.zeros((), device=device)
-            for stream in streams:
-                x, y = next(stream)
-                with compute.autocast():
-                    loss = model(x, y)
-                (loss / accum).backward()
-                loss_sum += loss.detach()
-            if dist_info.is_ddp:
-                torch.distributed.all_reduce(loss_sum)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value = loss_sum.item() / (accum * world)
+            loss_value = train_step(model, optimizer, streams, compute.autocast)
         if not math.isfinite(loss_value):
             raise RuntimeError(f"SFT loss became {loss_value} at step {step + 1}: lower --init-lr-frac")
         curves["train_loss"].append([step + 1, (step + 1) * total * progress.flops_per_token, loss_value])

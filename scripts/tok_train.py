@@ -6,7 +6,7 @@
 import argparse
 import time
 
-from nanochat.common import get_base_dir, run_cli
+from nanochat.common import run_cli
 from nanochat.dataset import default_dataset, iter_texts
 from nanochat.tokenizer import Tokenizer, iter_capped, tokenizer_dir
 

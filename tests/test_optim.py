@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from conftest import make_tiny_model
-from nanochat.optim import MuonAdamW, orthogonalize, POLAR_EXPRESS
+from nanochat.optim import MuonAdamW, normalize_neurons, orthogonalize, POLAR_EXPRESS
 
 
 def test_orthogonalize_pushes_singular_values_towards_one():
@@ -19,6 +19,7 @@ def test_orthogonalize_pushes_singular_values_towards_one():
         s = torch.linalg.svdvals(orthogonalize(g))
         assert before.max() / before.min() > 2  # the input is far from orthogonal
         assert s.max() < 1.25 and s.min() > 0.6, (shape, s.min(), s.max())
+        assert abs(s.square().sum() - min(shape)) < 1e-3  # rescaled to the Frobenius norm of an orthogonal matrix
         assert orthogonalize(g).shape == shape
 
 
@@ -30,7 +31,7 @@ def reference_step(params, grads, state, lr, momentum, wd, kinds, adam_cfg, t):
             buf = state.setdefault(name, torch.zeros_like(g))
             buf.mul_(momentum).add_(g, alpha=1 - momentum)
             nesterov = g * (1 - momentum) + buf * momentum
-            x = nesterov.clone()
+            x = nesterov / (nesterov.norm(dim=1, keepdim=True) + 1e-7)  # equal row norms
             if x.size(0) > x.size(1):
                 x = x.T
             x = x / (x.norm() * 1.01 + 1e-7)
@@ -38,6 +39,14 @@ def reference_step(params, grads, state, lr, momentum, wd, kinds, adam_cfg, t):
                 A = x @ x.T
                 x = a * x + (b * A + c * A @ A) @ x
             update = x.T if nesterov.size(0) > nesterov.size(1) else x
+            update = update * min(update.shape) ** 0.5 / update.norm()
+            # per-neuron second moment: rows of a tall matrix, columns of a wide one
+            rows = update.size(0) >= update.size(1)
+            ms = (update ** 2).mean(dim=1 if rows else 0, keepdim=True)
+            v = state.setdefault(name + ".v2", torch.zeros_like(ms))
+            v.mul_(0.9).add_(ms, alpha=0.1)
+            normalized = update / v.sqrt()
+            update = normalized * update.norm() / normalized.norm()
             mask = (update * p) > 0
             p.sub_(lr * wd * p * mask)
             p.sub_(lr * max(1, p.size(0) / p.size(1)) ** 0.5 * update)
@@ -77,6 +86,19 @@ def test_fused_optimizer_matches_a_plain_reference():
         with torch.no_grad():  # keep the reference exactly in step with the model for the next gradient
             for n, p in model.named_parameters():
                 p.copy_(reference[n])
+
+
+def test_neuron_normalisation_evens_out_neurons_and_keeps_the_norm():
+    torch.manual_seed(0)
+    for shape in [(64, 16), (16, 64)]:
+        scales = torch.linspace(0.1, 3.0, max(shape))
+        u = torch.randn(shape) * (scales[:, None] if shape[0] >= shape[1] else scales[None, :])
+        second = torch.zeros((shape[0], 1) if shape[0] >= shape[1] else (1, shape[1]))
+        out = normalize_neurons(u, second, beta2=0.9)
+        dim = 1 if shape[0] >= shape[1] else 0
+        per_neuron = out.square().mean(dim=dim)
+        assert per_neuron.max() / per_neuron.min() < 1.01  # one step: every neuron moves by the same amount
+        assert torch.allclose(out.norm(), u.norm(), rtol=1e-5)
 
 
 def test_adamw_part_matches_torch_adamw():
