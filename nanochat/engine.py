@@ -199,7 +199,10 @@ class Engine:
     concurrent requests go through `BatchScheduler` instead."""
 
     def __init__(self, model, tokenizer, autocast: Callable = nullcontext, use_tools: bool = True):
-        self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
+        self.model, self.tokenizer = model, tokenizer
+        # On a CPU, autocast casts every weight again at every call: for a d4 model bf16 autocast halved decode
+        # speed and slowed prefill (bench/inference.py), so generation runs in the weights' own dtype there.
+        self.autocast = nullcontext if self.device.type == "cpu" else autocast
         self.tools = ToolStateMachine(tokenizer, use_tools)
 
     @property
@@ -212,15 +215,17 @@ class Engine:
         return self.model.cos.size(1)
 
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        """A cache in the compute dtype (bf16 on modern GPUs, `NANOCHAT_DTYPE` to override)."""
+        """A cache in the dtype attention runs in: the compute dtype on GPUs (bf16 on modern ones), the weights'
+        dtype on CPUs (see __init__)."""
         c = self.model.config
-        dtype = get_compute_dtype(self.device.type)
-        return KVCache(batch_size, c.n_layer, c.n_kv_head, c.head_dim, max_seq_len, self.device, dtype)
+        device = self.device
+        dtype = next(self.model.parameters()).dtype if device.type == "cpu" else get_compute_dtype(device.type)
+        return KVCache(batch_size, c.n_layer, c.n_kv_head, c.head_dim, max_seq_len, device, dtype)
 
     def forward_last(self, tokens: torch.Tensor, cache: KVCache, slots: list[int]) -> torch.Tensor:
         """tokens (B, T) appended to cache rows `slots` → next-token logits (B, V), fp32."""
         with self.autocast():
-            return self.model(tokens, kv_cache=cache, slots=slots)[:, -1].float()
+            return self.model(tokens, kv_cache=cache, slots=slots, last_only=True)[:, -1].float()
 
     @torch.no_grad()
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,

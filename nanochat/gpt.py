@@ -174,8 +174,10 @@ class GPT(nn.Module):
         self.sin.copy_(sin)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                slots: torch.Tensor | list[int] | None = None, loss_reduction: str = "mean"):
+                slots: torch.Tensor | list[int] | None = None, loss_reduction: str = "mean", last_only: bool = False):
         """idx (B, T) → logits (B, T, vocab_size) fp32, or the fp32 loss when targets (B, T; -1 = ignore) are given.
+        `last_only` computes the logits of the last position only (B, 1, vocab_size): what generation needs after
+        a prefill, without paying the LM head for every prompt token.
 
         With a kv_cache, the T new tokens are appended to the cache rows `slots` (default 0..B-1), each at its own
         position, and attend to that row's history.
@@ -196,6 +198,8 @@ class GPT(nn.Module):
             x = block(x, ve, cos.to(x.dtype), sin.to(x.dtype), self.windows[i], kv_cache, slots, positions)
         if kv_cache is not None:
             kv_cache.advance(slots, T)
+        if last_only and targets is None:
+            x = x[:, -1:]
         x = norm(x)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)

@@ -125,7 +125,7 @@ def greedy_complete(model, tokenizer, prompt: str, max_tokens: int, device, auto
     x = torch.tensor([ids], device=device)
     for _ in range(max_tokens):
         with autocast():
-            logits = model(x, kv_cache=cache)
+            logits = model(x, kv_cache=cache, last_only=True)
         token = int(logits[0, -1].argmax())
         if token == tokenizer.get_bos_token_id():
             break

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole nanochat lifecycle at toy scale on a CPU, in about 25 minutes on 2 cores:
+# The whole nanochat lifecycle at toy scale on a CPU, in about 15 minutes on 2 cores:
 # data -> tokenizer -> pretraining -> base eval -> SFT -> chat eval -> RL -> chat eval -> report card.
 #
 #   bash runs/cpu.sh                                    # downloads from the Hugging Face Hub

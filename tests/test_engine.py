@@ -110,6 +110,16 @@ def test_greedy_engine_equals_full_forward_passes(model, tiny_tokenizer, num_sam
         assert masks == [expected[1]] * num_samples
 
 
+def test_cpu_generation_runs_in_the_weights_dtype_whatever_the_autocast(model, tiny_tokenizer, monkeypatch):
+    """bf16 autocast on a CPU re-casts every weight each step (slower decoding): the engine leaves it out there."""
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")
+    engine = Engine(model, tiny_tokenizer, autocast=lambda: torch.autocast("cpu", torch.bfloat16), use_tools=False)
+    assert engine.new_cache(1, 8).k.dtype == torch.float32
+    prompt = encode(tiny_tokenizer, PROMPTS[0])
+    results, _ = engine.generate_batch(prompt, 1, max_tokens=12, temperature=0.0)
+    assert results[0] == oracle(model, tiny_tokenizer, prompt, 1, 12, use_tools=False)[0][0]
+
+
 @pytest.mark.parametrize("num_samples", [1, 2])
 def test_greedy_engine_with_a_tool_call_equals_full_forward_passes(tool_model, tiny_tokenizer, tool_prompt,
                                                                    num_samples):

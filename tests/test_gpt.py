@@ -85,18 +85,21 @@ def test_value_embeddings_on_alternating_layers_including_the_last():
 
 
 @pytest.mark.parametrize("pattern", ["L", "SL"])
-def test_kv_cache_prefill_and_decode_equal_full_forward(pattern):
+@pytest.mark.parametrize("slots", [[3, 0, 2], [1, 2, 3]])  # any rows in any order (gathered); consecutive (views)
+def test_kv_cache_prefill_and_decode_equal_full_forward(pattern, slots):
     model = model_with(window_pattern=pattern, sequence_len=256)
     if pattern == "SL":
         model.windows = [8, 256]  # a window shorter than the sequence, so the cached mask is exercised
     idx = torch.randint(0, V, (3, 30))
     full = model(idx)
     cache = KVCache(4, 2, 1, 32, 64)
-    slots = [3, 0, 2]  # rows of the cache need not be in order
     steps = [model(idx[:, :17], kv_cache=cache, slots=slots)]
     for t in range(17, 30):
         steps.append(model(idx[:, t:t + 1], kv_cache=cache, slots=slots))
     assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
+    other = KVCache(4, 2, 1, 32, 64)  # the prefill's last position alone, as generation asks for it
+    last = model(idx[:, :17], kv_cache=other, slots=slots, last_only=True)
+    assert last.shape == (3, 1, V) and torch.allclose(last[:, 0], full[:, 16], atol=1e-4)
 
 
 def test_slots_at_different_positions_decode_together():
