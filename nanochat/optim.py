@@ -1,10 +1,14 @@
 """One optimizer for the whole model: Muon for the 2-D matrices of the blocks, AdamW for everything else.
 
-Muon: Nesterov momentum; the rows of the update are brought to equal norms, then it is orthogonalised with 5
-"Polar Express" quintic iterations (an approximation of U·Vᵀ from the SVD) and rescaled to ‖·‖_F = √min(rows, cols);
-a per-neuron second-moment normalisation (β2 0.9, Frobenius norm kept) evens out how much each neuron moves; the
-step is scaled by √max(1, rows/cols), with cautious decoupled weight decay (only where the update and the weight
-agree in sign). AdamW keeps its maths in fp32 with eps 1e-10.
+Muon: Nesterov momentum; the update is orthogonalised with 5 "Polar Express" quintic iterations (an approximation
+of U·Vᵀ from the SVD) and rescaled to ‖·‖_F = √min(rows, cols); a per-neuron second-moment normalisation (β2 0.9,
+Frobenius norm kept) evens out how much each neuron moves; the step is scaled by √max(1, rows/cols), with cautious
+decoupled weight decay (only where the update and the weight agree in sign). AdamW keeps its maths in fp32 with
+eps 1e-10.
+
+The reference design also equalises the rows' norms before orthogonalising (`equalize_rows`). Measured here on d4
+over 60 steps (491,520 tokens, bf16): val bpb 2.2972 with it, 2.2899 without, 2.2891 with neither it nor the neuron
+normalisation; so it is off by default and the neuron normalisation (neutral here, used at scale) stays on.
 
 Under torchrun the optimizer averages the gradients itself (no DDP wrapper) and splits the orthogonalisation across
 ranks: each rank orthogonalises every world_size-th matrix and broadcasts the result, so all ranks apply the same
@@ -23,7 +27,7 @@ POLAR_EXPRESS = [
 ]
 
 
-def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.float32, equalize_rows: bool = True) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.float32, equalize_rows: bool = False) -> torch.Tensor:
     """Push the singular values of g (rows, cols) towards 1 with 5 quintic iterations; returns g's dtype with
     ‖·‖_F = √min(rows, cols), the norm of an exactly orthogonal matrix of that shape."""
     x = g.to(dtype)
@@ -67,7 +71,7 @@ class MuonAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, param_groups: list[dict], eps: float = 1e-10, ns_dtype: torch.dtype | None = None,
-                 equalize_rows: bool = True, neuron_beta2: float | None = 0.9):
+                 equalize_rows: bool = False, neuron_beta2: float | None = 0.9):
         for g in param_groups:
             if g.get("kind") not in ("muon", "adamw"):
                 raise ValueError(f"param group {g.get('name')} needs kind 'muon' or 'adamw'")
