@@ -15,6 +15,8 @@ ranks: each rank orthogonalises every world_size-th matrix and broadcasts the re
 update as a single process would.
 """
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -167,8 +169,10 @@ class MuonAdamW(torch.optim.Optimizer):
             exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            denom = (exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(eps)
-            step = exp_avg / (1 - beta1 ** t) / denom
+            # lr · m̂ / (√v̂ + eps) with both bias corrections folded into scalars: m̂/(√v̂ + eps) equals
+            # m·√bc2/bc1 / (√v + eps·√bc2), which takes fewer passes over these large tensors
+            bc1, bc2_sqrt = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
+            denom = exp_avg_sq.sqrt().add_(eps * bc2_sqrt)
             if wd:
                 p.mul_(1 - lr * wd)
-            p.sub_(step.to(p.dtype), alpha=lr)
+            p.addcdiv_(exp_avg, denom, value=-lr * bc2_sqrt / bc1)

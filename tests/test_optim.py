@@ -147,4 +147,8 @@ def test_two_process_torchrun_update_equals_one_process(tmp_path):
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-5), k
+        # Averaged gradients differ from the one-process ones by rounding. Adam's first steps are about lr·sign(g),
+        # so the few embedding entries whose gradient is itself at rounding level (|g| ~ eps) may move by up to
+        # ~1e-5: allow that on single entries, far below the learning rates (0.01-0.05) a real fault would show.
+        diff = (one[k] - two[k]).abs()
+        assert diff.max() < 1e-4 and diff.mean() < 1e-7, (k, diff.max(), diff.mean())
