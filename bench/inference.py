@@ -17,7 +17,8 @@ from dataclasses import asdict
 import torch
 
 from nanochat.checkpoint import build_model
-from nanochat.engine import BatchScheduler, Engine, Request
+from nanochat.engine import Engine
+from nanochat.scheduler import BatchScheduler, Request
 from nanochat.gpt import GPTConfig
 from nanochat.scaling import model_shape
 

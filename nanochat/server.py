@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from nanochat.common import UserError
-from nanochat.engine import BatchScheduler, PromptTooLong, Request, TextStream
+from nanochat.engine import TextStream
+from nanochat.scheduler import BatchScheduler, PromptTooLong, Request
 
 LIMITS = {"max_messages": 500, "max_message_chars": 8000, "max_total_chars": 32000,
           "temperature": (0.0, 2.0), "top_k": (0, 200), "top_p": (0.0, 1.0), "max_tokens": (1, 4096), "n": (1, 8),

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, get_compute_dtype, print0, run_cli
-from nanochat.engine import BatchScheduler
+from nanochat.scheduler import BatchScheduler
 from nanochat.server import LIMITS, create_app
 from scripts.chat_cli import load_chat_model, model_tag
 

@@ -1,5 +1,6 @@
-"""The inference engine against an oracle of full forward passes: greedy and sampled decoding, tool calls, continuous
-batching, cancellation, sampling rules (top-k, top-p, seeds) and UTF-8-safe streaming text."""
+"""The inference engine (nanochat/engine.py) and its continuous-batching scheduler (nanochat/scheduler.py) against
+an oracle of full forward passes: greedy and sampled decoding, tool calls, continuous batching, cancellation,
+sampling rules (top-k, top-p, seeds) and UTF-8-safe streaming text."""
 
 import copy
 import queue
@@ -8,8 +9,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from nanochat.engine import (BatchScheduler, Engine, PromptTooLong, Request, TextStream, ToolStateMachine, run_tool,
-                             sample_next, sample_tokens, tool_program)
+from nanochat.engine import (Engine, TextStream, ToolStateMachine, run_tool, sample_next, sample_tokens,
+                             tool_program)
+from nanochat.scheduler import BatchScheduler, PromptTooLong, Request
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "A"]
 
@@ -301,7 +303,7 @@ def test_text_stream_holds_invalid_bytes_until_text_resumes(tiny_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Continuous batching
+# Continuous batching (nanochat/scheduler.py)
 
 @pytest.fixture
 def scheduler_factory():

@@ -1,0 +1,261 @@
+"""Continuous batching for the server: many independent requests share one model and one KV cache.
+
+Each request gets a cache slot; a finished request frees its slot for a waiting one while the others keep decoding.
+One thread runs the loop (`BatchScheduler`); callers submit `Request`s and read their events.
+"""
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nanochat.engine import Engine, SequenceState, run_tool, sample_tokens
+
+
+class PromptTooLong(ValueError):
+    """The conversation does not fit in the model's context."""
+
+
+@dataclass
+class Request:
+    """One generation request. The scheduler puts ("token", id, mask) events, then ("done", reason) with reason
+    "stop", "length", "cancelled", "shutdown" or "error: …", into `events` (anything with a thread-safe `put`)."""
+    tokens: list[int]
+    max_tokens: int
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float = 1.0
+    seed: int = 0
+    events: Any = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finish_reason: str | None = None
+    wakeup: threading.Event | None = None  # the scheduler's, so a cancel is noticed at once
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        if self.wakeup is not None:
+            self.wakeup.set()
+
+    def stream(self, timeout: float | None = None) -> Iterator[tuple[int, int]]:
+        """(token, mask) as they are produced, until the request finishes (for a `queue.Queue` of events)."""
+        while True:
+            event = self.events.get(timeout=timeout)
+            if event[0] == "done":
+                self.finish_reason = event[1]
+                return
+            yield event[1], event[2]
+
+
+@dataclass
+class Slot:
+    """A request being served in one row of the scheduler's KV cache."""
+    request: Request
+    state: SequenceState
+    generator: torch.Generator  # the request's own RNG stream: its samples do not depend on its neighbours
+    prefilled: int = 0  # prompt tokens already in the cache
+    logits: torch.Tensor | None = None  # (V,) next-token logits once the prompt is in
+    tool: Future | None = None  # a running tool call; the slot sits out decode steps until it returns
+
+
+class BatchScheduler:
+    """Owns the model and a KV cache of `slots` rows; requests join when a slot is free and leave when finished.
+
+    One thread runs the loop: admit waiting requests into free slots, prefill at most `prefill_chunk` prompt
+    tokens (so a long prompt never stalls the others for long), then one decode step for every ready slot
+    together. Tool calls run on a small thread pool while their slot waits; everyone else keeps decoding.
+    """
+
+    def __init__(self, model, tokenizer, slots: int = 8, max_seq_len: int | None = None,
+                 autocast: Callable = nullcontext, use_tools: bool = True, prefill_chunk: int = 512):
+        self.engine = Engine(model, tokenizer, autocast, use_tools)
+        self.tools = self.engine.tools
+        self.max_seq_len = min(max_seq_len or model.config.sequence_len, self.engine.max_context)
+        self.vocab_size = model.config.vocab_size
+        self.cache = self.engine.new_cache(slots, self.max_seq_len)
+        self.prefill_chunk = prefill_chunk
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.active: dict[int, Slot] = {}
+        self.free = list(range(slots))
+        self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens": 0, "tool_calls": 0}
+        self.lock = threading.Lock()
+        self.wakeup = threading.Event()
+        self.stopping = False
+        self.tool_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tool")
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="batch-scheduler")
+        self.thread.start()
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request; raises PromptTooLong when it leaves no room to generate."""
+        if not request.tokens or not all(0 <= t < self.vocab_size for t in request.tokens):
+            raise ValueError("a request needs at least one prompt token, all within the vocabulary")
+        budget = self.max_seq_len - len(request.tokens)
+        if budget < 1:
+            raise PromptTooLong(f"the conversation is {len(request.tokens)} tokens, over the model's context of "
+                                f"{self.max_seq_len}: start a new conversation")
+        request.max_tokens = max(1, min(request.max_tokens, budget))
+        request.wakeup = self.wakeup
+        with self.lock:
+            self.stats["requests"] += 1
+        self.waiting.put(request)
+        self.wakeup.set()
+        return request
+
+    def status(self) -> dict:
+        with self.lock:
+            stats = dict(self.stats)
+            active = list(self.active.values())
+        return dict(stats, active=len(active), waiting=self.waiting.qsize(), slots=self.cache.batch_size,
+                    free_slots=self.cache.batch_size - len(active),
+                    prefilling=sum(s.logits is None for s in active), in_tool=sum(s.tool is not None for s in active))
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        self.wakeup.set()
+        self.thread.join(timeout=30)
+        self.tool_pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- the loop (one thread) ---------------------------------------------------------------------------------------
+
+    def _count(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.stats[key] += n
+
+    def _finish(self, slot: int, reason: str) -> None:
+        with self.lock:
+            request = self.active.pop(slot).request
+            self.free.append(slot)
+        self.cache.reset([slot])
+        self._count("cancelled" if reason == "cancelled" else "errors" if reason.startswith("error") else "completed")
+        request.events.put(("done", reason))
+
+    def _admit(self) -> None:
+        while self.free and not self.waiting.empty():
+            request = self.waiting.get()
+            if request.cancelled.is_set():
+                self._count("cancelled")
+                request.events.put(("done", "cancelled"))
+                continue
+            # CPU generator: one tiny draw per row per step, no device launch; any int works as a seed
+            generator = torch.Generator().manual_seed(request.seed % 2 ** 63)
+            with self.lock:
+                slot = min(self.free)
+                self.free.remove(slot)
+                self.active[slot] = Slot(request, self.tools.initial_state(request.tokens), generator)
+            self.cache.reset([slot])
+
+    def _compact(self) -> None:
+        """Move the highest active slots down into freed ones, so that a full decode batch is the contiguous rows
+        0..n-1 of the cache (which attention can read in place instead of gathering them every step)."""
+        while self.active and self.free and min(self.free) < max(self.active):
+            low, high = min(self.free), max(self.active)
+            self.cache.copy_slot(high, [low])
+            with self.lock:
+                self.active[low] = self.active.pop(high)
+                self.free.remove(low)
+                self.free.append(high)
+            self.cache.reset([high])
+
+    def _poll(self) -> None:
+        """Drop cancelled requests; hand finished tool calls back to their sequences."""
+        for slot, s in list(self.active.items()):
+            if s.request.cancelled.is_set():
+                self._finish(slot, "cancelled")
+            elif s.tool is not None and s.tool.done():
+                try:
+                    output = s.tool.result()
+                except Exception as e:  # the sandbox itself failed: tell the model, as a tool error would
+                    output = f"Error: {type(e).__name__}"
+                self.tools.finish_tool_call(s.state, output)
+                s.tool = None
+
+    @torch.no_grad()
+    def _prefill(self) -> bool:
+        """Feed up to `prefill_chunk` prompt tokens of newly admitted requests into their cache rows."""
+        budget = self.prefill_chunk
+        for slot, s in list(self.active.items()):
+            if s.logits is not None:
+                continue
+            if budget <= 0:
+                break
+            tokens = s.request.tokens
+            end = min(len(tokens), s.prefilled + budget)
+            try:
+                x = torch.tensor([tokens[s.prefilled:end]], device=self.engine.device)
+                logits = self.engine.forward_last(x, self.cache, [slot])[0]
+            except Exception as e:  # fail this request only
+                self._finish(slot, f"error: {type(e).__name__}: {e}")
+                continue
+            budget -= end - s.prefilled
+            s.prefilled = end
+            if end == len(tokens):
+                s.logits = logits
+        return budget < self.prefill_chunk
+
+    @torch.no_grad()
+    def _decode(self) -> bool:
+        """One step for every ready slot: sample (batched), advance state machines, stream, run the model once."""
+        ready = sorted(((slot, s) for slot, s in self.active.items() if s.logits is not None and s.tool is None),
+                       key=lambda item: item[0])
+        if not ready:
+            return False
+        device = self.engine.device
+        requests = [s.request for _, s in ready]
+        logits = torch.stack([s.logits for _, s in ready])  # (B, V)
+        temperature = torch.tensor([r.temperature for r in requests], device=device)
+        top_k = torch.tensor([r.top_k or 0 for r in requests], dtype=torch.long, device=device)
+        top_p = torch.tensor([r.top_p for r in requests], device=device)
+        uniform = torch.cat([torch.rand(1, generator=s.generator) for _, s in ready]).to(device)
+        sampled = sample_tokens(logits, temperature, top_k, top_p, uniform).tolist()
+        feed_slots, feed_tokens = [], []
+        for (slot, s), token in zip(ready, sampled):
+            token, mask = self.tools.next_token(s.state, token)
+            self.tools.advance(s.state, token, mask)
+            s.request.events.put(("token", token, mask))
+            if s.state.done:
+                self._finish(slot, "stop")
+            elif s.state.generated >= s.request.max_tokens:
+                self._finish(slot, "length")
+            else:
+                if s.state.tool_call is not None:
+                    self._count("tool_calls")
+                    s.tool = self.tool_pool.submit(run_tool, s.state.tool_call, self.tools.tool_timeout)
+                    s.tool.add_done_callback(lambda _: self.wakeup.set())
+                feed_slots.append(slot)
+                feed_tokens.append(token)
+        self._count("tokens", len(ready))
+        if feed_slots:
+            try:
+                x = torch.tensor(feed_tokens, device=device)[:, None]
+                logits = self.engine.forward_last(x, self.cache, feed_slots)
+            except Exception as e:  # cannot tell whose fault: fail the requests of this step, keep serving
+                for slot in feed_slots:
+                    self._finish(slot, f"error: {type(e).__name__}: {e}")
+                return True
+            for i, slot in enumerate(feed_slots):
+                self.active[slot].logits = logits[i]
+        return True
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            self.wakeup.clear()  # before looking for work, so a submit/cancel/tool result in between is not lost
+            try:
+                self._poll()
+                self._compact()
+                self._admit()
+                busy = self._prefill()
+                busy = self._decode() or busy
+            except Exception as e:  # a bug of ours: fail what is in flight, keep the server up
+                for slot in list(self.active):
+                    self._finish(slot, f"error: {type(e).__name__}: {e}")
+                busy = False
+            if not busy:
+                self.wakeup.wait(timeout=0.5)
+        for slot in list(self.active):
+            self._finish(slot, "shutdown")
+        while not self.waiting.empty():
+            self.waiting.get().events.put(("done", "shutdown"))
