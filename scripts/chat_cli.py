@@ -109,13 +109,10 @@ def main(argv=None) -> None:
     if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
         raise UserError("--temperature and --top-k must be >= 0 and --max-tokens >= 1")
     compute = compute_init(args.device_type)
-    try:
-        model, tokenizer, meta, source = load_chat_model(args.source, compute.device, args.model_tag, args.step)
-    except UserError as e:
-        if not args.dry_run:
-            raise
-        print0(f"warning (dry run): {e}")
+    loaded = load_or_warn(args, compute.device)
+    if loaded is None:
         return
+    model, tokenizer, meta, source = loaded
     if args.dry_run:
         print0(f"chat_cli dry run: {describe(meta, source)} loads")
         return
@@ -174,6 +171,17 @@ def load_chat_model(source: str | None, device, model_tag: str | None, step: int
         except UserError as e:
             error = e  # with no source this ends as base's error, naming the first command to run
     raise error
+
+
+def load_or_warn(args, device):
+    """load_chat_model for the flags in `args`; a dry run without a model yet only warns and gets None."""
+    try:
+        return load_chat_model(args.source, device, args.model_tag, args.step)
+    except UserError as e:
+        if not args.dry_run:
+            raise
+        print0(f"warning (dry run): {e}")
+        return None
 
 
 if __name__ == "__main__":

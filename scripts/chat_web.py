@@ -14,7 +14,7 @@ import torch
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, get_compute_dtype, print0, run_cli
 from nanochat.scheduler import BatchScheduler
 from nanochat.server import LIMITS, create_app
-from scripts.chat_cli import load_chat_model, model_tag
+from scripts.chat_cli import load_or_warn, model_tag
 
 
 def main(argv=None) -> None:
@@ -49,17 +49,14 @@ def main(argv=None) -> None:
         devices = [torch.device(device_type)]
     dtype = get_compute_dtype(device_type)
     workers, tokenizer, name = [], None, "nanochat"
-    try:
-        for device in devices:  # one model copy and one scheduler thread per device
-            model, tokenizer, meta, source = load_chat_model(args.source, device, args.model_tag, args.step)
-            name = f"nanochat-{model_tag(meta)}-{source}"
-            workers.append(BatchScheduler(model, tokenizer, slots=args.slots,
-                                          autocast=lambda: autocast_ctx(device_type, dtype)))
-    except UserError as e:
-        if not args.dry_run:
-            raise
-        print0(f"warning (dry run): {e}")
-        return
+    for device in devices:  # one model copy and one scheduler thread per device
+        loaded = load_or_warn(args, device)
+        if loaded is None:
+            return
+        model, tokenizer, meta, source = loaded
+        name = f"nanochat-{model_tag(meta)}-{source}"
+        workers.append(BatchScheduler(model, tokenizer, slots=args.slots,
+                                      autocast=lambda: autocast_ctx(device_type, dtype)))
     if args.dry_run:
         print0(f"chat_web dry run: {len(workers)} worker(s) × {args.slots} slots ready for {name}")
         for w in workers:
