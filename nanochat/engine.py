@@ -102,14 +102,6 @@ def sampling_params(rows: int, temperature: float, top_k: int | None, top_p: flo
             torch.full((rows,), float(top_p), device=device))
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
-                generator: torch.Generator | None, top_p: float = 1.0) -> torch.Tensor:
-    """logits (B, V) → token ids (B,) with one setting for all rows; each row is its own draw."""
-    B = logits.size(0)
-    uniform = torch.rand(B, generator=generator, device=logits.device)
-    return sample_tokens(logits, *sampling_params(B, temperature, top_k, top_p, logits.device), uniform)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Tool use
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from nanochat.engine import (Engine, TextStream, ToolStateMachine, run_tool, sample_next, sample_tokens,
+from nanochat.engine import (Engine, TextStream, ToolStateMachine, run_tool, sample_tokens, sampling_params,
                              tool_program)
 from nanochat.scheduler import BatchScheduler, PromptTooLong, Request
 
@@ -175,7 +175,7 @@ def test_top_k_zero_and_none_mean_no_top_k(model, tiny_tokenizer):
     """Regression: the reference crashed on top_k=0."""
     logits = torch.randn(4, 50)
     for k in (0, None):
-        assert sample_next(logits, 1.0, k, torch.Generator().manual_seed(0)).shape == (4,)
+        assert sample_tokens(logits, *sampling_params(4, 1.0, k, 1.0, logits.device), torch.rand(4)).shape == (4,)
     engine = Engine(model, tiny_tokenizer, use_tools=False)
     prompt = encode(tiny_tokenizer, "Hello")
     a = engine.generate_batch(prompt, 2, max_tokens=5, temperature=1.0, top_k=0, seed=3)
