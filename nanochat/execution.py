@@ -1,19 +1,19 @@
 """Run untrusted, model-written Python in a separate process that cannot hurt the host.
 
-Threat model: the code is arbitrary and possibly hostile (loops, fork bombs, memory bombs, file and network access,
-reading secrets). Layers, strongest first; each is used when the machine allows it (`isolation_layers()` says which):
+Threat model: the code is arbitrary and possibly hostile (loops, fork bombs, memory and disk bombs, file and network
+access, reading secrets, escaping its namespaces, detached processes). Layers, strongest first:
 
-Kernel-enforced (Linux, `unshare` from util-linux, as root or with unprivileged user namespaces):
-  - new PID namespace: the code sees no host process, and everything it starts dies with it;
-  - new network namespace: no interface but a down loopback, so no connection can be made;
-  - new mount namespace: `/` read-only, fresh tmpfs over /tmp, /var/tmp, /dev/shm, /sys and the home directories
-    (the Python installation is bound back read-only), the working directory a size-limited tmpfs;
-  - as root: a pids and memory cgroup per run (fork bombs and memory bombs are capped in the kernel), then the code
-    runs as `nobody` with no capabilities (no raw devices, no root-owned files, RLIMIT_NPROC applies).
-Always: wall-clock timeout (the whole process tree is killed), RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, RLIMIT_NPROC,
-no core dumps, an empty environment (HOME = the working directory), stdin closed, output captured incrementally and
-truncated; in-process guards that remove process spawning and sockets from the `os`, `subprocess` and `socket`
-modules (best effort: a determined program can get around Python-level guards, which is why the kernel layers exist).
+Kernel-enforced, when `nanochat.sandbox.detect()` finds them (Linux with bubblewrap and libseccomp, as root or with
+unprivileged user namespaces): pid/network/ipc/uts/mount namespaces, a read-only view of only /usr and the Python
+runtime, a size-limited tmpfs working directory, a seccomp filter, no capabilities, no_new_privs, nobody's uid when
+started as root (see nanochat/sandbox.py); and a pids + memory cgroup per run wherever one may be created
+(nanochat/cgroups.py).
+Always: wall-clock timeout (the whole process tree is killed), RLIMIT_CPU, RLIMIT_AS (not on macOS, where it cannot
+be set), RLIMIT_FSIZE, RLIMIT_NPROC, no core dumps, an empty environment, stdin closed, output captured
+incrementally and truncated, Python-level guards on process spawning and sockets (best effort only).
+
+Without the kernel layers the tool is OFF: `execute_code` refuses with a one-line reason unless the user opted in
+with `--unsafe-python-tool` / NANOCHAT_UNSAFE_PYTHON_TOOL=1, and `python_tool_banner()` says which case holds.
 """
 
 import functools
@@ -25,13 +25,16 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-NOBODY = 65534
+from nanochat import cgroups
+from nanochat.sandbox import NOBODY, detect, run_bwrap
+
+UNSAFE_ENV = "NANOCHAT_UNSAFE_PYTHON_TOOL"
+REFUSED_PREFIX = "the python tool is off"
+# Join the run's cgroup(s), then exec the sandbox, so that every process it ever starts is accounted there.
+JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done; shift; exec "$@"'
 
 
 @dataclass
@@ -49,107 +52,70 @@ class ExecutionResult:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# What this machine offers
+# What this machine offers, and whether the tool may run
 
 @functools.cache
-def _unshare_prefix() -> tuple[str, ...] | None:
-    """The `unshare` command line that works here (root, or an unprivileged user namespace), or None."""
-    exe = shutil.which("unshare")
-    if exe is None or sys.platform != "linux":
-        return None
-    base = (exe, "--fork", "--pid", "--net", "--mount", "--mount-proc", "--kill-child")
-    candidates = [base] if os.geteuid() == 0 else []
-    candidates.append(base + ("--user", "--map-root-user"))
-    for prefix in candidates:
-        try:
-            ok = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
-        except (OSError, subprocess.SubprocessError):
-            ok = False
-        if ok:
-            return prefix
-    return None
-
-
-@functools.cache
-def _cgroups_available() -> bool:
-    if os.geteuid() != 0:
-        return False
-    try:
-        for controller in ("pids", "memory"):
-            probe = CGROUP_ROOT / controller / f"nanochat-probe-{os.getpid()}"
-            probe.mkdir()
-            probe.rmdir()
-        return True
-    except OSError:
-        return False
+def _cgroup_probe() -> tuple[bool, str]:
+    return cgroups.probe()
 
 
 def isolation_layers() -> list[str]:
-    """Which kernel-enforced layers execute_code uses on this machine."""
-    layers = []
-    prefix = _unshare_prefix()
-    if prefix:
-        layers += ["pid namespace", "network namespace", "mount namespace (read-only root, private tmp and home)"]
-        if "--user" not in prefix:
-            layers.append("privileges dropped to nobody")
-    if prefix and "--user" not in prefix and _cgroups_available():
-        layers.append("pids + memory cgroup")
-    return layers
+    """The kernel-enforced layers execute_code uses on this machine (empty when there are none)."""
+    sandbox, _ = detect()
+    if sandbox is None:
+        return []
+    ok, where = _cgroup_probe()
+    cgroup = f"pids + memory cgroup per run ({where})" if ok else \
+        f"no cgroup ({where}): processes and memory capped by rlimits only"
+    return [*sandbox.layers(), cgroup]
+
+
+def unsafe_allowed() -> bool:
+    return os.environ.get(UNSAFE_ENV, "") == "1"
+
+
+def allow_unsafe_python_tool() -> None:
+    """What --unsafe-python-tool does: run the tool even without the kernel layers (inherited by child processes)."""
+    os.environ[UNSAFE_ENV] = "1"
+
+
+def python_tool_banner() -> str:
+    """The one line scripts print at start: the layers in force, or why the tool is off and how to turn it on."""
+    sandbox, why = detect()
+    if sandbox is not None:
+        return "python tool sandbox: " + "; ".join(isolation_layers())
+    if unsafe_allowed():
+        return (f"python tool UNSAFE (--unsafe-python-tool / {UNSAFE_ENV}=1): no kernel sandbox ({why}); model-written "
+                f"code runs as uid {os.getuid()} with rlimits and a timeout only")
+    return (f"python tool OFF: no kernel sandbox ({why}); pass --unsafe-python-tool (or set {UNSAFE_ENV}=1) to run "
+            "model-written code with rlimits only")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # The child: this code runs inside the sandbox process before the untrusted program
 
 _BOOTSTRAP = r'''
-import ctypes, json, os, resource, sys
+import json, os, resource, sys
 cfg = json.loads(sys.argv[1])
-work = cfg["workdir"]
-for procs in cfg["cgroups"]:
-    with open(procs, "w") as f:
-        f.write("0")
-if cfg["namespaces"]:
-    libc = ctypes.CDLL(None, use_errno=True)
-    MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
-    def mount(src, target, fstype, flags, data=None):
-        enc = lambda s: s.encode() if s is not None else None
-        if libc.mount(enc(src), enc(target), enc(fstype), flags, enc(data)) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"mount {target}: {os.strerror(err)}")
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    mount("tmpfs", "/mnt", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m")  # staging for paths to keep visible
-    keep = [p for p in cfg["keep"] if os.path.isdir(p)]
-    staged = {}
-    for i, path in enumerate(keep):
-        stage = f"/mnt/keep{i}"
-        os.mkdir(stage)
-        mount(path, stage, None, MS_BIND | MS_REC)
-        staged[path] = stage
-    for hidden in cfg["hide"]:
-        if os.path.isdir(hidden):
-            size = "size=%dm" % cfg["work_mb"] if hidden == "/tmp" else "size=4m"
-            mount("tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, size + ",mode=755")
-    for path, stage in staged.items():
-        os.makedirs(path, exist_ok=True)
-        mount(stage, path, None, MS_BIND | MS_REC)
-        if path != work:
-            mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-    mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-    if cfg["drop_to_nobody"]:
-        os.chown(work, cfg["nobody"], cfg["nobody"])
-        os.setgroups([])
-        os.setresgid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
-        os.setresuid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
-os.chdir(work)
-mem = cfg["memory_bytes"]
-resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+if cfg["drop_to_nobody"]:  # root inside a privileged bwrap holding only CAP_SETUID/CAP_SETGID
+    import ctypes
+    os.setgroups([])
+    os.setresgid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
+    os.setresuid(cfg["nobody"], cfg["nobody"], cfg["nobody"])  # clears the effective and permitted capabilities
+    header, caps = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+    if ctypes.CDLL(None, use_errno=True).capset(header, caps) != 0:  # and the inheritable ones
+        raise OSError(ctypes.get_errno(), "capset")
+os.chdir(cfg["workdir"])
+if cfg["limit_address_space"]:
+    resource.setrlimit(resource.RLIMIT_AS, (cfg["memory_bytes"], cfg["memory_bytes"]))
 resource.setrlimit(resource.RLIMIT_CPU, (cfg["cpu_seconds"], cfg["cpu_seconds"] + 1))
 resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["file_bytes"], cfg["file_bytes"]))
 resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_processes"], cfg["max_processes"]))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-code = open("program.py", encoding="utf-8").read()
+code = open(cfg["program"], encoding="utf-8").read()
 def _blocked(*args, **kwargs):
     raise PermissionError("the sandbox does not allow this (no processes, no network)")
-import socket, subprocess, shutil
+import socket, subprocess
 for name in ("fork", "forkpty", "system", "popen", "execv", "execve", "execvp", "execvpe", "execl", "execle",
              "execlp", "execlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "posix_spawn",
              "posix_spawnp", "kill", "killpg", "setuid", "putenv", "chroot"):
@@ -198,72 +164,36 @@ class _Capture(threading.Thread):
         return out + "\n[output truncated]" if self.truncated else out
 
 
-def _make_cgroups(memory_bytes: int, max_processes: int) -> list[Path]:
-    name = f"nanochat-sandbox-{uuid.uuid4().hex[:12]}"
-    pids = CGROUP_ROOT / "pids" / name
-    mem = CGROUP_ROOT / "memory" / name
-    pids.mkdir()
-    (pids / "pids.max").write_text(str(max_processes))
-    mem.mkdir()
-    (mem / "memory.limit_in_bytes").write_text(str(memory_bytes + (64 << 20)))
-    return [pids, mem]
-
-
-def _remove_cgroups(groups: list[Path]) -> bool:
-    """Kill whatever is left in the cgroups and remove them; True when the memory cgroup saw an OOM kill."""
-    oom = False
-    for group in groups:
-        for _ in range(50):
-            try:
-                pids = (group / "cgroup.procs").read_text().split()
-            except OSError:
-                break
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            time.sleep(0.02)
-        try:
-            oom |= int((group / "memory.failcnt").read_text()) > 0 if (group / "memory.failcnt").exists() else False
-        except (OSError, ValueError):
-            pass
-        try:
-            group.rmdir()
-        except OSError:
-            pass
-    return oom
-
-
 def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256, max_output_bytes: int = 65536,
-                 max_processes: int = 16, max_file_mb: int = 16) -> ExecutionResult:
-    """Run `code` with Python in the sandbox; its stdout/stderr, and what stopped it, come back in the result."""
-    workdir = tempfile.mkdtemp(prefix="nanochat-sandbox-")
-    groups: list[Path] = []
+                 max_processes: int = 16, max_file_mb: int = 16, work_mb: int | None = None) -> ExecutionResult:
+    """Run `code` with Python in the sandbox; its stdout/stderr, and what stopped it, come back in the result.
+    `work_mb` (default 2 × max_file_mb) is the size of the working directory, a tmpfs in the kernel sandbox."""
+    sandbox, why = detect()
+    if sandbox is None and not unsafe_allowed():
+        error = f"{REFUSED_PREFIX}: no kernel sandbox ({why}); --unsafe-python-tool or {UNSAFE_ENV}=1 runs it anyway"
+        return ExecutionResult(stdout="", stderr="", success=False, error=error)
+    work_bytes = (work_mb if work_mb is not None else 2 * max_file_mb) << 20
+    group, _ = cgroups.create((memory_limit_mb << 20) + work_bytes, max_processes)
+    workdir = None if sandbox else tempfile.mkdtemp(prefix="nanochat-sandbox-")
     try:
-        Path(workdir, "program.py").write_text(code, encoding="utf-8")
-        prefix = _unshare_prefix()
-        as_root = prefix is not None and "--user" not in prefix
-        if as_root and _cgroups_available():
-            groups = _make_cgroups(memory_limit_mb << 20, max_processes)
-        home = os.path.expanduser("~")
-        cfg = {
-            "workdir": workdir, "memory_bytes": memory_limit_mb << 20, "cpu_seconds": max(1, int(timeout) + 1),
-            "file_bytes": max_file_mb << 20, "max_processes": max_processes, "work_mb": max_file_mb * 2,
-            "cgroups": [str(g / "cgroup.procs") for g in groups], "namespaces": prefix is not None,
-            "keep": sorted({sys.base_prefix, sys.prefix, workdir}),
-            "hide": sorted({"/tmp", "/var/tmp", "/dev/shm", "/sys", "/home", "/root", home} - {"/"}),
-            "drop_to_nobody": as_root, "nobody": NOBODY,
-        }
-        command = [sys.executable, "-I", "-S", "-X", "utf8", "-c", _BOOTSTRAP, json.dumps(cfg)]
-        if prefix:
-            command = [*prefix, *command]
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8",
-               "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=env, cwd=workdir, start_new_session=True)
+        python = os.path.realpath(sys.executable)
+        cfg = {"workdir": "/tmp" if sandbox else workdir, "program": "/program.py" if sandbox else "program.py",
+               "memory_bytes": memory_limit_mb << 20, "limit_address_space": sys.platform != "darwin",
+               "cpu_seconds": max(1, int(timeout) + 1), "file_bytes": max_file_mb << 20,
+               "max_processes": max_processes, "drop_to_nobody": bool(sandbox and sandbox.drop_to_nobody),
+               "nobody": NOBODY}
+        args = ["-I", "-S", "-X", "utf8", "-c", _BOOTSTRAP, json.dumps(cfg)]
+        prefix = ("/bin/sh", "-c", JOIN_CGROUPS, "sh", *group.procs_files, "--") if group else ()
+        pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
+                 "start_new_session": True}
+        if sandbox:
+            proc = run_bwrap(sandbox, python, args, code.encode("utf-8", errors="surrogateescape"), work_bytes,
+                             prefix=prefix, **pipes)
+        else:
+            Path(workdir, "program.py").write_text(code, encoding="utf-8", errors="surrogateescape")
+            env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8",
+                   "PYTHONDONTWRITEBYTECODE": "1"}
+            proc = subprocess.Popen([*prefix, python, *args], env=env, cwd=workdir, **pipes)
         out, err = _Capture(proc.stdout, max_output_bytes), _Capture(proc.stderr, max_output_bytes)
         out.start()
         err.start()
@@ -272,19 +202,22 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256, ma
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             timed_out = True
-            _kill_tree(proc)
+        _kill_tree(proc)  # also children left behind in the process group (outside the kernel sandbox)
+        oom = group.oom_killed() if group else False
+        if group:
+            group.destroy()
+            group = None
         out.join(timeout=5)
         err.join(timeout=5)
-        oom = _remove_cgroups(groups) if groups else False
-        groups = []
         stderr = err.text()
         code_rc = proc.returncode
-        memory = (code_rc == 3 and "MemoryError" in stderr) or oom or (
-            not timed_out and code_rc in (-signal.SIGKILL, 137) and "MemoryError" in stderr)
+        memory = (code_rc == 3 and "MemoryError" in stderr) or oom
         if timed_out:
             error = f"timed out after {timeout:g} s"
         elif memory:
             error = f"memory limit of {memory_limit_mb} MB exceeded"
+        elif code_rc == 125 and prefix:
+            error = "could not join the sandbox's cgroup"
         elif code_rc != 0:
             error = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {code_rc}"
         else:
@@ -292,16 +225,17 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256, ma
         return ExecutionResult(stdout=out.text(), stderr=stderr, success=code_rc == 0 and not timed_out,
                                timeout=timed_out, memory_exceeded=bool(memory), error=error)
     finally:
-        if groups:
-            _remove_cgroups(groups)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if group:
+            group.destroy()
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
-    """Kill the sandbox's process group (with --kill-child, the whole PID namespace goes with it)."""
+    """Kill the sandbox's process group (bwrap's --die-with-parent takes the whole pid namespace with it)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except OSError:  # the group is already empty
         pass
     try:
         proc.wait(timeout=5)
