@@ -78,7 +78,7 @@ class Sandbox:
                 cmd += ["--symlink", os.readlink(path), path]
             elif os.path.isdir(path):
                 cmd += ["--ro-bind", path, path]
-        cmd += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+        cmd += ["--perms", "0755", "--dir", "/etc", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
         for path in _python_dirs(python):
             parents = [p for p in _ancestors(path) if not os.path.islink(p)]
             for parent in parents:  # bwrap would copy the host's modes (/root is 0700), hiding Python from nobody
