@@ -11,6 +11,7 @@ import sys
 from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, print0, run_cli
 from nanochat.engine import Engine, TextStream
+from nanochat.execution import allow_unsafe_python_tool, python_tool_banner
 
 PART_STYLE = {  # part → (colour on a terminal, plain-text opening, closing)
     "python": ("\033[36m", "[python] ", " [/python]"),
@@ -104,10 +105,15 @@ def main(argv=None) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--unsafe-python-tool", action="store_true",
+                   help="run the model's Python tool even where the kernel sandbox is unavailable (rlimits only)")
     p.add_argument("--dry-run", action="store_true", help="check the arguments and the model, then exit")
     args = p.parse_args(argv)
     if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
         raise UserError("--temperature and --top-k must be >= 0 and --max-tokens >= 1")
+    if args.unsafe_python_tool:
+        allow_unsafe_python_tool()
+    print0(python_tool_banner(), file=sys.stderr)  # stderr: -p output stays clean for pipes
     compute = compute_init(args.device_type)
     loaded = load_or_warn(args, compute.device)
     if loaded is None:

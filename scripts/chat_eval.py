@@ -12,6 +12,7 @@ import torch.distributed as dist
 from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, print0, run_cli
 from nanochat.engine import Engine
+from nanochat.execution import python_tool_banner
 
 ALL_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25}  # generative tasks: 0
@@ -112,6 +113,7 @@ def main(argv=None) -> None:
         if name not in ALL_TASKS:
             raise UserError(f"unknown task {name!r} in -a: choose from {', '.join(ALL_TASKS)}")
     compute = compute_init(args.device_type)
+    print0(python_tool_banner())  # the sandbox layers in force, or why the python tool is off
     if args.dry_run:
         print0(f"chat_eval dry run: {args.source} model, tasks {', '.join(names)}")
         return

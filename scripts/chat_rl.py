@@ -16,6 +16,7 @@ import torch
 from nanochat.checkpoint import build_model, checkpoint_dir, find_model_tag, last_step, load_checkpoint, save_checkpoint
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.engine import Engine
+from nanochat.execution import python_tool_banner
 from nanochat.grpo import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
 from nanochat.tokenizer import get_tokenizer
 from tasks.gsm8k import GSM8K
@@ -68,6 +69,7 @@ def main(argv=None) -> None:
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     compute = compute_init(args.device_type)
+    print0(python_tool_banner())  # the sandbox layers in force, or why the python tool is off
     dist_info, device, world = compute.dist, compute.device, compute.dist.world_size
     if args.examples_per_step % world:
         raise UserError(f"--examples-per-step={args.examples_per_step} must be a multiple of the {world} processes")

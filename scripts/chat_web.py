@@ -1,19 +1,24 @@
-"""Serve the chat UI and an OpenAI-compatible API: http://localhost:8000 (one worker per GPU, one on a CPU).
+"""Serve the chat UI and an OpenAI-compatible API: http://127.0.0.1:8000 (one worker per GPU, one on a CPU).
 
     python -m scripts.chat_web                 # the most trained model available (rl > sft > base)
     python -m scripts.chat_web -i sft --port 8080 --slots 16
+    NANOCHAT_API_KEY=secret python -m scripts.chat_web --host 0.0.0.0   # reachable from the network, with a key
+
+Only this machine can reach it unless --host says otherwise; exposing it without an API key prints a warning.
 
 Endpoints: GET / (the chat page), POST /chat/completions (the page's stream), POST /v1/chat/completions
 (OpenAI-compatible), GET /v1/models, GET /health, GET /stats.
 """
 
 import argparse
+import os
 
 import torch
 
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, get_compute_dtype, print0, run_cli
+from nanochat.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.scheduler import BatchScheduler
-from nanochat.server import LIMITS, create_app
+from nanochat.server import CLIENT_LIMIT, LIMITS, create_app
 from scripts.chat_cli import load_or_warn, model_tag
 
 
@@ -23,8 +28,15 @@ def main(argv=None) -> None:
                    help="which checkpoints (default: rl, else sft, else base)")
     p.add_argument("--model-tag", default=None)
     p.add_argument("--step", type=int, default=None)
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' (default: $NANOCHAT_API_KEY; the variable keeps the key "
+                        "out of the process list)")
+    p.add_argument("--client-limit", type=int, default=CLIENT_LIMIT,
+                   help="concurrent generations per client address")
+    p.add_argument("--unsafe-python-tool", action="store_true",
+                   help="run the model's Python tool even where the kernel sandbox is unavailable (rlimits only)")
     p.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
     p.add_argument("--top-k", type=int, default=50, help="default when a request gives none (0 = no top-k)")
     p.add_argument("--max-tokens", type=int, default=512, help="default when a request gives none")
@@ -37,8 +49,15 @@ def main(argv=None) -> None:
         low, high = LIMITS[key]
         if not low <= getattr(args, key) <= high:
             raise UserError(f"{flag} must be between {low} and {high}")
-    if args.slots < 1 or not 0 <= args.port < 65536:
-        raise UserError("--slots must be >= 1 and --port within 0..65535")
+    if args.slots < 1 or not 0 <= args.port < 65536 or args.client_limit < 1:
+        raise UserError("--slots and --client-limit must be >= 1 and --port within 0..65535")
+    if args.unsafe_python_tool:
+        allow_unsafe_python_tool()
+    print0(python_tool_banner())
+    loopback = args.host in ("127.0.0.1", "::1", "localhost")
+    if not loopback and not args.api_key:
+        print0(f"warning: --host {args.host} without an API key: anyone who can reach port {args.port} can use the "
+               "model and its Python tool; set NANOCHAT_API_KEY (or --api-key)")
 
     device_type = args.device_type or autodetect_device_type()
     if device_type == "cuda":
@@ -63,10 +82,13 @@ def main(argv=None) -> None:
             w.shutdown()
         return
     app = create_app(workers, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
-                                                "max_tokens": args.max_tokens})
+                                                "max_tokens": args.max_tokens},
+                     api_key=args.api_key, client_limit=args.client_limit)
     import uvicorn
-    shown = "localhost" if args.host in ("0.0.0.0", "127.0.0.1", "::") else args.host
-    print0(f"serving {name} on http://{shown}:{args.port} with {len(workers)} worker(s) × {args.slots} slots")
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    where = "" if loopback else " (every interface)" if args.host in ("0.0.0.0", "::") else " (reachable from the network)"
+    print0(f"serving {name} on http://{shown}:{args.port}{where} with {len(workers)} worker(s) × {args.slots} slots"
+           f"{', API key required' if args.api_key else ''}")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

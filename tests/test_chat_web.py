@@ -1,10 +1,15 @@
 """The web API through a real uvicorn server on 127.0.0.1: OpenAI-compatible, validated, concurrent, cancellable."""
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import httpx
+import psutil
 import pytest
 
 from webserver import ChatServer, save_long_talking_model
@@ -76,7 +81,15 @@ def test_openai_streaming_format(server):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     content = [c["choices"][0]["delta"] for c in chunks[1:-2]]
     assert content and all(set(d) == {"content"} and d["content"] for d in content)
-    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert chunks[-1]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "length"}
+    assert all(c["choices"] and "usage" not in c for c in chunks)  # every chunk has choices[0] (the usual loop)
+
+
+def test_usage_chunk_only_when_the_client_asks_for_it(server):
+    body = chat(stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [json.loads(e) for e in sse_data(r)[:-1]]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
 
 
@@ -96,7 +109,8 @@ def test_max_completion_tokens_is_accepted_for_max_tokens(server):
 
 
 def test_n_streaming_choices_each_finish(server):
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=chat(stream=True, n=3), timeout=60) as r:
+    body = chat(stream=True, n=3, stream_options={"include_usage": True})
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
         chunks = [json.loads(e) for e in sse_data(r)[:-1]]
     finished = sorted(c["choices"][0]["index"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"])
     assert finished == [0, 1, 2] and chunks[-1]["usage"]["completion_tokens"] == 24
@@ -150,6 +164,16 @@ LONG = "word " * 1600  # 8,000 characters
     (chat(n=9), 400, "'n'"),
     (chat(stream="yes"), 400, "stream"),
     (chat(seed=-1), 400, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "42", "tool_call_id": "1"}]},
+     400, "tool calls are not supported"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x",
+                                                      "tool_calls": [{"id": "1"}]}]}, 400, "not supported"),
+    (chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "'tools' is not supported"),
+    (chat(stop=["a", "b", "c", "d", "e"]), 400, "'stop'"),
+    (chat(stop=""), 400, "'stop'"),
+    (chat(stop=7), 400, "'stop'"),
+    (chat(stream_options="yes"), 400, "stream_options"),
+    (chat(model=5), 400, "'model'"),
 ])
 def test_invalid_requests_get_clear_4xx(server, body, status, fragment):
     for path in ("/v1/chat/completions", "/chat/completions"):
@@ -166,6 +190,66 @@ def test_malformed_json_is_a_400(server, content):
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400
     assert "malformed JSON" in r.json()["error"]["message"] or "messages[0]" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_a_body_that_is_not_declared_json_is_refused(server, content_type):
+    """A web page may POST text/plain or a form cross-site without a CORS preflight; JSON needs one."""
+    headers = {"Content-Type": content_type} if content_type else {}
+    for path in ("/v1/chat/completions", "/chat/completions"):
+        r = httpx.post(server.url + path, content=json.dumps(chat()), headers=headers, timeout=30)
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+
+
+def test_health_states_the_limits(server):
+    health = httpx.get(server.url + "/health").json()
+    assert health["auth"] is False
+    assert health["limits"]["max_tokens"] == [1, 4096] and health["limits"]["concurrent_generations_per_client"] == 16
+
+
+def test_developer_is_the_system_role_and_model_is_echoed(server):
+    def reply(role, **extra):
+        body = {"messages": [{"role": role, "content": "Answer in French."}, {"role": "user", "content": "Hi"}],
+                "max_tokens": 8, "seed": 7, "temperature": 1.0, **extra}
+        return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    as_system, as_developer = reply("system"), reply("developer", model="my-alias")
+    assert as_developer["choices"][0]["message"] == as_system["choices"][0]["message"]
+    assert as_developer["model"] == "my-alias" and as_system["model"] == "nanochat-d2-sft"
+
+
+def test_a_stop_string_ends_the_reply_before_it(server):
+    body = chat("Tell me about dogs", seed=99, temperature=1.0, max_tokens=24)
+    free = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    text = free["choices"][0]["message"]["content"]
+    stop = text[6:9]
+    expected = text[:text.find(stop)]
+    cut = httpx.post(server.url + "/v1/chat/completions", json={**body, "stop": [stop, "\x00never"]},
+                     timeout=60).json()
+    assert cut["choices"][0] == {"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": expected}}
+    assert cut["usage"]["completion_tokens"] < free["usage"]["completion_tokens"]  # generation was cancelled
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stop": stop, "stream": True},
+                      timeout=60) as r:
+        chunks = [json.loads(e) for e in sse_data(r)[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_openai_client_streaming_loop_works_unchanged(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="not-needed-here")
+    stream = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hello"}],
+                                            max_tokens=8, stream=True)
+    text = ""
+    for chunk in stream:  # the loop of OpenAI's documentation
+        text += chunk.choices[0].delta.content or ""
+    whole = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hello"}],
+                                           max_tokens=8, stop=["\x00"])
+    assert text and whole.choices[0].message.content and whole.model == "nanochat"
+    with_usage = list(client.chat.completions.create(
+        model="nanochat", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True,
+        stream_options={"include_usage": True}))
+    assert with_usage[-1].usage.completion_tokens == 8 and not with_usage[-1].choices
 
 
 def test_an_oversized_body_is_refused(server):
@@ -249,11 +333,26 @@ class ScriptedWorker:
         return request
 
 
+@contextmanager
+def serve(app):
+    """A real uvicorn server for `app` in this process, on a free loopback port; yields its URL."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def scripted(tiny_tokenizer):
     """A real uvicorn server in this process whose worker replies with a tool call, an emoji split into bytes, and
     then either stops normally or fails (a prompt containing 'fail')."""
-    import uvicorn
     from nanochat.server import create_app
     tok = tiny_tokenizer
     s = tok.encode_special
@@ -269,15 +368,8 @@ def scripted(tiny_tokenizer):
             return reply[:3] + [("done", "error: RuntimeError: boom")]
         return reply + [("done", "stop")]
 
-    app = create_app([ScriptedWorker(script)], tok, "scripted")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with serve(create_app([ScriptedWorker(script)], tok, "scripted")) as url:
+        yield url
 
 
 def test_ui_stream_shows_tool_calls_and_outputs_as_parts(scripted):
@@ -311,3 +403,115 @@ def test_a_failed_generation_is_reported_not_hidden(scripted):
                       timeout=30) as r:
         events = sse_data(r)
     assert any("boom" in e for e in events) and events[-1] == "[DONE]"
+
+
+def test_a_stop_string_split_across_tokens_cuts_the_scripted_reply(scripted):
+    body = httpx.post(scripted + "/v1/chat/completions", json=chat(stop=[" compute", "zz"]), timeout=30).json()
+    assert body["choices"][0]["message"]["content"] == "Let me" and body["choices"][0]["finish_reason"] == "stop"
+    with httpx.stream("POST", scripted + "/v1/chat/completions", json=chat(stop="me comp", stream=True),
+                      timeout=30) as r:
+        chunks = [json.loads(e) for e in sse_data(r)[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "Let "
+
+
+class HoldingWorker:
+    """Generates nothing until the request is cancelled (its client hangs up): a generation that stays running."""
+
+    def status(self):
+        return {"active": 0, "waiting": 0}
+
+    def submit(self, request):
+        def hold():
+            request.cancelled.wait(60)
+            request.events.put(("done", "cancelled"))
+        threading.Thread(target=hold, daemon=True).start()
+        return request
+
+
+@pytest.fixture
+def guarded(tiny_tokenizer):
+    from nanochat.server import create_app
+    with serve(create_app([HoldingWorker()], tiny_tokenizer, "held", api_key="s3cret key", client_limit=3)) as url:
+        yield url
+
+
+AUTH = {"Authorization": "Bearer s3cret key"}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret key"},
+                                     {"Authorization": "Basic s3cret key"}])
+def test_a_missing_or_wrong_key_is_refused(guarded, headers):
+    for method, path in (("POST", "/v1/chat/completions"), ("POST", "/chat/completions"), ("GET", "/v1/models"),
+                         ("GET", "/stats")):
+        r = httpx.request(method, guarded + path, json=chat(), headers=headers, timeout=10)
+        assert r.status_code == 401 and "API key" in r.json()["error"]["message"], path
+    health = httpx.get(guarded + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["auth"] is True  # for load balancers, and says a key is needed
+
+
+def test_the_right_key_is_accepted(guarded):
+    assert httpx.get(guarded + "/v1/models", headers=AUTH, timeout=10).json()["data"][0]["id"] == "held"
+
+
+def test_one_client_cannot_hold_more_than_its_share(guarded):
+    def open_stream(n=1):
+        client = httpx.Client(timeout=10, headers=AUTH)
+        response = client.send(client.build_request("POST", guarded + "/v1/chat/completions",
+                                                    json=chat(stream=True, n=n)), stream=True)
+        return client, response
+
+    held = [open_stream(2), open_stream(1)]  # 3 generations: the limit
+    assert all(r.status_code == 200 for _, r in held)
+    r = httpx.post(guarded + "/v1/chat/completions", json=chat(), headers=AUTH, timeout=10)
+    assert r.status_code == 429 and "limit 3" in r.json()["error"]["message"]
+    client, response = held.pop()
+    response.close()  # hang up: the server cancels it and frees its share
+    client.close()
+    deadline = time.time() + 10
+    while True:
+        again = open_stream(1)
+        if again[1].status_code == 200 or time.time() > deadline:
+            break
+        again[1].close()
+        again[0].close()
+        time.sleep(0.2)
+    assert again[1].status_code == 200
+    for client, response in [*held, again]:
+        response.close()
+        client.close()
+
+
+def non_loopback_ipv4() -> str | None:
+    for addresses in psutil.net_if_addrs().values():
+        for a in addresses:
+            if a.family.name == "AF_INET" and not a.address.startswith("127."):
+                return a.address
+    return None
+
+
+def test_by_default_only_this_machine_can_connect_and_the_env_key_is_required(tmp_path, tiny_tokenizer):
+    save_long_talking_model(tmp_path, tiny_tokenizer, sequence_len=256)
+    s = ChatServer(tmp_path, "--slots", "1", host=None, env={"NANOCHAT_API_KEY": "from-env"})
+    try:
+        assert "127.0.0.1" in s.log() and "warning" not in s.log() and "python tool" in s.log()
+        body = chat(max_tokens=2)
+        assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30).status_code == 401
+        ok = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30,
+                        headers={"Authorization": "Bearer from-env"})
+        assert ok.status_code == 200
+        address = non_loopback_ipv4()
+        if address is None:
+            pytest.skip("this machine has no non-loopback IPv4 address to try")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://{address}:{s.port}/health", timeout=5)
+    finally:
+        s.stop()
+
+
+def test_exposing_the_server_without_a_key_warns(base_dir):
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "scripts.chat_web", "--host", "0.0.0.0", "--dry-run",
+                           "--device-type", "cpu"], env={**env, "NANOCHAT_BASE_DIR": str(base_dir)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: --host 0.0.0.0 without an API key" in proc.stdout

@@ -34,13 +34,16 @@ def save_long_talking_model(base_dir: Path, tokenizer, phase: str = "sft", seque
 
 
 class ChatServer:
-    def __init__(self, base_dir, *args):
+    """`host=None` leaves --host to chat_web's default; `env` adds environment variables (NANOCHAT_API_KEY)."""
+
+    def __init__(self, base_dir, *args, host: str | None = "127.0.0.1", env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(base_dir) / f"chat_web-{self.port}.log"
-        env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+        env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1", **(env or {}))
+        host_args = ["--host", host] if host else []
         with open(self.log_path, "w") as log:  # a file, not a pipe nobody reads, which could fill up and block
-            self.proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--host", "127.0.0.1",
+            self.proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", *host_args,
                                           "--port", str(self.port), "--device-type", "cpu", *args], env=env,
                                          stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 90
