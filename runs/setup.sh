@@ -32,6 +32,14 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     python -c "import torch" || { echo "[setup] could not install torch" >&2; exit 1; }
 fi
 
+# The Python tool's sandbox (nanochat/sandbox.py) is bubblewrap + libseccomp; without them the tool stays off.
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
+    echo "[setup] installing bubblewrap (the sandbox of the model's Python tool)"
+    ($SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq bubblewrap libseccomp2 \
+        >/dev/null) || echo "[setup] could not install bubblewrap: the Python tool will be off (README: Sandbox)"
+fi
+
 spec="."
 [ -n "$EXTRAS" ] && spec=".[${EXTRAS}]"
 echo "[setup] installing nanochat${EXTRAS:+[$EXTRAS]} and its dependencies"
