@@ -86,3 +86,16 @@ def test_a_reply_cut_inside_a_tool_call_does_not_leave_the_terminal_coloured(tin
             printer.feed(t)
         printer.flush()
     assert out.getvalue().startswith("\033[36m") and out.getvalue().endswith("1+1" + RESET)
+
+
+def test_the_python_tool_sandbox_is_announced_at_start(base_dir):
+    """On stderr (so -p's answer stays clean): the layers in force, or, without bubblewrap on PATH, that the tool is
+    off and the flag that turns it on anyway."""
+    proc = cli(base_dir, "--dry-run", "--device-type", "cpu")
+    assert proc.returncode == 0 and "python tool" in proc.stderr and "python tool" not in proc.stdout
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_UNSAFE_PYTHON_TOOL"}
+    for flags, expected in (((), "python tool OFF"), (("--unsafe-python-tool",), "python tool UNSAFE")):
+        proc = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--dry-run", "--device-type", "cpu", *flags],
+                              env={**env, "NANOCHAT_BASE_DIR": str(base_dir), "PATH": ""}, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0 and expected in proc.stderr and "--unsafe-python-tool" in proc.stderr, proc.stderr
