@@ -113,9 +113,9 @@ def main(argv=None) -> None:
         raise UserError("--temperature and --top-k must be >= 0 and --max-tokens >= 1")
     if args.unsafe_python_tool:
         allow_unsafe_python_tool()
-    print0(python_tool_banner(), file=sys.stderr)  # stderr: -p output stays clean for pipes
     compute = compute_init(args.device_type)
     loaded = load_or_warn(args, compute.device)
+    print0(python_tool_banner(), file=sys.stderr)  # stderr: -p output stays clean for pipes
     if loaded is None:
         return
     model, tokenizer, meta, source = loaded
