@@ -1,10 +1,12 @@
 """The CORE metric (DCLM): 22 in-context tasks scored by a base model, centered against random guessing.
 
-Task types: multiple_choice (the choice whose continuation has the lowest mean loss), schema (the context under
-which the shared continuation has the lowest mean loss) and language_modeling (the continuation must be exactly the
-model's greedy prediction). Few-shot examples are drawn with Random(1234 + item index) from the other items; items are
-shuffled with Random(1337) before --max-per-task. CORE = mean over tasks of (acc − b) / (1 − b), b the random baseline.
-When task files are missing (the offline mirror lacks squad) the result is labelled "CORE over K/22 tasks".
+Scored as the reference harness does, so figures compare with published ones (GPT-2: 0.2565). Each task's items
+are shuffled with Random(1337) and cut to --max-per-task; item i of that list takes its few-shot examples with
+Random(1234 + i) from the list's other items. Task types: multiple_choice (the choice with the lowest mean loss
+over the tokens after the prefix all choices share), schema (the context under which the shared suffix, the
+continuation, has the lowest mean loss) and language_modeling (every continuation token must be the model's
+greedy prediction). CORE = mean over tasks of (acc − b) / (1 − b), b the random baseline. When task files are
+missing (the offline mirror lacks squad) the result is labelled "CORE over K/22 tasks".
 """
 
 import csv
@@ -22,6 +24,7 @@ import yaml
 
 from nanochat.common import UserError, get_base_dir, print0
 from nanochat.download import external_file
+from nanochat.loss_eval import accumulator_dtype
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 NUM_CORE_TASKS = 22
@@ -67,92 +70,130 @@ def core_label(n_present: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Prompts
+# Item order and few-shot examples
 
-def _example_text(task_type: str, item: dict, delimiter: str) -> str:
-    """A solved few-shot example."""
+def prepare_items(items: list[dict], max_per_task: int = -1) -> list[dict]:
+    """The items in scoring order: shuffled with Random(1337), then the first max_per_task (-1 = all)."""
+    data = list(items)
+    random.Random(1337).shuffle(data)
+    return data[:max_per_task] if max_per_task > 0 else data
+
+
+def fewshot_examples(data: list[dict], idx: int, shots: int) -> list[dict]:
+    """Random(1234 + idx).sample of the other items of the prepared list, so an item is never its own example.
+
+    When the list holds fewer than `shots` other items (a small --max-per-task), all of them are sampled; the
+    reference would stop with an error there, and agrees everywhere else.
+    """
+    if shots <= 0:
+        return []
+    others = [j for j in range(len(data)) if j != idx]
+    return [data[j] for j in random.Random(1234 + idx).sample(others, min(shots, len(others)))]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts and the scored span
+
+def _solved_example(task_type: str, example: dict, delimiter: str) -> str:
     if task_type == "multiple_choice":
-        return item["query"] + delimiter + item["choices"][item["gold"]]
+        return example["query"] + delimiter + example["choices"][example["gold"]]
     if task_type == "schema":
-        return item["context_options"][item["gold"]] + delimiter + item["continuation"]
-    return item["context"] + delimiter + item["continuation"]
+        return example["context_options"][example["gold"]] + delimiter + example["continuation"]
+    return example["context"].strip() + delimiter + example["continuation"]
 
 
-def build_prompts(task_type: str, item: dict, fewshot: list[dict], delimiter: str) -> list[tuple[str, str]]:
-    """(prefix, continuation) pairs, one per option; the model is scored on the continuation tokens only."""
-    head = "".join(_example_text(task_type, ex, delimiter) + "\n\n" for ex in fewshot)
+def render_prompts(task_type: str, item: dict, fewshot: list[dict], delimiter: str) -> list[str]:
+    """Whole prompts: one per choice (multiple_choice), one per context (schema), or for language_modeling the
+    prompt without and with the continuation. Solved examples come first, each followed by a blank line.
+
+    LM contexts are stripped, and so is the prompt without the continuation: data with a context ending in
+    whitespace would otherwise leave a space that the tokenizer merges into the continuation's first token, so
+    the shorter prompt would not be a token prefix of the longer one.
+    """
+    head = "".join(_solved_example(task_type, ex, delimiter) + "\n\n" for ex in fewshot)
     if task_type == "multiple_choice":
-        return [(head + item["query"] + delimiter, choice) for choice in item["choices"]]
+        return [head + item["query"] + delimiter + choice for choice in item["choices"]]
     if task_type == "schema":
-        return [(head + context + delimiter, item["continuation"]) for context in item["context_options"]]
+        return [head + context + delimiter + item["continuation"] for context in item["context_options"]]
     if task_type == "language_modeling":
-        return [(head + item["context"] + delimiter, item["continuation"])]
+        stem = head + item["context"].strip() + delimiter
+        return [stem.strip(), stem + item["continuation"]]
     raise ValueError(f"unknown CORE task type {task_type!r}")
 
 
-def tokenize_option(tokenizer, prefix: str, continuation: str) -> tuple[list[int], int]:
-    """(BOS + tokens of prefix+continuation, index where the continuation's tokens start)."""
-    bos = tokenizer.get_bos_token_id()
-    full = tokenizer.encode(prefix + continuation, prepend=bos)
-    head = tokenizer.encode(prefix.rstrip(" "), prepend=bos)  # a trailing space belongs to the next token
-    start = len(head) if full[:len(head)] == head else next(
-        (i for i, (a, b) in enumerate(zip(full, head)) if a != b), len(head))
-    return full, min(start, len(full) - 1)
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    return next((i for i in range(n) if any(s[i] != seqs[0][i] for s in seqs)), n)
+
+
+def common_suffix_length(seqs: list[list[int]]) -> int:
+    return common_prefix_length([s[::-1] for s in seqs])
+
+
+def scored_spans(task_type: str, seqs: list[list[int]]) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """(rows to run, [start, end) of the scored tokens in each row), from the prompts' token sequences.
+
+    multiple_choice: the choices share the question, so everything after the tokens common to all rows is scored
+    (choices that begin with the same words are compared on where they differ). schema: the contexts differ and
+    the continuation is shared, so the tokens common to the ends of all rows are scored. language_modeling: one
+    row, the prompt with the continuation, scored after the tokens it shares with the prompt without it.
+    """
+    if task_type == "multiple_choice":
+        start = common_prefix_length(seqs)
+        return seqs, [(start, len(s)) for s in seqs]
+    if task_type == "schema":
+        suffix = common_suffix_length(seqs)
+        return seqs, [(len(s) - suffix, len(s)) for s in seqs]
+    if task_type == "language_modeling":
+        without, full = seqs
+        return [full], [(common_prefix_length([without, full]), len(full))]
+    raise ValueError(f"unknown CORE task type {task_type!r}")
+
+
+def crop_left(row: list[int], span: tuple[int, int], max_len: int) -> tuple[list[int], tuple[int, int]]:
+    """Keep the last max_len tokens (the scored ones are at the end) and shift the span with them."""
+    cut = max(0, len(row) - max_len)
+    return row[cut:], (max(1, span[0] - cut), span[1] - cut)
 
 
 @torch.no_grad()
-def score_item(model, tokenizer, task_type: str, options: list[tuple[str, str]], device, max_len: int,
-               autocast) -> bool | int:
-    """Index of the chosen option (multiple_choice/schema) or whether the greedy prediction matched (LM)."""
-    rows, starts = [], []
-    for prefix, continuation in options:
-        ids, start = tokenize_option(tokenizer, prefix, continuation)
-        if len(ids) > max_len:  # left-truncate, keeping the continuation
-            cut = len(ids) - max_len
-            ids, start = ids[cut:], max(1, start - cut)
-        rows.append(ids)
-        starts.append(start)
+def score_item(model, tokenizer, task_type: str, prompts: list[str], device, max_len: int, autocast) -> int | bool:
+    """Index of the option with the lowest mean loss over its scored span (multiple_choice, schema), or whether
+    every continuation token is the model's greedy prediction (language_modeling)."""
+    seqs = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
+    rows, spans = scored_spans(task_type, seqs)
+    rows, spans = map(list, zip(*(crop_left(r, s, max_len) for r, s in zip(rows, spans))))
     T = max(len(r) for r in rows)
-    x = torch.zeros(len(rows), T, dtype=torch.long, device=device)
+    x = torch.full((len(rows), T), tokenizer.get_bos_token_id(), dtype=torch.long, device=device)
     for i, r in enumerate(rows):
         x[i, :len(r)] = torch.tensor(r, device=device)
     with autocast():
         logits = model(x)  # (n, T, V)
     logits = logits.float()
-    losses, matches = [], []
-    for i, r in enumerate(rows):
-        s, e = starts[i], len(r)
-        target = x[i, s:e]
-        pred_logits = logits[i, s - 1:e - 1]
-        losses.append(F.cross_entropy(pred_logits, target).item())
-        matches.append(bool((pred_logits.argmax(-1) == target).all()))
     if task_type == "language_modeling":
-        return matches[0]
-    return min(range(len(losses)), key=losses.__getitem__)
+        s, e = spans[0]
+        return bool((logits[0, s - 1:e - 1].argmax(-1) == x[0, s:e]).all())
+    # An empty span (a choice whose tokens are all shared) has a NaN mean, as in the reference; NaN never compares
+    # lower, so such an option only wins from first place.
+    means = [F.cross_entropy(logits[i, s - 1:e - 1], x[i, s:e]).item() if e > s else float("nan")
+             for i, (s, e) in enumerate(spans)]
+    return min(range(len(means)), key=means.__getitem__)
 
 
 def evaluate_task(model, tokenizer, task: dict, device, max_per_task: int = -1, autocast=None) -> float:
     """Accuracy on one task, items split over ranks."""
     from contextlib import nullcontext
     autocast = autocast or nullcontext
-    items = list(task["items"])
-    order = list(range(len(items)))
-    random.Random(1337).shuffle(order)
-    if max_per_task > 0:
-        order = order[:max_per_task]
+    data = prepare_items(task["items"], max_per_task)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     max_len = model.config.sequence_len
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
-    for idx in order[rank::world]:
-        item = items[idx]
-        fewshot = []
-        if task["shots"] > 0:
-            pool = [j for j in range(len(items)) if j != idx]
-            fewshot = [items[j] for j in random.Random(1234 + idx).sample(pool, min(task["shots"], len(pool)))]
-        options = build_prompts(task["type"], item, fewshot, task["delimiter"])
-        result = score_item(model, tokenizer, task["type"], options, device, max_len, autocast)
+    correct = torch.zeros(2, dtype=accumulator_dtype(device), device=device)
+    for idx in range(rank, len(data), world):
+        item = data[idx]
+        prompts = render_prompts(task["type"], item, fewshot_examples(data, idx, task["shots"]), task["delimiter"])
+        result = score_item(model, tokenizer, task["type"], prompts, device, max_len, autocast)
         ok = result if task["type"] == "language_modeling" else result == item["gold"]
-        correct += torch.tensor([float(ok), 1.0], dtype=torch.float64, device=device)
+        correct += torch.tensor([float(ok), 1.0], dtype=correct.dtype, device=device)
     if world > 1:
         dist.all_reduce(correct)
     return (correct[0] / correct[1].clamp(min=1)).item()

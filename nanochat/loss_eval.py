@@ -7,6 +7,11 @@ import torch
 import torch.distributed as dist
 
 
+def accumulator_dtype(device) -> torch.dtype:
+    """float64 for sums over a whole evaluation, except on Apple MPS, which has no float64 (float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 @torch.no_grad()
 def evaluate_bpb(model, batches: Iterator, steps: int, token_bytes: torch.Tensor, autocast=None) -> float:
     """Σ loss (nats) over targets that are real text / (ln 2 · Σ their UTF-8 bytes), summed over all ranks.
@@ -14,7 +19,7 @@ def evaluate_bpb(model, batches: Iterator, steps: int, token_bytes: torch.Tensor
     Special tokens have 0 bytes and are left out of both sums; targets of -1 are ignored.
     """
     device = token_bytes.device
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_nats = torch.zeros((), dtype=accumulator_dtype(device), device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(steps):
         x, y = next(batches)
@@ -27,7 +32,7 @@ def evaluate_bpb(model, batches: Iterator, steps: int, token_bytes: torch.Tensor
         valid = y >= 0
         nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
         counted = nbytes > 0
-        total_nats += (loss.double() * counted).sum()
+        total_nats += (loss.to(total_nats.dtype) * counted).sum()
         total_bytes += nbytes.sum()
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_nats)

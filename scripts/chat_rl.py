@@ -18,6 +18,7 @@ from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.engine import Engine
 from nanochat.execution import python_tool_banner
 from nanochat.grpo import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
+from nanochat.loss_eval import accumulator_dtype
 from nanochat.tokenizer import get_tokenizer
 from tasks.gsm8k import GSM8K
 
@@ -108,7 +109,7 @@ def main(argv=None) -> None:
         local = evaluate_pass_at_k(engine, tokenizer, test, eval_indices, args.eval_k, args.max_new_tokens,
                                    args.top_k)
         sums = torch.tensor([v * len(eval_indices) for v in local.values()] + [len(eval_indices)],
-                            dtype=torch.float64, device=device)
+                            dtype=accumulator_dtype(device), device=device)
         if dist_info.is_ddp:
             torch.distributed.all_reduce(sums)
         result = {k: (sums[i] / sums[-1].clamp(min=1)).item() for i, k in enumerate(local)}

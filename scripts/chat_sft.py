@@ -203,7 +203,7 @@ def main(argv=None) -> None:
         print0(progress.line(step, loss_value, lrm, timer.dt, extra))
         wandb.log({"step": step + 1, "loss": loss_value, "lrm": lrm, "val_loss": last_val})
         if args.eval_metrics_every > 0 and (step + 1) % args.eval_metrics_every == 0:
-            from scripts.chat_eval import run_chat_eval
+            from nanochat.chat_eval import run_chat_eval
             model.eval()
             for name in ("ARC-Easy", "MMLU"):
                 acc = run_chat_eval(name, model, tokenizer, max_problems=args.eval_metrics_max_problems,

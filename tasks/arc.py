@@ -1,6 +1,6 @@
 """ARC (AI2 Reasoning Challenge), Easy and Challenge: grade-school science, multiple choice."""
 
-from tasks.common import Task, evaluate_letter, multiple_choice_conversation, read_parquet_rows
+from tasks.common import Task, evaluate_letter, hf_shuffled, multiple_choice_conversation, read_parquet_rows
 
 
 class ARC(Task):
@@ -10,7 +10,8 @@ class ARC(Task):
         super().__init__(**kwargs)
         if subset not in ("ARC-Easy", "ARC-Challenge"):
             raise ValueError(f"ARC subset must be ARC-Easy or ARC-Challenge, not {subset!r}")
-        self.rows = read_parquet_rows("allenai/ai2_arc", f"{subset}/{split}-00000-of-00001.parquet", subset)
+        self.rows = hf_shuffled(read_parquet_rows("allenai/ai2_arc", f"{subset}/{split}-00000-of-00001.parquet",
+                                                  subset))
         self.subset = subset
 
     @property
@@ -22,9 +23,9 @@ class ARC(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
-        labels = list(row["choices"]["label"])  # usually A-D, sometimes 1-4 as in the original data
+        labels = list(row["choices"]["label"])  # usually A-D, sometimes 1-4: kept, as the reference does
         return multiple_choice_conversation(row["question"], list(row["choices"]["text"]),
-                                            labels.index(row["answerKey"]))
+                                            labels.index(row["answerKey"]), letters=labels)
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return evaluate_letter(conversation, completion)

@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from nanochat.common import UserError
@@ -74,22 +75,33 @@ def read_parquet_rows(repo: str, path: str, dataset_name: str) -> list[dict]:
     return pq.read_table(local).to_pylist()
 
 
+def hf_shuffled(rows: list, seed: int = 42) -> list:
+    """The rows in the order Hugging Face datasets' Dataset.shuffle(seed=seed) puts them, which is
+    numpy's default_rng(seed).permutation: the order in which the reference evaluates (and trains on) its tasks,
+    so that --max-problems takes the same slice."""
+    return [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+
+
 def read_jsonl(path: Path) -> list:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def render_multiple_choice(question: str, choices: list[str]) -> str:
+def render_multiple_choice(question: str, choices: list[str], letters: list[str] | None = None) -> str:
     """The chat multiple-choice format: the model answers with the bare letter of the right choice."""
+    letters = letters or list(LETTERS[:len(choices)])
     lines = [f"Multiple Choice question: {question}"]
-    lines += [f"- {choice}={LETTERS[i]}" for i, choice in enumerate(choices)]
+    lines += [f"- {choice}={letter}" for choice, letter in zip(choices, letters)]
     return "\n".join(lines) + "\n\nRespond only with the letter of the correct answer."
 
 
-def multiple_choice_conversation(question: str, choices: list[str], answer: int, subject: str = "") -> dict:
-    return {"messages": [{"role": "user", "content": render_multiple_choice(question, choices)},
-                         {"role": "assistant", "content": LETTERS[answer]}],
-            "letters": list(LETTERS[:len(choices)]), "subject": subject}
+def multiple_choice_conversation(question: str, choices: list[str], answer: int, subject: str = "",
+                                 letters: list[str] | None = None) -> dict:
+    """letters: the label of each choice (default A, B, C, ...); the answer is the label of choices[answer]."""
+    letters = list(letters) if letters is not None else list(LETTERS[:len(choices)])
+    return {"messages": [{"role": "user", "content": render_multiple_choice(question, choices, letters)},
+                         {"role": "assistant", "content": letters[answer]}],
+            "letters": letters, "subject": subject}
 
 
 def evaluate_letter(conversation: dict, completion: str) -> bool:

@@ -6,30 +6,17 @@ text "… 48/2 = ", python "48/2", python_output "24", text "24 clips …\n#### 
 
 import re
 
-from tasks.common import Task, read_parquet_rows
+from tasks.common import Task, hf_shuffled, read_parquet_rows
 
-ANSWER = re.compile(r"####\s*(-?[$]?\s*[\d,]*\.?\d+)")
+ANSWER = re.compile(r"#### (\-?[0-9.,]+)")  # the published grader's pattern
 CALC = re.compile(r"<<([^=<>]*)=([^<>]*)>>")
 
 
 def extract_answer(text: str) -> str | None:
-    """The number after the last '####', normalised (no commas, no $, no trailing zeros after a point)."""
-    matches = ANSWER.findall(text)
-    if not matches:
-        return None
-    number = matches[-1].replace(",", "").replace("$", "").replace(" ", "")
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    return number or None
-
-
-def same_number(a: str | None, b: str | None) -> bool:
-    if a is None or b is None:
-        return False
-    try:
-        return abs(float(a) - float(b)) < 1e-6
-    except ValueError:
-        return a == b
+    """The answer after the first '#### ', normalised as OpenAI's grade-school-math reference does: stripped,
+    commas removed. Answers are compared as strings, so '#### 72.0' does not match 72, as published."""
+    match = ANSWER.search(text)
+    return match.group(1).strip().replace(",", "") if match else None
 
 
 def answer_to_parts(answer: str) -> list[dict]:
@@ -50,7 +37,8 @@ class GSM8K(Task):
 
     def __init__(self, subset: str = "main", split: str = "test", **kwargs):
         super().__init__(**kwargs)
-        self.rows = read_parquet_rows("openai/gsm8k", f"{subset}/{split}-00000-of-00001.parquet", f"GSM8K {split}")
+        self.rows = hf_shuffled(read_parquet_rows("openai/gsm8k", f"{subset}/{split}-00000-of-00001.parquet",
+                                                  f"GSM8K {split}"))
 
     def num_examples(self) -> int:
         return len(self.rows)
@@ -62,7 +50,8 @@ class GSM8K(Task):
                 "answer": extract_answer(row["answer"])}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        return same_number(extract_answer(completion), conversation["answer"])
+        predicted = extract_answer(completion)
+        return predicted is not None and predicted == conversation["answer"]
 
     def reward(self, conversation: dict, completion: str) -> float:
         """The RL reward is the evaluation itself, so training and evaluation can never disagree."""

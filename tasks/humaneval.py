@@ -3,19 +3,27 @@
 import re
 
 from nanochat.execution import execute_code
-from tasks.common import Task, read_parquet_rows
+from tasks.common import Task, hf_shuffled, read_parquet_rows
 
-CODE_BLOCK = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
+CODE_BLOCK = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
 
 
-def extract_program(prompt: str, completion: str) -> str:
-    """The completion's code: a fenced block if there is one; a body without the signature is appended to the prompt."""
+def leading_imports(prompt: str) -> str:
+    """The import lines at the top of the prompt (before its first line of other code)."""
+    imports = []
+    for line in (raw.strip() for raw in prompt.split("\n")):
+        if line.startswith(("import ", "from ")):
+            imports.append(line)
+        elif line and not line.startswith("#"):
+            break
+    return "\n".join(imports)
+
+
+def extract_program(completion: str) -> str:
+    """The first fenced code block of the completion, or the whole completion; graded as the reference grades it,
+    so a completion must define the function itself (the prompt's signature is not prepended)."""
     blocks = CODE_BLOCK.findall(completion)
-    code = blocks[0] if blocks else completion
-    if "def " not in code:
-        return prompt + code
-    imports = "\n".join(line for line in prompt.splitlines() if line.startswith(("import ", "from ")))
-    return imports + "\n" + code
+    return (blocks[0] if blocks else completion).strip()
 
 
 class HumanEval(Task):
@@ -23,8 +31,8 @@ class HumanEval(Task):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.rows = read_parquet_rows("openai/openai_humaneval", "openai_humaneval/test-00000-of-00001.parquet",
-                                      "HumanEval")
+        self.rows = hf_shuffled(read_parquet_rows("openai/openai_humaneval",
+                                                  "openai_humaneval/test-00000-of-00001.parquet", "HumanEval"))
 
     def num_examples(self) -> int:
         return len(self.rows)
@@ -36,6 +44,6 @@ class HumanEval(Task):
                 "prompt": row["prompt"], "test": row["test"], "entry_point": row["entry_point"]}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        program = extract_program(conversation["prompt"], completion)
-        program += f"\n\n{conversation['test']}\n\ncheck({conversation['entry_point']})\n"
+        program = (leading_imports(conversation["prompt"]) + "\n\n" + extract_program(completion) + "\n\n"
+                   + conversation["test"] + "\n" + f"check({conversation['entry_point']})")
         return execute_code(program, timeout=5.0).success

@@ -1,6 +1,6 @@
 """MMLU: 57 subjects of four-choice questions. `auxiliary_train` is the Hub's extra training split."""
 
-from tasks.common import Task, evaluate_letter, multiple_choice_conversation, read_parquet_rows
+from tasks.common import Task, evaluate_letter, hf_shuffled, multiple_choice_conversation, read_parquet_rows
 
 
 class MMLU(Task):
@@ -17,6 +17,7 @@ class MMLU(Task):
         self.rows = read_parquet_rows("cais/mmlu", path, f"MMLU {subset}/{split}")
         if subset == "auxiliary_train" and self.rows and "train" in self.rows[0]:
             self.rows = [row["train"] for row in self.rows]  # that file nests each row under "train"
+        self.rows = hf_shuffled(self.rows)
 
     @property
     def name(self) -> str:

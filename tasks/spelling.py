@@ -10,7 +10,7 @@ import random
 
 from nanochat.download import external_file
 from tasks.common import Task
-from tasks.gsm8k import extract_answer, same_number
+from tasks.gsm8k import extract_answer
 
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
 QUESTIONS = [
@@ -73,7 +73,7 @@ class SpellingBee(_WordTask):
                 "answer": str(count)}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        return same_number(extract_answer(completion), conversation["answer"])
+        return extract_answer(completion) == conversation["answer"]
 
     def reward(self, conversation: dict, completion: str) -> float:
         return float(self.evaluate(conversation, completion))

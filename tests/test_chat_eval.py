@@ -1,4 +1,4 @@
-"""chat_eval end to end on a tiny checkpoint with the mirror: accuracies, ChatCORE, the report section."""
+"""chat_eval end to end on a tiny checkpoint with the mirror: accuracies, pass@k, ChatCORE, the report section."""
 
 import json
 import os
@@ -7,27 +7,64 @@ import sys
 
 import pytest
 
-from scripts.chat_eval import chat_core
+from nanochat.chat_eval import CHATCORE_TASKS, MAX_NEW_TOKENS, chat_core, run_chat_eval, run_generative
 
 
 def test_chat_eval_runs_categorical_and_generative_tasks(mirror, tiny_checkpoint, base_dir):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_MIRROR=str(mirror))
     proc = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-a", "ARC-Easy,GSM8K,SpellingBee",
-                           "--max-problems", "4", "--max-new-tokens", "16"], env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "--max-problems", "4", "--max-new-tokens", "16", "-n", "2", "-t", "1.0"], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for task in ("ARC-Easy", "GSM8K", "SpellingBee"):
         assert f"{task}" in proc.stdout
-    assert "ChatCORE over 3/6 tasks" in proc.stdout
+    assert "ChatCORE over 2/5 tasks" in proc.stdout  # SpellingBee is reported, not averaged in
     section = json.loads((base_dir / "report" / "chat-evaluation-sft.json").read_text())
-    accuracies = section["data"][1]
-    assert 0.0 <= accuracies["ARC-Easy"] <= 1.0 and "GSM8K" in accuracies
+    settings, accuracies = section["data"]
+    assert settings["num_samples"] == 2 and settings["max_new_tokens"] == 16
+    assert 0.0 <= accuracies["ARC-Easy"] <= 1.0 and "GSM8K" in accuracies and "SpellingBee" in accuracies
 
 
-def test_chat_core_centers_each_task_against_chance():
+def test_chatcore_is_the_five_tasks_centered_by_chance_without_spellingbee():
+    assert CHATCORE_TASKS == ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
     assert chat_core({"ARC-Easy": 0.25, "GSM8K": 0.0}) == 0.0
     assert chat_core({"MMLU": 1.0, "HumanEval": 1.0}) == 1.0
     assert chat_core({"ARC-Challenge": 0.625}) == pytest.approx(0.5)
+    full = {"ARC-Easy": 0.625, "ARC-Challenge": 0.25, "MMLU": 0.4375, "GSM8K": 0.1, "HumanEval": 0.05}
+    assert chat_core(full) == pytest.approx((0.5 + 0.0 + 0.25 + 0.1 + 0.05) / 5)
+    assert chat_core({**full, "SpellingBee": 0.9}) == chat_core(full)
+
+
+def test_generative_tasks_get_512_new_tokens_by_default():
+    import inspect
+    assert MAX_NEW_TOKENS == 512
+    assert inspect.signature(run_chat_eval).parameters["max_new_tokens"].default == 512
+
+
+class OneSampleInThreePasses:
+    """Stands in for a generative task in this unit test only: of each problem's samples, only the second passes."""
+
+    eval_type = "generative"
+
+    def __init__(self):
+        self.calls = {}
+
+    def __getitem__(self, i):
+        return {"messages": [{"role": "user", "content": f"problem {i}"}, {"role": "assistant", "content": "x"}],
+                "i": i}
+
+    def evaluate(self, conv, completion):
+        self.calls[conv["i"]] = self.calls.get(conv["i"], 0) + 1
+        return self.calls[conv["i"]] == 2
+
+
+def test_num_samples_gives_pass_at_k(tiny_checkpoint, tiny_tokenizer):
+    from nanochat.engine import Engine
+    engine = Engine(tiny_checkpoint, tiny_tokenizer)
+    task = OneSampleInThreePasses()
+    assert run_generative(task, engine, tiny_tokenizer, [0, 1], 3, 4, 1.0, 50) == [True, True]
+    assert task.calls == {0: 3, 1: 3}
+    assert run_generative(OneSampleInThreePasses(), engine, tiny_tokenizer, [0, 1], 1, 4, 1.0, 50) == [False, False]
 
 
 def test_unknown_task_is_a_clear_error(tiny_checkpoint, base_dir):

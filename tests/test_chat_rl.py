@@ -29,14 +29,15 @@ def overfit(model, sequence: list[int], steps: int = 150):
 def test_rollout_runs_the_tool_and_update_touches_only_sampled_tokens(mirror, base_dir, monkeypatch, tiny_tokenizer):
     monkeypatch.setenv("NANOCHAT_MIRROR", str(mirror))
     tok = tiny_tokenizer
-    task = GSM8K("main", "train", stop=1)
-    prompt = tok.render_for_completion(task[0])
+    task = GSM8K("main", "train")
+    natalia = next(i for i, row in enumerate(task.rows) if row["question"].startswith("Natalia sold clips to 48"))
+    prompt = tok.render_for_completion(task[natalia])
     call = [tok.encode_special("<|python_start|>")] + tok.encode("48/2") + [tok.encode_special("<|python_end|>")]
     output = [tok.encode_special("<|output_start|>")] + tok.encode("24") + [tok.encode_special("<|output_end|>")]
     answer = tok.encode(" #### 72") + [tok.encode_special("<|assistant_end|>")]
     model = overfit(make_tiny_model(tok.get_vocab_size(), sequence_len=256), prompt + call + output + answer)
     engine = Engine(model, tok)
-    result = rollout(engine, tok, task, 0, num_samples=2, max_new_tokens=40, temperature=0.0, top_k=None, seed=0)
+    result = rollout(engine, tok, task, natalia, num_samples=2, max_new_tokens=40, temperature=0.0, top_k=None, seed=0)
     sequence, mask = result["sequences"][0], result["masks"][0]
     completion = sequence[len(prompt):]
     assert completion[:len(call)] == call  # the model called the tool itself…

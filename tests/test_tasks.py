@@ -1,10 +1,13 @@
 """Tasks render real mirror rows into conversations and grade answers the way the benchmarks define."""
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
+from nanochat.download import hf_file
 from tasks.arc import ARC
 from tasks.chat import HHRLHF, CustomJSON, parse_hh_transcript
-from tasks.common import TaskMixture
+from tasks.common import TaskMixture, hf_shuffled
 from tasks.gsm8k import GSM8K, answer_to_parts, extract_answer
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
@@ -16,7 +19,7 @@ def use_mirror(mirror, base_dir, monkeypatch):
     monkeypatch.setenv("NANOCHAT_MIRROR", str(mirror))
 
 
-def test_arc_renders_lettered_choices_and_handles_numeric_labels(tiny_tokenizer):
+def test_arc_renders_lettered_choices_and_keeps_numeric_labels(tiny_tokenizer):
     task = ARC("ARC-Challenge", "test")
     assert len(task) == 1172 and task.eval_type == "categorical"
     conv = task[0]
@@ -27,7 +30,8 @@ def test_arc_renders_lettered_choices_and_handles_numeric_labels(tiny_tokenizer)
     numeric = [i for i, row in enumerate(task.rows) if row["choices"]["label"][0] == "1"]
     assert numeric, "the original data labels some choices 1-4"
     c = task[numeric[0]]
-    assert c["messages"][1]["content"] in "ABCD"
+    assert c["letters"][0] == "1" and "=1\n" in c["messages"][0]["content"]
+    assert c["messages"][1]["content"] in "1234"
     ids, mask = tiny_tokenizer.render_conversation(c)
     assert sum(mask) == 2  # the letter and <|assistant_end|>
 
@@ -50,13 +54,43 @@ def test_mmlu_auxiliary_train_missing_offline_names_the_dataset():
     ("so the answer is\n#### 72", "72"),
     ("#### 1,234", "1234"),
     ("#### -5", "-5"),
-    ("#### 3.50", "3.5"),
-    ("#### $18", "18"),
-    ("#### 10\nlater #### 12", "12"),
+    ("#### 3.50", "3.50"),   # compared as a string, as published: not 3.5
+    ("#### $18", None),      # the published pattern wants a digit, '-', '.' or ',' after '#### '
+    ("####72", None),
+    ("#### 10\nlater #### 12", "10"),  # the first answer counts
     ("no marker 42", None),
 ])
-def test_gsm8k_answer_extraction(text, expected):
+def test_gsm8k_answer_extraction_follows_the_published_grader(text, expected):
     assert extract_answer(text) == expected
+
+
+def test_gsm8k_grades_by_the_first_answer_as_a_string():
+    task = GSM8K("main", "test")
+    conv = task[0]
+    answer = conv["answer"]
+    assert task.evaluate(conv, f"#### {answer}\n#### 0")
+    assert not task.evaluate(conv, f"#### 0\n#### {answer}")
+    assert not task.evaluate(conv, f"#### {answer}.0") and not task.evaluate(conv, "no answer")
+
+
+def test_hf_shuffled_is_datasets_shuffle_with_seed_42():
+    # datasets' Dataset.shuffle(seed) draws numpy's default_rng(seed).permutation(len) and selects by it
+    assert hf_shuffled(list(range(10))) == list(np.random.default_rng(42).permutation(10))
+    assert hf_shuffled(list("abcdef"), seed=7) == [list("abcdef")[i] for i in np.random.default_rng(7).permutation(6)]
+
+
+@pytest.mark.parametrize("make, repo, path, key", [
+    (lambda: GSM8K("main", "test"), "openai/gsm8k", "main/test-00000-of-00001.parquet", "question"),
+    (lambda: MMLU("all", "validation"), "cais/mmlu", "all/validation-00000-of-00001.parquet", "question"),
+    (lambda: ARC("ARC-Easy", "test"), "allenai/ai2_arc", "ARC-Easy/test-00000-of-00001.parquet", "question"),
+    (HumanEval, "openai/openai_humaneval", "openai_humaneval/test-00000-of-00001.parquet", "prompt"),
+])
+def test_task_rows_are_in_the_order_of_the_seed_42_shuffle(make, repo, path, key):
+    raw = pq.read_table(hf_file(repo, path)).to_pylist()
+    order = np.random.default_rng(42).permutation(len(raw))
+    task = make()
+    assert [task.rows[i][key] for i in range(5)] == [raw[j][key] for j in order[:5]]
+    assert order[0] != 0  # the shuffle moved the first row, so this compares something
 
 
 def test_gsm8k_calculator_annotations_become_tool_calls(tiny_tokenizer):
@@ -68,14 +102,28 @@ def test_gsm8k_calculator_annotations_become_tool_calls(tiny_tokenizer):
     ids, mask = tiny_tokenizer.render_conversation(conv)
     start = tiny_tokenizer.encode_special("<|output_start|>")
     assert mask[ids.index(start)] == 0
-    assert task.evaluate(conv, "The total is #### 72") and task.reward(conv, "#### 71") == 0.0
+    answer = conv["answer"]
+    assert task.evaluate(conv, f"The total is #### {answer}") and task.reward(conv, f"#### {answer}1") == 0.0
 
 
 def test_humaneval_runs_the_tests_in_the_sandbox():
     task = HumanEval()
     conv = task[0]
     assert task.evaluate(conv, conv["messages"][1]["content"])
+    assert task.evaluate(conv, "Here:\n```python\n" + conv["messages"][1]["content"] + "\n```\nDone.")
     assert task.evaluate(conv, "```python\n" + conv["prompt"] + "    return False\n```") is False
+
+
+def test_humaneval_grades_like_the_reference_so_a_bare_body_fails():
+    # The reference runs the prompt's imports + the completion's code + the tests; it does not prepend the
+    # signature to a completion that only holds the function body.
+    task = HumanEval()
+    conv = next(c for c in (task[i] for i in range(len(task))) if "import " in c["prompt"])
+    body = conv["messages"][1]["content"][len(conv["prompt"]):]
+    assert not task.evaluate(conv, body)
+    solution = conv["messages"][1]["content"]
+    without_imports = "\n".join(line for line in solution.split("\n") if not line.startswith(("import ", "from ")))
+    assert task.evaluate(conv, without_imports)  # the prompt's imports are added
 
 
 def test_hh_rlhf_transcripts_become_alternating_conversations():
