@@ -32,6 +32,8 @@ class PackedLoader:
         self.buffer_docs = buffer_docs
         self.threads = tokenizer_threads
         self.units = row_groups(split, dataset)
+        # validation reads its row groups in file order, so val bpb covers the same tokens in every run
+        self.shuffle = split != "val"
         # resumable state: position in the unit stream + the buffer of not-yet-used documents
         self.epoch, self.cursor = 0, 0
         self.lengths: list[tuple[int, int]] = []  # sorted (length, doc id) of buffered documents
@@ -46,7 +48,8 @@ class PackedLoader:
 
     def _epoch_units(self, epoch: int) -> list:
         order = list(self.units)
-        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        if self.shuffle:
+            random.Random(self.seed * 100_003 + epoch).shuffle(order)
         mine = order[self.rank::self.world_size]
         return mine or order[self.rank % len(order):][:1]
 
