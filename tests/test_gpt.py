@@ -245,6 +245,16 @@ def test_init_follows_the_reference_recipe():
     assert torch.allclose(model.x0_lambdas[[0, -1]], torch.tensor([0.20, 0.05]))
 
 
+def test_only_embedding_and_lm_head_rates_carry_the_width_factor():
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=4096, n_layer=2, n_head=4, n_kv_head=4, n_embd=3072))
+    groups = {g["name"]: g["lr"] for g in model.setup_optimizer(embedding_lr=0.3, unembedding_lr=0.008,
+                                                                 matrix_lr=0.02, scalar_lr=0.5).param_groups}
+    assert groups["wte"] == pytest.approx(0.3 / 2) and groups["lm_head"] == pytest.approx(0.008 / 2)  # (3072/768)^-½
+    assert groups["value_embeds"] == pytest.approx(0.15 / 2)
+    assert groups["resid_lambdas"] == pytest.approx(0.005) and groups["x0_lambdas"] == pytest.approx(0.5)
+    assert groups["matrices"] == 0.02
+
+
 def test_param_counts_and_flops_on_a_known_config():
     config = GPTConfig(sequence_len=512, vocab_size=8192, n_layer=4, n_head=4, n_kv_head=4, n_embd=256)
     model = GPT(config)
