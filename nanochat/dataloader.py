@@ -17,8 +17,8 @@ from nanochat.dataset import read_row_group, row_groups
 class PackedLoader:
     """Yields (inputs, targets) int64 tensors of shape (B, T) forever, cycling epochs over the split's row groups.
 
-    Row groups are dealt to ranks (rank::world_size) after a per-epoch shuffle with `seed`, so ranks read disjoint
-    data. `state_dict()` taken after any batch, loaded into a fresh loader, continues with exactly the same batches.
+    Row groups are dealt to ranks (rank::world_size) after a per-epoch shuffle with `seed` (none for "val": a fixed
+    order keeps val bpb comparable between runs), so ranks read disjoint data. `state_dict()` taken after any batch, loaded into a fresh loader, continues with exactly the same batches.
     """
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str, device: torch.device | str = "cpu",

@@ -80,7 +80,7 @@ def derive_hparams(depth: int, vocab_size: int = 32768, world_size: int = 1, asp
                    head_dim: int = 128, n_kv_head: int | None = None, max_seq_len: int = 2048,
                    window_pattern: str = "L", device_batch_size: int = 32, total_batch_size: int | None = None,
                    num_iterations: int | None = None, target_flops: float | None = None,
-                   flops_per_token: float | None = None, target_param_data_ratio: float = 10.5,
+                   flops_per_token: float | None = None, target_param_data_ratio: float = 12.0,
                    embedding_lr: float | None = None, unembedding_lr: float | None = None,
                    matrix_lr: float | None = None, scalar_lr: float | None = None, weight_decay: float | None = None,
                    warmup_steps: int = 40, warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05) -> Hyperparams:

@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="subtract a learned share of the middle layer's residual stream before the final norm")
     p.add_argument("--num-iterations", type=int, default=None, help="override the derived number of steps")
     p.add_argument("--target-flops", type=float, default=None, help="derive steps from a compute budget")
-    p.add_argument("--target-param-data-ratio", type=float, default=10.5, help="training tokens per parameter")
+    p.add_argument("--target-param-data-ratio", type=float, default=12.0, help="training tokens per parameter")
     p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per process")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (all processes)")
     p.add_argument("--embedding-lr", type=float, default=None)
