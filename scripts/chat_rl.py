@@ -101,7 +101,8 @@ def main(argv=None) -> None:
     per_rank = args.examples_per_step // world
     print0(f"chat_rl {model_tag}: from SFT step {sft_step}; {num_steps} steps × {args.examples_per_step} questions × "
            f"{args.num_samples} samples, ≤{args.max_new_tokens} new tokens, temperature {args.temperature}, "
-           f"top-k {args.top_k}; LRs {args.embedding_lr}/{args.unembedding_lr}/{args.matrix_lr} × {frac}, decaying to 0")
+           f"top-k {args.top_k}; LRs {args.embedding_lr}/{args.unembedding_lr}/{args.matrix_lr} × {frac}, "
+           "decaying to 0")
     ckpt_dir = checkpoint_dir("rl", model_tag)
     wandb = get_wandb(args.run, "nanochat-rl", vars(args), dist_info.is_master)
     curves = {"mean_reward": [], "pass@1": []}

@@ -147,8 +147,9 @@ def main(argv=None) -> None:
     # --- the base model and its recipe ---------------------------------------------------------------------------
     if args.dry_run:
         chat = "HH-RLHF + Dolly JSONL (offline)" if offline_mode() else "SmolTalk"
-        print0(f"chat_sft dry run: mixture of {chat}, MMLU ×{args.mmlu_epochs}, GSM8K ×{args.gsm8k_epochs}, SpellingBee ({args.spelling_size:,}), "
-               f"SimpleSpelling ({args.simple_spelling_size:,}), {len(args.custom_json)} custom JSONL; not training")
+        print0(f"chat_sft dry run: mixture of {chat}, MMLU ×{args.mmlu_epochs}, GSM8K ×{args.gsm8k_epochs}, "
+               f"SpellingBee ({args.spelling_size:,}), SimpleSpelling ({args.simple_spelling_size:,}), "
+               f"{len(args.custom_json)} custom JSONL; not training")
         return
     mixture, notes = build_mixture(args.custom_json, args.spelling_size, args.simple_spelling_size, args.mmlu_epochs,
                                    args.gsm8k_epochs)
