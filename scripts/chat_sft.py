@@ -289,8 +289,8 @@ def main(argv=None) -> None:
     trained = torch.tensor([sum(loader.consumed for loader in loaders)], device=device)
     if dist_info.is_ddp:
         torch.distributed.all_reduce(trained)
-    print0(f"SFT done after {step} steps: {int(trained.item()):,} conversations packed of {len(mixture):,} "
-           f"in the mixture ({args.num_epochs if not args.num_iterations else 'fixed steps'} epoch(s))")
+    print0(f"SFT done after {step} steps ({'--num-iterations' if args.num_iterations else f'{args.num_epochs} epoch(s)'}"
+           f"): {int(trained.item()):,} conversations packed of {len(mixture):,} in the mixture")
     if dist_info.is_master:
         from nanochat.report import get_report
         get_report().log("Chat SFT", [{"model_tag": model_tag, "base_step": base_step, "steps": step,
