@@ -17,8 +17,8 @@ from nanochat.dataset import read_row_group, row_groups
 class PackedLoader:
     """Yields (inputs, targets) int64 tensors of shape (B, T) forever, cycling epochs over the split's row groups.
 
-    Row groups are dealt to ranks (rank::world_size) after a per-epoch shuffle with `seed`, so ranks read disjoint
-    data. `state_dict()` taken after any batch, loaded into a fresh loader, continues with exactly the same batches.
+    Row groups are dealt to ranks (rank::world_size) after a per-epoch shuffle with `seed` (none for "val": a fixed
+    order keeps val bpb comparable between runs), so ranks read disjoint data. `state_dict()` taken after any batch, loaded into a fresh loader, continues with exactly the same batches.
     """
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str, device: torch.device | str = "cpu",
@@ -32,6 +32,8 @@ class PackedLoader:
         self.buffer_docs = buffer_docs
         self.threads = tokenizer_threads
         self.units = row_groups(split, dataset)
+        # validation reads its row groups in file order, so val bpb covers the same tokens in every run
+        self.shuffle = split != "val"
         # resumable state: position in the unit stream + the buffer of not-yet-used documents
         self.epoch, self.cursor = 0, 0
         self.lengths: list[tuple[int, int]] = []  # sorted (length, doc id) of buffered documents
@@ -46,7 +48,8 @@ class PackedLoader:
 
     def _epoch_units(self, epoch: int) -> list:
         order = list(self.units)
-        random.Random(self.seed * 100_003 + epoch).shuffle(order)
+        if self.shuffle:
+            random.Random(self.seed * 100_003 + epoch).shuffle(order)
         mine = order[self.rank::self.world_size]
         return mine or order[self.rank % len(order):][:1]
 

@@ -1,5 +1,6 @@
 """The GPT: RoPE, QK-norm, untied embeddings, ReLU² MLP, parameter-free RMSNorm, no biases, GQA, sliding windows,
-value embeddings (ResFormer), x0 residual mixing, soft-capped fp32 logits.
+value embeddings (ResFormer), x0 residual mixing, soft-capped fp32 logits; optionally smear (a gated share of the
+previous token's embedding) and backout (the middle layer's residual stream subtracted before the final norm).
 
 Shapes: B batch, T time, C n_embd, H query heads, Hkv key/value heads, D head_dim.
 """
@@ -17,6 +18,7 @@ from nanochat.kv_cache import KVCache
 SOFTCAP = 15.0
 ROPE_BASE = 100_000
 VE_GATE_CHANNELS = 12
+SMEAR_GATE_CHANNELS = 24
 
 
 @dataclass
@@ -28,6 +30,8 @@ class GPTConfig:
     n_kv_head: int = 6
     n_embd: int = 768
     window_pattern: str = "L"
+    smear: bool = False  # x[t] += λ_smear · sigmoid(W · x[t, :24]) · x[t-1] on the token embeddings
+    backout: bool = False  # subtract λ_backout · (residual stream after block n_layer // 2) before the final norm
 
     @property
     def head_dim(self) -> int:
@@ -137,6 +141,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(C, V, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = nn.Linear(SMEAR_GATE_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
         self.windows = config.window_sizes()
         # RoPE tables with headroom for generation past the training context; not saved in checkpoints.
         cos, sin = self._rotary_tables(config.sequence_len * 4)
@@ -169,6 +178,11 @@ class GPT(nn.Module):
         frac = torch.linspace(0, 1, L) if L > 1 else torch.zeros(1)
         self.resid_lambdas.copy_(1.15 - 0.10 * frac)
         self.x0_lambdas.copy_(0.20 - 0.15 * frac)
+        if self.config.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            nn.init.zeros_(self.smear_lambda)
+        if self.config.backout:
+            self.backout_lambda.fill_(0.2)
         cos, sin = self._rotary_tables(self.cos.size(1), device=self.wte.weight.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -190,16 +204,26 @@ class GPT(nn.Module):
             slots = kv_cache.resolve_slots(slots, B)
             positions = kv_cache.positions(slots, T)  # (B, T)
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
-        x = norm(self.wte(idx))
+        x = self.wte(idx)  # (B, T, C)
+        if self.config.smear:
+            x = self.smear(x, kv_cache, slots, positions)
+        x = norm(x)
         x0 = x
+        backout_layer = self.config.n_layer // 2 if self.config.backout else -1
+        x_mid = None
         for i, block in enumerate(self.blocks):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos.to(x.dtype), sin.to(x.dtype), self.windows[i], kv_cache, slots, positions)
+            if i == backout_layer:
+                x_mid = x
         if kv_cache is not None:
             kv_cache.advance(slots, T)
         if last_only and targets is None:
             x = x[:, -1:]
+            x_mid = x_mid[:, -1:] if x_mid is not None else None
+        if x_mid is not None:
+            x = x - self.backout_lambda * x_mid
         x = norm(x)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
@@ -207,6 +231,22 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
+
+    def smear(self, emb: torch.Tensor, kv_cache: KVCache | None, slots, positions) -> torch.Tensor:
+        """emb (B, T, C) → each position t ≥ 1 plus λ_smear · sigmoid(W · emb[t, :24]) · emb[t-1].
+
+        With a KV cache, the embedding before a chunk's first token is the one the slot last saw
+        (`KVCache.prev_embedding`), and position 0 of a sequence gets nothing, so decoding equals a full forward.
+        """
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(emb[..., :SMEAR_GATE_CHANNELS]))  # (B, T, 1)
+        if kv_cache is None:
+            prev = F.pad(emb[:, :-1], (0, 0, 1, 0))  # (B, T, C): position 0 has no predecessor
+            return emb + gate * prev
+        last = kv_cache.previous_embeddings(slots, emb.size(-1), emb.dtype)  # (B, C)
+        prev = torch.cat([last[:, None], emb[:, :-1]], dim=1)  # (B, T, C)
+        prev = prev * (positions > 0)[..., None].to(emb.dtype)
+        kv_cache.remember_embeddings(slots, emb[:, -1])
+        return emb + gate * prev
 
     # --- sizes and FLOPs ---------------------------------------------------------------------------------------------
 
@@ -217,6 +257,7 @@ class GPT(nn.Module):
             "lm_head": self.lm_head.weight.numel(),
             "transformer_matrices": sum(p.numel() for p in self.blocks.parameters()),
             "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+            "smear_backout": sum(p.numel() for p in self.smear_backout_parameters()),
         }
         counts["total"] = sum(counts.values())
         return counts
@@ -234,14 +275,24 @@ class GPT(nn.Module):
         attn = sum(12 * h * d * min(w, T) for w in self.windows)
         return 6 * matmul + attn
 
+    def smear_backout_parameters(self) -> list[nn.Parameter]:
+        params = []
+        if self.config.smear:
+            params += [self.smear_gate.weight, self.smear_lambda]
+        if self.config.backout:
+            params.append(self.backout_lambda)
+        return params
+
     # --- optimizer ----------------------------------------------------------------------------------------------------
 
     def setup_optimizer(self, embedding_lr: float = 0.3, unembedding_lr: float = 0.008, matrix_lr: float = 0.02,
-                        scalar_lr: float = 0.5, weight_decay: float = 0.28, adam_lr_scale: float | None = None):
+                        scalar_lr: float = 0.5, weight_decay: float = 0.28, adam_lr_scale: float | None = None,
+                        smear_lr: float = 0.2):
         """Muon for the 2-D matrices of the blocks, AdamW for everything else, with the reference's groups.
 
-        AdamW learning rates are multiplied by (C/768)^-0.5 (`adam_lr_scale` to override); the caller scales all
-        learning rates by √(B/B_ref) beforehand (see nanochat.scaling).
+        The embedding and LM-head rates are multiplied by (C/768)^-0.5 (`adam_lr_scale` to override); the scalar
+        lambdas and the smear/backout parameters take their rates as given, like the reference. The caller scales
+        the learning rates by √(B/B_ref) beforehand where it wants that (see nanochat.scaling).
         """
         from nanochat.optim import MuonAdamW
         scale = adam_lr_scale if adam_lr_scale is not None else (self.config.n_embd / 768) ** -0.5
@@ -253,10 +304,12 @@ class GPT(nn.Module):
                  betas=(0.8, 0.995), weight_decay=0.001),
             dict(kind="adamw", name="value_embeds", params=list(self.value_embeds.parameters()),
                  lr=embedding_lr * 0.5 * scale, betas=(0.8, 0.995), weight_decay=0.01),
-            dict(kind="adamw", name="resid_lambdas", params=[self.resid_lambdas], lr=scalar_lr * 0.01 * scale,
+            dict(kind="adamw", name="resid_lambdas", params=[self.resid_lambdas], lr=scalar_lr * 0.01,
                  betas=(0.8, 0.95), weight_decay=0.05),
-            dict(kind="adamw", name="x0_lambdas", params=[self.x0_lambdas], lr=scalar_lr * scale,
+            dict(kind="adamw", name="x0_lambdas", params=[self.x0_lambdas], lr=scalar_lr,
                  betas=(0.96, 0.95), weight_decay=0.0),
+            dict(kind="adamw", name="smear_backout", params=self.smear_backout_parameters(), lr=smear_lr,
+                 betas=(0.8, 0.95), weight_decay=0.0),
             dict(kind="muon", name="matrices", params=matrices, lr=matrix_lr, momentum=0.95,
                  weight_decay=weight_decay),
         ]

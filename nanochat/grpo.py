@@ -18,10 +18,12 @@ def group_advantages(rewards: torch.Tensor, std_normalize: bool = False, eps: fl
 
 
 def rollout_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: int,
-                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+                  device: torch.device | str = "cpu", untrained: set[int] = frozenset()) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
     """Samples (prompt + completion, with masks 1 only on sampled tokens) → inputs (B, T) and targets (B, T).
 
-    Targets are -1 wherever the next token was not sampled by the policy (prompt, forced tool output) or is padding.
+    Targets are -1 wherever the next token was not sampled by the policy (prompt, forced tool output), is padding,
+    or is one of `untrained` (the stop tokens: the reference does not train on <|assistant_end|>).
     """
     T = max(len(s) for s in sequences) - 1
     inputs = torch.full((len(sequences), T), pad_id, dtype=torch.long)
@@ -30,21 +32,23 @@ def rollout_batch(sequences: list[list[int]], masks: list[list[int]], pad_id: in
         n = len(seq) - 1
         inputs[i, :n] = torch.tensor(seq[:-1])
         target = torch.tensor(seq[1:])
-        sampled = torch.tensor(mask[1:], dtype=torch.bool)
+        sampled = torch.tensor([m == 1 and t not in untrained for m, t in zip(mask[1:], seq[1:])], dtype=torch.bool)
         targets[i, :n] = target.masked_fill(~sampled, -1)
     return inputs.to(device), targets.to(device)
 
 
 def policy_gradient_loss(logits: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
-                         num_tokens: int | float) -> torch.Tensor:
-    """−Σ advantage · log p(sampled token) over valid targets, divided by num_tokens (token-level normalisation).
+                         num_tokens: int | float | None = None) -> torch.Tensor:
+    """−Σ advantage · log p(sampled token) over valid targets, divided by num_tokens (default: the batch's own
+    count of valid targets: token-level normalisation within one question's group of samples, as the reference).
 
     logits (B, T, V), targets (B, T) with -1 = not a sampled token, advantages (B,).
     """
     logp = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                             reduction="none").view(targets.shape)  # (B, T), 0 where ignored
     valid = (targets >= 0).float()
-    return -(logp * valid * advantages[:, None]).sum() / max(float(num_tokens), 1.0)
+    denominator = valid.sum().clamp(min=1.0) if num_tokens is None else max(float(num_tokens), 1.0)
+    return -(logp * valid * advantages[:, None]).sum() / denominator
 
 
 def pass_at_k(correct: list[bool], k: int) -> float:

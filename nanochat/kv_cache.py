@@ -19,6 +19,8 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
         self.read_length = 0
+        # (slots, n_embd): each slot's last token embedding, for the model's smear; allocated on first use
+        self.prev_embedding: torch.Tensor | None = None
 
     def reset(self, slots: list[int] | torch.Tensor | None = None) -> None:
         """Forget what the given slots (default: all) hold; the memory is reused, not freed."""
@@ -36,6 +38,8 @@ class KVCache:
         self.k[:, dst, :, :n] = self.k[:, src:src + 1, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src:src + 1, :, :n]
         self.pos[dst] = n
+        if self.prev_embedding is not None:
+            self.prev_embedding[dst] = self.prev_embedding[src].clone()
 
     def resolve_slots(self, slots: torch.Tensor | list[int] | None, batch: int) -> slice | torch.Tensor:
         """The cache rows of a batch: a slice when they are consecutive (the engine keeps its live rows first), so
@@ -75,6 +79,15 @@ class KVCache:
         if isinstance(slots, slice):
             return kc[:, :, :L], vc[:, :, :L]
         return kc[:, :, :L].index_select(0, slots), vc[:, :, :L].index_select(0, slots)
+
+    def previous_embeddings(self, slots: slice | torch.Tensor, n_embd: int, dtype: torch.dtype) -> torch.Tensor:
+        """The last embedding each slot saw (B, n_embd); zeros for a slot that saw none."""
+        if self.prev_embedding is None:
+            self.prev_embedding = torch.zeros(self.batch_size, n_embd, device=self.pos.device, dtype=dtype)
+        return self.prev_embedding[slots]
+
+    def remember_embeddings(self, slots: slice | torch.Tensor, emb: torch.Tensor) -> None:
+        self.prev_embedding[slots] = emb.to(self.prev_embedding.dtype)
 
     def advance(self, slots: torch.Tensor, t: int) -> None:
         self.pos[slots] += t

@@ -80,7 +80,7 @@ def derive_hparams(depth: int, vocab_size: int = 32768, world_size: int = 1, asp
                    head_dim: int = 128, n_kv_head: int | None = None, max_seq_len: int = 2048,
                    window_pattern: str = "L", device_batch_size: int = 32, total_batch_size: int | None = None,
                    num_iterations: int | None = None, target_flops: float | None = None,
-                   flops_per_token: float | None = None, target_param_data_ratio: float = 10.5,
+                   flops_per_token: float | None = None, target_param_data_ratio: float = 12.0,
                    embedding_lr: float | None = None, unembedding_lr: float | None = None,
                    matrix_lr: float | None = None, scalar_lr: float | None = None, weight_decay: float | None = None,
                    warmup_steps: int = 40, warmdown_ratio: float = 0.65, final_lr_frac: float = 0.05) -> Hyperparams:
@@ -145,12 +145,16 @@ def derive_hparams(depth: int, vocab_size: int = 32768, world_size: int = 1, asp
 
 def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_ratio: float,
                   final_lr_frac: float) -> float:
-    """Linear warmup, flat, then linear warmdown over the last warmdown_ratio of steps to final_lr_frac."""
+    """Linear warmup over warmup_steps, flat, then linear warmdown over the last warmdown_ratio of steps to
+    final_lr_frac.
+
+    The warmup keeps its length when the run is shorter than it (as the reference does): a 10-step run with a
+    40-step warmup climbs to 10/40 and never jumps down at its last step.
+    """
     step = min(max(step, 0), num_iterations)
-    warmup = min(warmup_steps, max(num_iterations - 1, 0))
     warmdown = round(warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if warmdown <= 0 or step <= num_iterations - warmdown:
         return 1.0
     progress = (num_iterations - step) / warmdown  # 1 → 0 across the warmdown

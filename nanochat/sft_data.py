@@ -4,18 +4,24 @@ Each row holds whole conversations (each starting with <|bos|>); the rest of the
 (ignored by the loss) on padding and on every token the assistant did not write (mask 0: the user's text, tool
 outputs, the <|assistant_start|> markers). A conversation longer than a row is truncated to the row length when it
 is rendered (the only case where tokens are dropped).
+
+With `epochs` set, the loader reads its share of the task that many times and then only drains its buffer: training
+stops on the counted end of the data (`finished`), and `progress` (conversations packed / share) drives the schedule.
 """
 
 from bisect import bisect_right, insort
 
 import torch
 
+from nanochat.common import UserError
+
 
 class SFTLoader:
-    """Yields (inputs, targets) (B, T) forever over a task's conversations, rank::world_size, epoch after epoch."""
+    """Yields (inputs, targets) (B, T) over a task's conversations rank::world_size: epoch after epoch, or for
+    `epochs` epochs and then rows of padding only."""
 
     def __init__(self, task, tokenizer, batch_size: int, seq_len: int, device: torch.device | str = "cpu",
-                 rank: int = 0, world_size: int = 1, buffer_size: int = 64):
+                 rank: int = 0, world_size: int = 1, buffer_size: int = 64, epochs: int | None = None):
         self.task, self.tokenizer = task, tokenizer
         self.B, self.T = batch_size, seq_len
         self.device = torch.device(device)
@@ -26,11 +32,28 @@ class SFTLoader:
         self.buffer: list[tuple[int, int, list[int], list[int]]] = []  # sorted (length, order, ids, mask)
         self.order = 0
         self.tokens_supervised = 0
+        self.epochs = epochs
+        self.share = len(range(rank, len(task), world_size))  # conversations this loader reads per epoch
+        if self.share == 0:
+            raise UserError(f"{len(task)} conversations cannot feed {world_size} loaders: lower --total-batch-size "
+                            "or use fewer processes")
+        self.consumed = 0  # conversations packed into rows so far
+
+    @property
+    def progress(self) -> float:
+        """Epochs of this loader's share packed so far (1.0 = every conversation once)."""
+        return self.consumed / self.share
+
+    @property
+    def finished(self) -> bool:
+        return self.epochs is not None and self.consumed >= self.epochs * self.share
 
     def _fill(self) -> None:
         n = len(self.task)
         while len(self.buffer) < self.buffer_size:
             if self.cursor >= n:
+                if self.epochs is not None and self.epoch + 1 >= self.epochs:
+                    return  # the last epoch is read: from here on the buffer only drains
                 self.epoch += 1
                 self.cursor = self.rank
             ids, mask = self.tokenizer.render_conversation(self.task[self.cursor], max_tokens=self.T + 1)
@@ -47,6 +70,7 @@ class SFTLoader:
             if fit < 0:
                 break
             _, _, conv_ids, conv_mask = self.buffer.pop(fit)
+            self.consumed += 1
             ids += conv_ids
             mask += conv_mask
         pad = self.T + 1 - len(ids)
@@ -63,9 +87,10 @@ class SFTLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "order": self.order, "buffer": list(self.buffer),
-                "tokens_supervised": self.tokens_supervised}
+                "tokens_supervised": self.tokens_supervised, "consumed": self.consumed}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor, self.order = state["epoch"], state["cursor"], state["order"]
         self.buffer = sorted(tuple(b) for b in state["buffer"])
         self.tokens_supervised = state["tokens_supervised"]
+        self.consumed = state.get("consumed", 0)

@@ -159,8 +159,8 @@ class Tokenizer:
                                 "(roles must alternate user, assistant, …, after an optional first system message)")
             content = message.get("content")
             if expected == "user":
-                if not isinstance(content, str) or not content:
-                    raise UserError(f"conversation message {i} (user) must have non-empty string content")
+                if not isinstance(content, str):  # an empty turn is rendered as it is, as the reference does
+                    raise UserError(f"conversation message {i} (user) must have string content")
                 add(special["<|user_start|>"], 0)
                 add(self.encode(content), 0)
                 add(special["<|user_end|>"], 0)
@@ -209,12 +209,10 @@ def _merge_system_message(conversation: dict) -> list[dict]:
 
 
 def _assistant_parts(content, index: int) -> list[dict]:
-    if isinstance(content, str):
-        if not content:
-            raise UserError(f"conversation message {index} (assistant) has empty content")
+    if isinstance(content, str):  # may be empty: the turn is then just <|assistant_start|><|assistant_end|>
         return [{"type": "text", "text": content}]
-    if not isinstance(content, list) or not content:
-        raise UserError(f"conversation message {index} (assistant) must be a string or a non-empty list of parts")
+    if not isinstance(content, list):
+        raise UserError(f"conversation message {index} (assistant) must be a string or a list of parts")
     for part in content:
         if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output"):
             raise UserError(f"conversation message {index} has an unknown part {part!r}: "

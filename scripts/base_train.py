@@ -29,9 +29,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: = query heads)")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--window-pattern", default="L", help="per-layer attention windows, e.g. SSSL (S = 1/4 context)")
+    p.add_argument("--smear", action=argparse.BooleanOptionalAction, default=GPTConfig.smear,
+                   help="mix a gated share of the previous token's embedding into each position")
+    p.add_argument("--backout", action=argparse.BooleanOptionalAction, default=GPTConfig.backout,
+                   help="subtract a learned share of the middle layer's residual stream before the final norm")
     p.add_argument("--num-iterations", type=int, default=None, help="override the derived number of steps")
     p.add_argument("--target-flops", type=float, default=None, help="derive steps from a compute budget")
-    p.add_argument("--target-param-data-ratio", type=float, default=10.5, help="training tokens per parameter")
+    p.add_argument("--target-param-data-ratio", type=float, default=12.0, help="training tokens per parameter")
     p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per process")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (all processes)")
     p.add_argument("--embedding-lr", type=float, default=None)
@@ -90,7 +94,8 @@ def main(argv=None) -> None:
                      warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac)
     hp = derive_hparams(args.depth, **hp_kwargs)
     config = GPTConfig(sequence_len=hp.max_seq_len, vocab_size=vocab_size, n_layer=hp.depth, n_head=hp.n_head,
-                       n_kv_head=hp.n_kv_head, n_embd=hp.model_dim, window_pattern=hp.window_pattern)
+                       n_kv_head=hp.n_kv_head, n_embd=hp.model_dim, window_pattern=hp.window_pattern, smear=args.smear,
+                       backout=args.backout)
     if args.target_flops is not None:
         with torch.device("meta"):
             from nanochat.gpt import GPT

@@ -5,7 +5,9 @@
 
 Each step: for every question, prefill once and sample --num-samples completions through the Engine with the
 python tool on; reward 1 for the right final answer (GSM8K's own evaluate), advantage = reward − group mean; the loss
-is −advantage · log p over the sampled tokens only (prompt and tool outputs masked), normalised by token count.
+is −advantage · log p over the sampled tokens only (prompt, tool outputs and the stop token masked), divided by the
+question's own number of sampled tokens, then averaged over questions. Learning rates: 0.2 / 0.004 / 0.02
+(embedding / unembedding / matrix, not batch-scaled) × 0.05, decaying linearly to 0.
 """
 
 import argparse
@@ -59,7 +61,11 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--init-lr-frac", type=float, default=0.05, help="learning rates = base run's × this")
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--scalar-lr", type=float, default=0.5)
+    p.add_argument("--init-lr-frac", type=float, default=0.05, help="every learning rate × this (then → 0)")
     p.add_argument("--std-normalize", action="store_true", help="divide advantages by the group's std")
     p.add_argument("--eval-every", type=int, default=60, help="pass@k on held-out questions (-1 = at the end)")
     p.add_argument("--eval-examples", type=int, default=400)
@@ -91,14 +97,15 @@ def main(argv=None) -> None:
     model = build_model(sft["meta"]["model_config"], device, sft["model"])
     tokenizer = get_tokenizer()
     frac = args.init_lr_frac
-    optimizer = model.setup_optimizer(embedding_lr=hp["embedding_lr"] * frac, unembedding_lr=hp["unembedding_lr"] * frac,
-                                      matrix_lr=hp["matrix_lr"] * frac, scalar_lr=hp["scalar_lr"] * frac,
-                                      weight_decay=0.0)
+    optimizer = model.setup_optimizer(embedding_lr=args.embedding_lr * frac, unembedding_lr=args.unembedding_lr * frac,
+                                      matrix_lr=args.matrix_lr * frac, scalar_lr=args.scalar_lr * frac,
+                                      smear_lr=0.2 * frac, weight_decay=0.0)
     engine = Engine(model, tokenizer, compute.autocast)
     per_rank = args.examples_per_step // world
     print0(f"chat_rl {model_tag}: from SFT step {sft_step}; {num_steps} steps × {args.examples_per_step} questions × "
            f"{args.num_samples} samples, ≤{args.max_new_tokens} new tokens, temperature {args.temperature}, "
-           f"top-k {args.top_k}; LRs × {frac} of the base run, decaying to 0")
+           f"top-k {args.top_k}; LRs {args.embedding_lr}/{args.unembedding_lr}/{args.matrix_lr} × {frac}, "
+           "decaying to 0")
     ckpt_dir = checkpoint_dir("rl", model_tag)
     wandb = get_wandb(args.run, "nanochat-rl", vars(args), dist_info.is_master)
     curves = {"mean_reward": [], "pass@1": []}
@@ -134,17 +141,16 @@ def main(argv=None) -> None:
             batches.append(rollout(engine, tokenizer, train, index, args.num_samples, args.max_new_tokens,
                                    args.temperature, args.top_k, seed=step * 1000 + index))
         sampled_tokens = sum(sum(m) for b in batches for m in b["masks"])
-        counts = torch.tensor([float(sampled_tokens)], device=device)
-        if dist_info.is_ddp:
-            torch.distributed.all_reduce(counts)
         model.train()
         for b in batches:
             advantages = group_advantages(b["rewards"].float(), args.std_normalize).to(device)
-            inputs, targets = rollout_batch(b["sequences"], b["masks"], tokenizer.get_bos_token_id(), device)
+            inputs, targets = rollout_batch(b["sequences"], b["masks"], tokenizer.get_bos_token_id(), device,
+                                            untrained=engine.tools.stops)
             with compute.autocast():
                 logits = model(inputs)
-            # each rank divides by the global token count; the optimizer then averages (×1/world) → undo that
-            loss = policy_gradient_loss(logits, targets, advantages, counts.item() / world)
+            # the question's loss is normalised by its own sampled tokens; / per_rank here and the optimizer's
+            # average over processes make the step the mean over all questions
+            loss = policy_gradient_loss(logits, targets, advantages) / per_rank
             loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

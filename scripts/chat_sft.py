@@ -22,10 +22,48 @@ from nanochat.tokenizer import get_tokenizer
 from nanochat.training import Progress, Timer, restore_training_state, train_step, training_state
 
 
-def sft_lr_multiplier(step: int, num_iterations: int) -> float:
-    """Flat for the first half, then linear to 0 at the last step; never increases."""
-    progress = min(max(step / max(num_iterations, 1), 0.0), 1.0)
-    return 1.0 if progress < 0.5 else max(0.0, 1.0 - (progress - 0.5) / 0.5)
+# The base run's rates before any batch scaling: what a user passes to base_train, or its defaults here.
+BASE_RATES = {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02, "scalar_lr": 0.5}
+
+
+def sft_lr_multiplier(progress: float, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.5,
+                      final_lr_frac: float = 0.0) -> float:
+    """On progress through the epoch (0 → 1): linear warmup, flat, then linear warmdown to final_lr_frac; never
+    negative, and flat-or-falling after the warmup whatever the flags."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if warmdown_ratio <= 0 or progress <= 1.0 - warmdown_ratio:
+        return 1.0
+    decay = (progress - (1.0 - warmdown_ratio)) / warmdown_ratio
+    return (1 - decay) + decay * final_lr_frac
+
+
+def sft_muon_momentum(step: int) -> float:
+    """0.85 → 0.95 over the first 300 steps, then flat."""
+    frac = min(step / 300, 1.0)
+    return 0.85 + 0.10 * frac
+
+
+def sft_learning_rates(base_args: dict, overrides: dict, frac: float) -> dict:
+    """Each rate: the SFT flag if given, else the base run's flag if given, else BASE_RATES; then × frac. The base
+    run's batch scaling is not inherited: SFT runs at its own batch with the user's rates."""
+    rates = {}
+    for name, default in BASE_RATES.items():
+        value = overrides.get(name)
+        if value is None:
+            value = base_args.get(name)
+        rates[name] = (default if value is None else value) * frac
+    return rates
+
+
+def warm_start(optimizer, base_state: dict) -> None:
+    """The base run's optimizer moments (Muon momentum, AdamW first and second moments), with this run's groups'
+    learning rates, weight decay and betas kept."""
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(base_state)
+    for group, settings in zip(optimizer.param_groups, fresh):
+        group.update(settings)
 
 
 def offline_mode() -> bool:
@@ -37,7 +75,8 @@ def offline_mode() -> bool:
     return not os.path.isdir(os.path.join(mirror, "hf/datasets/HuggingFaceTB/smol-smoltalk"))
 
 
-def build_mixture(custom_json: list[str], spelling_size: int, simple_spelling_size: int):
+def build_mixture(custom_json: list[str], spelling_size: int, simple_spelling_size: int, mmlu_epochs: int = 3,
+                  gsm8k_epochs: int = 4):
     """The SFT task mixture and the list of stand-ins used (announced by the caller)."""
     from tasks.arc import ARC
     from tasks.chat import HHRLHF, CustomJSON, SmolTalk
@@ -57,8 +96,8 @@ def build_mixture(custom_json: list[str], spelling_size: int, simple_spelling_si
         chat = [SmolTalk("train")]
         mmlu = [MMLU("auxiliary_train")]
     gsm8k = GSM8K("main", "train")
-    tasks = chat + mmlu * 3 + [gsm8k] * 4 + [SpellingBee(spelling_size, "train"),
-                                              SimpleSpelling(simple_spelling_size, "train")]
+    tasks = chat + mmlu * mmlu_epochs + [gsm8k] * gsm8k_epochs + [SpellingBee(spelling_size, "train"),
+                                                                  SimpleSpelling(simple_spelling_size, "train")]
     tasks += [CustomJSON(path) for path in custom_json]
     return TaskMixture(tasks), notes
 
@@ -74,13 +113,21 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Supervised fine-tuning of a base model on a chat task mixture.")
     p.add_argument("--model-tag", default=None, help="base model to start from (default: the largest)")
     p.add_argument("--step", type=int, default=None, help="base checkpoint step (default: the last)")
-    p.add_argument("--num-iterations", type=int, default=None, help="default: one epoch of the mixture")
-    p.add_argument("--num-epochs", type=float, default=1.0)
+    p.add_argument("--num-iterations", type=int, default=None, help="default: stop after one epoch (counted)")
+    p.add_argument("--num-epochs", type=int, default=1, help="passes over the mixture when --num-iterations is unset")
     p.add_argument("--device-batch-size", type=int, default=None, help="default: the base run's")
-    p.add_argument("--max-seq-len", type=int, default=None, help="default: the base model's context")
-    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per step (default: one micro-batch "
-                   "per process)")
-    p.add_argument("--init-lr-frac", type=float, default=0.8, help="learning rates = base run's × this")
+    p.add_argument("--max-seq-len", type=int, default=None, help="default: the base run's")
+    p.add_argument("--total-batch-size", type=int, default=None, help="tokens per step (default: the base run's)")
+    p.add_argument("--embedding-lr", type=float, default=None, help="default: the base run's flag, else 0.3")
+    p.add_argument("--unembedding-lr", type=float, default=None, help="default: the base run's flag, else 0.004")
+    p.add_argument("--matrix-lr", type=float, default=None, help="default: the base run's flag, else 0.02")
+    p.add_argument("--scalar-lr", type=float, default=None, help="default: the base run's flag, else 0.5")
+    p.add_argument("--init-lr-frac", type=float, default=0.8, help="every learning rate × this")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of the epoch spent warming up")
+    p.add_argument("--warmdown-ratio", type=float, default=0.5, help="share of the epoch decaying the LR")
+    p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
+    p.add_argument("--mmlu-epochs", type=int, default=3, help="copies of the MMLU data in the mixture")
+    p.add_argument("--gsm8k-epochs", type=int, default=4, help="copies of GSM8K train in the mixture")
     p.add_argument("--custom-json", action="append", default=[], help="extra JSONL conversations (repeatable)")
     p.add_argument("--spelling-size", type=int, default=80_000)
     p.add_argument("--simple-spelling-size", type=int, default=200_000)
@@ -100,10 +147,12 @@ def main(argv=None) -> None:
     # --- the base model and its recipe ---------------------------------------------------------------------------
     if args.dry_run:
         chat = "HH-RLHF + Dolly JSONL (offline)" if offline_mode() else "SmolTalk"
-        print0(f"chat_sft dry run: mixture of {chat}, MMLU ×3, GSM8K ×4, SpellingBee ({args.spelling_size:,}), "
-               f"SimpleSpelling ({args.simple_spelling_size:,}), {len(args.custom_json)} custom JSONL; not training")
+        print0(f"chat_sft dry run: mixture of {chat}, MMLU ×{args.mmlu_epochs}, GSM8K ×{args.gsm8k_epochs}, "
+               f"SpellingBee ({args.spelling_size:,}), SimpleSpelling ({args.simple_spelling_size:,}), "
+               f"{len(args.custom_json)} custom JSONL; not training")
         return
-    mixture, notes = build_mixture(args.custom_json, args.spelling_size, args.simple_spelling_size)
+    mixture, notes = build_mixture(args.custom_json, args.spelling_size, args.simple_spelling_size, args.mmlu_epochs,
+                                   args.gsm8k_epochs)
     for note in notes:
         print0(note)
     model_tag = args.model_tag or find_model_tag("base")
@@ -115,29 +164,29 @@ def main(argv=None) -> None:
     hp = base["meta"]["hyperparams"]
     model = build_model(base["meta"]["model_config"], device, base["model"])
     tokenizer = get_tokenizer()
-    T = args.max_seq_len or model.config.sequence_len
+    T = args.max_seq_len or hp["max_seq_len"]
     B = args.device_batch_size or hp["device_batch_size"]
     world = dist_info.world_size
-    total = args.total_batch_size or B * T * world
+    total = args.total_batch_size or hp["total_batch_size"]
     if total % (B * T * world):
         raise UserError(f"--total-batch-size={total} is not a multiple of {B}×{T}×{world}: change it or "
                         "--device-batch-size")
     accum = total // (B * T * world)
     frac = args.init_lr_frac
-    optimizer = model.setup_optimizer(embedding_lr=hp["embedding_lr"] * frac, unembedding_lr=hp["unembedding_lr"] * frac,
-                                      matrix_lr=hp["matrix_lr"] * frac, scalar_lr=hp["scalar_lr"] * frac,
-                                      weight_decay=0.0)
-    if base["rank_state"] is not None:  # warm-start the optimizer's moments from the base run
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(base["rank_state"]["optimizer"])
-        for group, settings in zip(optimizer.param_groups, fresh):
-            group.update(settings)
-    loaders = [SFTLoader(mixture, tokenizer, B, T, device, rank=dist_info.rank * accum + i, world_size=world * accum)
+    lrs = sft_learning_rates(base["meta"].get("args") or {}, vars(args), frac)
+    optimizer = model.setup_optimizer(**lrs, weight_decay=0.0, smear_lr=0.2 * frac)
+    if base["rank_state"] is not None:
+        warm_start(optimizer, base["rank_state"]["optimizer"])
+    epochs = None if args.num_iterations else args.num_epochs
+    loaders = [SFTLoader(mixture, tokenizer, B, T, device, rank=dist_info.rank * accum + i, world_size=world * accum,
+                         epochs=epochs)
                for i in range(accum)]
-    epoch_steps = math.ceil(len(mixture) * args.num_epochs / max(1, B * world * accum * 2))  # ~2 convs a row
-    num_iterations = args.num_iterations or max(1, epoch_steps)
-    print0(f"chat_sft {model_tag}: from base step {base_step}; {len(mixture):,} conversations; {num_iterations} steps "
-           f"of {B}×{T}×{world}×{accum} tokens; LRs × {frac} of the base run, weight decay 0")
+    # the step count of an epoch is only known at its end; until then the progress line shows an estimate
+    num_iterations = args.num_iterations or math.ceil(len(mixture) * args.num_epochs / (B * world * accum * 2))
+    print0(f"chat_sft {model_tag}: from base step {base_step}; {len(mixture):,} conversations; "
+           + (f"{num_iterations} steps" if args.num_iterations else f"{args.num_epochs} epoch(s), counted")
+           + f" of {B}×{T}×{world}×{accum} tokens; LRs {', '.join(f'{k} {v:.4g}' for k, v in lrs.items())} "
+           f"(× {frac}), weight decay 0")
 
     ckpt_dir = checkpoint_dir("sft", model_tag)
     progress = Progress(num_iterations, total, model.estimate_flops(),
@@ -160,13 +209,16 @@ def main(argv=None) -> None:
     def val_loss() -> float:
         model.eval()
         val = SFTLoader(build_validation(), tokenizer, B, T, device, rank=dist_info.rank, world_size=world)
-        total_loss = torch.zeros(2, dtype=torch.float64, device=device)
+        # float64 sums, except on MPS, which has no float64 (float32 holds these sums to ~1e-7 relative)
+        acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+        total_loss = torch.zeros(2, dtype=acc_dtype, device=device)
         it = iter(val)
         for _ in range(args.eval_steps):
             x, y = next(it)
             with compute.autocast():
                 loss = model(x, y, loss_reduction="sum")
-            total_loss += torch.tensor([loss.item(), (y >= 0).sum().item()], dtype=torch.float64, device=device)
+            total_loss[0] += loss.to(acc_dtype)
+            total_loss[1] += (y >= 0).sum().to(acc_dtype)
         if dist_info.is_ddp:
             torch.distributed.all_reduce(total_loss)
         model.train()
@@ -179,22 +231,42 @@ def main(argv=None) -> None:
         save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world)
         print0(f"saved checkpoint {ckpt_dir} step {step}")
 
+    def epoch_progress() -> float:
+        """Epochs done by the furthest loader of any process: the epoch ends when one of them has packed its whole
+        share (the others are within a row or two of theirs), as the reference counts it."""
+        furthest = max(loader.progress for loader in loaders)
+        if dist_info.is_ddp:
+            t = torch.tensor([furthest], dtype=torch.float32, device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            furthest = t.item()
+        return furthest
+
     # --- the loop ------------------------------------------------------------------------------------------------
     model.train()
     last_val = None
     first_val = val_loss() if start == 0 else None
     if first_val is not None:
         print0(f"val loss before SFT: {first_val:.4f}")
-    for step in range(start, num_iterations):
-        lrm = sft_lr_multiplier(step, num_iterations)
+    done = epoch_progress()
+    step = start
+    while (step < num_iterations) if args.num_iterations else (done < args.num_epochs):
+        lrm = sft_lr_multiplier(step / num_iterations if args.num_iterations else done / args.num_epochs,
+                                args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = sft_muon_momentum(step)
         with Timer(compute.device_type) as timer:
             loss_value = train_step(model, optimizer, streams, compute.autocast)
         if not math.isfinite(loss_value):
             raise RuntimeError(f"SFT loss became {loss_value} at step {step + 1}: lower --init-lr-frac")
         curves["train_loss"].append([step + 1, (step + 1) * total * progress.flops_per_token, loss_value])
-        last = step + 1 == num_iterations
+        done = epoch_progress()
+        if args.num_iterations:
+            last = step + 1 == num_iterations
+        else:
+            last = done >= args.num_epochs
+            progress.total = step + 1 if last else max(step + 2, round((step + 1) * args.num_epochs / max(done, 1e-9)))
         extra = ""
         if (args.eval_every > 0 and (step + 1) % args.eval_every == 0) or last:
             last_val = val_loss()
@@ -212,11 +284,18 @@ def main(argv=None) -> None:
             model.train()
         if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
             save(step + 1)
+        step += 1
 
+    trained = torch.tensor([sum(loader.consumed for loader in loaders)], device=device)
+    if dist_info.is_ddp:
+        torch.distributed.all_reduce(trained)
+    print0(f"SFT done after {step} steps ({'--num-iterations' if args.num_iterations else f'{args.num_epochs} epoch(s)'}"
+           f"): {int(trained.item()):,} conversations packed of {len(mixture):,} in the mixture")
     if dist_info.is_master:
         from nanochat.report import get_report
-        get_report().log("Chat SFT", [{"model_tag": model_tag, "base_step": base_step, "steps": num_iterations,
-                                       "conversations": len(mixture), "val_loss_before": first_val,
+        get_report().log("Chat SFT", [{"model_tag": model_tag, "base_step": base_step, "steps": step,
+                                       "conversations": len(mixture), "conversations_trained": int(trained.item()),
+                                       "val_loss_before": first_val,
                                        "val_loss": last_val, "final_train_loss": curves["train_loss"][-1][2],
                                        "training_time_s": round(progress.train_time, 1)},
                                       {"data": "; ".join(notes) or "online mixture"}], curves=curves)

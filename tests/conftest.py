@@ -65,10 +65,10 @@ def tiny_tokenizer():
 TINY_TAG = "d2"
 
 
-def tiny_config(vocab_size: int, sequence_len: int = 128, window_pattern: str = "L"):
+def tiny_config(vocab_size: int, sequence_len: int = 128, window_pattern: str = "L", **overrides):
     from nanochat.gpt import GPTConfig
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
-                     window_pattern=window_pattern)
+    fields = dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=64) | overrides
+    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, window_pattern=window_pattern, **fields)
 
 
 def make_tiny_model(vocab_size: int, seed: int = 0, **kwargs):

@@ -48,10 +48,13 @@ def test_training_on_real_text_lowers_the_loss_and_saves(train_env, base_dir):
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(train_env, base_dir, tmp_path):
-    run(train_env, "--num-iterations=6", "--save-every=3", "--eval-every=-1")
+    flags = ["--num-iterations=6", "--save-every=3", "--eval-every=-1", "--smear", "--backout"]
+    run(train_env, *flags)
     full = losses(base_dir, 6)
+    config = load_checkpoint(checkpoint_dir("base", "t2"), 6)["meta"]["model_config"]
+    assert config["smear"] and config["backout"]  # the flags reach the model and its checkpoint
     shutil.rmtree(checkpoint_dir("base", "t2") / "step_000006")
-    proc = run(train_env, "--num-iterations=6", "--save-every=3", "--eval-every=-1", "--resume-from-step=latest")
+    proc = run(train_env, *flags, "--resume-from-step=latest")
     assert "resumed from" in proc.stdout
     assert losses(base_dir, 6) == full
 

@@ -61,6 +61,7 @@ def test_chat_rl_script_runs_a_step_and_saves(mirror, tiny_checkpoint, base_dir)
                            "--eval-k=2", "--init-lr-frac=1"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "mean reward" in proc.stdout and "pass@2" in proc.stdout and "sampled tok/s" in proc.stdout
+    assert "LRs 0.2/0.004/0.02 × 1.0, decaying to 0" in proc.stdout  # the reference's rates, not batch-scaled
     assert (base_dir / "chatrl_checkpoints" / "d2" / "step_000002" / "model.safetensors").exists()
     section = json.loads((base_dir / "report" / "chat-rl.json").read_text())
     assert "GSM8K pass@1" in section["data"][0]

@@ -10,7 +10,8 @@ import torch
 
 from nanochat.checkpoint import checkpoint_dir, load_checkpoint, build_model
 from nanochat.sft_data import SFTLoader
-from scripts.chat_sft import sft_lr_multiplier
+from conftest import make_tiny_model
+from scripts.chat_sft import sft_learning_rates, sft_lr_multiplier, sft_muon_momentum, warm_start
 
 TOOL_CONVERSATION = {"messages": [
     {"role": "user", "content": "What is 6*7?"},
@@ -48,10 +49,78 @@ def test_padding_never_contributes_to_the_loss(tiny_tokenizer):
     assert (y[:, per_row * n:] == -1).all()
 
 
-def test_lr_schedule_is_flat_then_decays_and_never_runs_backwards():
-    values = [sft_lr_multiplier(s, 50) for s in range(50)]
-    assert values[:25] == [1.0] * 25
-    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] < 0.1
+class Numbered:
+    """n distinct one-turn conversations of different lengths."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {"messages": [{"role": "user", "content": f"question {i}"},
+                             {"role": "assistant", "content": "yes " * (1 + i % 7)}]}
+
+
+def test_lr_schedule_runs_on_epoch_progress_flat_then_linear_to_zero():
+    values = [sft_lr_multiplier(p / 100) for p in range(101)]
+    assert values[:51] == [1.0] * 51
+    assert all(a >= b for a, b in zip(values, values[1:])) and values[-1] == 0.0
+    assert sft_lr_multiplier(0.05, warmup_ratio=0.1) == pytest.approx(0.5)
+    assert sft_lr_multiplier(0.9, warmdown_ratio=0.2, final_lr_frac=0.1) == pytest.approx(0.55)
+
+
+def test_muon_momentum_warms_from_0_85_to_0_95_over_300_steps():
+    assert sft_muon_momentum(0) == 0.85
+    assert sft_muon_momentum(150) == pytest.approx(0.90)
+    assert sft_muon_momentum(300) == sft_muon_momentum(5000) == pytest.approx(0.95)
+
+
+def test_learning_rates_are_the_base_runs_flags_or_defaults_times_the_fraction():
+    base_args = {"embedding_lr": None, "unembedding_lr": None, "matrix_lr": 0.03, "scalar_lr": None}
+    lrs = sft_learning_rates(base_args, {"scalar_lr": 1.0}, 0.8)
+    assert lrs == pytest.approx({"embedding_lr": 0.24, "unembedding_lr": 0.0032, "matrix_lr": 0.024,
+                                 "scalar_lr": 0.8})
+
+
+def test_warm_start_takes_the_base_moments_but_keeps_this_runs_rates():
+    base = make_tiny_model(V := 300)
+    base_opt = base.setup_optimizer(weight_decay=0.1)
+    base(torch.randint(0, V, (2, 16)), torch.randint(0, V, (2, 16))).backward()
+    base_opt.step()
+    sft = make_tiny_model(V)
+    sft_opt = sft.setup_optimizer(embedding_lr=0.24, matrix_lr=0.016, weight_decay=0.0)
+    wanted = [(g["lr"], g["weight_decay"]) for g in sft_opt.param_groups]
+    warm_start(sft_opt, base_opt.state_dict())
+    assert [(g["lr"], g["weight_decay"]) for g in sft_opt.param_groups] == wanted
+    muon = next(p for p in sft.blocks.parameters())
+    base_muon = next(p for p in base.blocks.parameters())
+    assert torch.equal(sft_opt.state[muon]["momentum_buffer"], base_opt.state[base_muon]["momentum_buffer"])
+    assert torch.equal(sft_opt.state[sft.wte.weight]["exp_avg_sq"], base_opt.state[base.wte.weight]["exp_avg_sq"])
+
+
+def test_one_epoch_loader_packs_every_conversation_exactly_once(tiny_tokenizer):
+    task = Numbered(37)
+    loader = SFTLoader(task, tiny_tokenizer, batch_size=2, seq_len=64, buffer_size=8, epochs=1)
+    it = iter(loader)
+    rows = []
+    while not loader.finished:
+        x, _ = next(it)
+        rows += x.tolist()
+    bos = tiny_tokenizer.get_bos_token_id()
+    text = tiny_tokenizer.decode([t for row in rows for t in row if t != bos])
+    assert loader.consumed == 37 and loader.progress == 1.0
+    assert all(text.count(f"question {i}<") == 1 for i in range(37))
+
+
+def test_empty_turns_in_a_row_are_trained_on_not_fatal(tiny_tokenizer):
+    class Empty(OneConversation):
+        def __getitem__(self, i):
+            return {"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]}
+
+    _, y = next(iter(SFTLoader(Empty(), tiny_tokenizer, batch_size=1, seq_len=16)))
+    assert (y == tiny_tokenizer.encode_special("<|assistant_end|>")).sum() == 3  # three packed, each supervised
 
 
 @pytest.fixture
@@ -89,6 +158,20 @@ def test_tiny_sft_lowers_the_loss_on_its_training_conversations(sft_env, base_di
     after = supervised_loss(build_model(sft["meta"]["model_config"], "cpu", sft["model"]), batches)
     assert after < before - 0.3
     assert (base_dir / "report" / "chat-sft.json").exists()
+
+
+def test_sft_without_num_iterations_stops_after_one_counted_epoch(sft_env, base_dir, monkeypatch, capsys):
+    import scripts.chat_sft as chat_sft
+    from tasks.common import TaskMixture
+    for key in ("NANOCHAT_BASE_DIR", "NANOCHAT_MIRROR"):
+        monkeypatch.setenv(key, sft_env[key])
+    monkeypatch.setattr(chat_sft, "build_mixture", lambda *args: (TaskMixture([Numbered(30)]), []))
+    chat_sft.main(["--eval-every=-1", "--eval-steps=1"])  # the base run's batch: 4 rows of 128 tokens
+    out = capsys.readouterr().out
+    assert "SFT done after" in out and "30 conversations packed of 30" in out
+    steps = int(out.split("SFT done after ")[1].split()[0])
+    assert checkpoint_dir("sft", "d2").joinpath(f"step_{steps:06d}").exists()
+    assert sum(line.startswith("step ") for line in out.splitlines()) == steps
 
 
 def test_sft_resume_continues_exactly(sft_env, base_dir):

@@ -81,3 +81,12 @@ def test_reports_the_fraction_of_tokens_cropped(shards, tiny_tokenizer):
     l = loader(tiny_tokenizer, seq_len=128)
     take(iter(l), 10)
     assert 0 < l.stats["crop_fraction"] < 1
+
+
+def test_validation_reads_row_groups_in_file_order_whatever_the_seed(shards, tiny_tokenizer):
+    units = [("shard", g) for g in range(12)]
+    for seed in (0, 7):
+        val, train = loader(tiny_tokenizer, split="val", seed=seed), loader(tiny_tokenizer, seed=seed)
+        val.units = train.units = units  # more row groups than the mirror's validation shard has
+        assert val._epoch_units(0) == val._epoch_units(3) == units
+        assert train._epoch_units(0) != units  # training still shuffles

@@ -112,6 +112,20 @@ def test_greedy_engine_equals_full_forward_passes(model, tiny_tokenizer, num_sam
         assert masks == [expected[1]] * num_samples
 
 
+def test_greedy_engine_with_smear_and_backout_equals_full_forward_passes(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256, n_layer=4, smear=True,
+                            backout=True).eval()
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.7)  # init is 0 (no smear): give it an effect to get wrong
+        model.smear_gate.weight.normal_(0, 1.0)
+    engine = Engine(model, tiny_tokenizer, use_tools=False)
+    for text in PROMPTS[:2]:
+        prompt = encode(tiny_tokenizer, text)
+        results, _ = engine.generate_batch(prompt, 2, max_tokens=12, temperature=0.0)
+        expected = oracle(model, tiny_tokenizer, prompt, 1, 12, use_tools=False)[0]
+        assert results == [expected[0]] * 2
+
+
 def test_cpu_generation_runs_in_the_weights_dtype_whatever_the_autocast(model, tiny_tokenizer, monkeypatch):
     """bf16 autocast on a CPU re-casts every weight each step (slower decoding): the engine leaves it out there."""
     monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")

@@ -126,6 +126,85 @@ def test_copy_slot_gives_identical_continuations():
     assert cache.k.shape == (2, 3, 1, 32, 32)  # never resized
 
 
+def smear_backout_model(smear: bool = True, backout: bool = True) -> GPT:
+    """Four layers (so the middle layer is not the last) with smear switched on: λ_smear starts at 0 (no effect)."""
+    model = model_with(n_layer=4, smear=smear, backout=backout)
+    if smear:
+        with torch.no_grad():
+            model.smear_lambda.fill_(0.7)
+            model.smear_gate.weight.normal_(0, 1.0)
+    return model
+
+
+def test_smear_adds_the_gated_previous_embedding_from_the_second_position_on():
+    model = smear_backout_model(backout=False)
+    emb = torch.randn(2, 6, 64)
+    out = model.smear(emb, None, None, None)
+    for t in range(6):
+        gate = 0.7 * torch.sigmoid(emb[:, t, :24] @ model.smear_gate.weight[0])  # (B,)
+        expected = emb[:, t] + (gate[:, None] * emb[:, t - 1] if t else 0)
+        assert torch.allclose(out[:, t], expected, atol=1e-6)
+
+
+def test_backout_subtracts_its_share_of_the_middle_layer_stream():
+    with_backout = smear_backout_model(smear=False)
+    plain = model_with(n_layer=4)
+    plain.load_state_dict({k: v for k, v in with_backout.state_dict().items() if k != "backout_lambda"})
+    idx = torch.randint(0, V, (2, 10))
+    stream = {}
+    plain.blocks[2].register_forward_hook(lambda m, i, o: stream.__setitem__("mid", o))
+    plain.blocks[3].register_forward_hook(lambda m, i, o: o - 0.2 * stream["mid"])  # what backout should do
+    expected = plain(idx)
+    assert (with_backout(idx) - expected).abs().max() < 1e-3 * expected.abs().max()
+    with torch.no_grad():
+        with_backout.backout_lambda.zero_()
+    assert (with_backout(idx) - expected).abs().max() > 1e-2 * expected.abs().max()
+
+
+def test_smear_and_backout_start_at_the_reference_init_and_are_off_without_their_flags():
+    model = model_with(n_layer=4, smear=True, backout=True)
+    assert model.smear_gate.weight.shape == (1, 24) and 0 <= model.smear_gate.weight.min()
+    assert model.smear_gate.weight.max() <= 0.02
+    assert model.smear_lambda.tolist() == [0.0] and model.backout_lambda.tolist() == pytest.approx([0.2])
+    names = {n for n, _ in model_with(n_layer=4, smear=False, backout=False).named_parameters()}
+    assert not names & {"smear_gate.weight", "smear_lambda", "backout_lambda"}
+    groups = {g["name"]: g for g in model.setup_optimizer().param_groups}
+    assert {id(p) for p in groups["smear_backout"]["params"]} == {
+        id(model.smear_gate.weight), id(model.smear_lambda), id(model.backout_lambda)}
+    assert groups["smear_backout"]["lr"] == 0.2 and groups["smear_backout"]["betas"] == (0.8, 0.95)
+    assert groups["smear_backout"]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("slots", [[3, 0, 2], [1, 2, 3]])
+def test_smear_and_backout_decode_with_the_kv_cache_equal_to_a_full_forward(slots):
+    model = smear_backout_model()
+    idx = torch.randint(0, V, (3, 20))
+    full = model(idx)
+    cache = KVCache(4, 4, 1, 32, 32)
+    steps = [model(idx[:, :1], kv_cache=cache, slots=slots), model(idx[:, 1:9], kv_cache=cache, slots=slots)]
+    for t in range(9, 20):
+        steps.append(model(idx[:, t:t + 1], kv_cache=cache, slots=slots))
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
+
+
+def test_smear_slots_at_different_positions_copied_and_reused_decode_like_full_forwards():
+    model = smear_backout_model()
+    a, b, c = torch.randint(0, V, (1, 12)), torch.randint(0, V, (1, 5)), torch.randint(0, V, (1, 7))
+    cache = KVCache(3, 4, 1, 32, 32)
+    model(b[:, :4], kv_cache=cache, slots=[0])  # an earlier request in slot 0, then the slot is reused
+    cache.reset([0])
+    model(a[:, :11], kv_cache=cache, slots=[0])
+    model(b[:, :4], kv_cache=cache, slots=[1])
+    cache.copy_slot(1, [2])  # continuous batching compacts rows by copying them
+    both = model(torch.tensor([[a[0, 11]], [b[0, 4]], [b[0, 4]]]), kv_cache=cache, slots=[0, 1, 2])
+    assert torch.allclose(both[0, -1], model(a)[0, -1], atol=1e-4)
+    assert torch.allclose(both[1, -1], model(b)[0, -1], atol=1e-4)
+    assert torch.allclose(both[2, -1], model(b)[0, -1], atol=1e-4)
+    cache.reset([1])
+    first = model(c, kv_cache=cache, slots=[1], last_only=True)  # a fresh prompt: nothing smeared into position 0
+    assert torch.allclose(first[0, -1], model(c)[0, -1], atol=1e-4)
+
+
 def test_cache_overflow_is_an_error_not_a_silent_resize():
     model = model_with()
     cache = KVCache(1, 2, 1, 32, 8)
@@ -164,6 +243,16 @@ def test_init_follows_the_reference_recipe():
     assert all((b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all() for b in model.blocks)
     assert torch.allclose(model.resid_lambdas[[0, -1]], torch.tensor([1.15, 1.05]))
     assert torch.allclose(model.x0_lambdas[[0, -1]], torch.tensor([0.20, 0.05]))
+
+
+def test_only_embedding_and_lm_head_rates_carry_the_width_factor():
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=4096, n_layer=2, n_head=4, n_kv_head=4, n_embd=3072))
+    groups = {g["name"]: g["lr"] for g in model.setup_optimizer(embedding_lr=0.3, unembedding_lr=0.008,
+                                                                 matrix_lr=0.02, scalar_lr=0.5).param_groups}
+    assert groups["wte"] == pytest.approx(0.3 / 2) and groups["lm_head"] == pytest.approx(0.008 / 2)  # (3072/768)^-½
+    assert groups["value_embeds"] == pytest.approx(0.15 / 2)
+    assert groups["resid_lambdas"] == pytest.approx(0.005) and groups["x0_lambdas"] == pytest.approx(0.5)
+    assert groups["matrices"] == 0.02
 
 
 def test_param_counts_and_flops_on_a_known_config():

@@ -24,6 +24,22 @@ def test_rollout_batch_masks_prompt_forced_tokens_and_padding():
     assert targets.tolist() == [[-1, 3, -1, 5], [-1, 6, -1, -1]]
 
 
+def test_the_sampled_stop_token_is_not_trained_on():
+    sequences, masks = [[1, 2, 3, 9], [1, 2, 9]], [[0, 0, 1, 1], [0, 0, 1]]
+    _, targets = rollout_batch(sequences, masks, pad_id=0, untrained={9})
+    assert targets.tolist() == [[-1, 3, -1], [-1, -1, -1]]
+
+
+def test_loss_is_normalised_by_the_groups_own_sampled_tokens():
+    logits = torch.randn(2, 4, 10)
+    targets = torch.tensor([[-1, 3, 4, 5], [-1, 6, -1, -1]])
+    advantages = torch.tensor([0.5, -0.5])
+    logp = torch.log_softmax(logits, -1)
+    total = 0.5 * (logp[0, 1, 3] + logp[0, 2, 4] + logp[0, 3, 5]) - 0.5 * logp[1, 1, 6]
+    assert torch.allclose(policy_gradient_loss(logits, targets, advantages), -total / 4, atol=1e-6)
+    assert torch.allclose(policy_gradient_loss(logits, targets, advantages, 8), -total / 8, atol=1e-6)
+
+
 def test_raising_a_samples_reward_raises_its_probability():
     model = make_tiny_model(50)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)

@@ -48,8 +48,9 @@ def reference_step(params, grads, state, lr, momentum, wd, kinds, adam_cfg, t):
             normalized = update / v.clamp_min(1e-10).sqrt()  # a floor for neurons that never moved (dead ReLUs)
             update = normalized * update.norm() / normalized.norm()
             mask = (update * p) > 0
-            p.sub_(lr * wd * p * mask)
-            p.sub_(lr * max(1, p.size(0) / p.size(1)) ** 0.5 * update)
+            shaped_lr = lr * max(1, p.size(0) / p.size(1)) ** 0.5  # the decay takes the same shaped rate
+            p.sub_(shaped_lr * wd * p * mask)
+            p.sub_(shaped_lr * update)
         else:
             lr_a, (b1, b2), wd_a = adam_cfg[name]
             m, v = state.setdefault(name + ".m", torch.zeros_like(p)), state.setdefault(name + ".v", torch.zeros_like(p))
@@ -99,6 +100,24 @@ def test_neuron_normalisation_evens_out_neurons_and_keeps_the_norm():
         per_neuron = out.square().mean(dim=dim)
         assert per_neuron.max() / per_neuron.min() < 1.01  # one step: every neuron moves by the same amount
         assert torch.allclose(out.norm(), u.norm(), rtol=1e-5)
+
+
+def test_cautious_weight_decay_uses_the_same_shape_factor_as_the_step():
+    torch.manual_seed(0)
+    start, grad = torch.randn(8, 2), torch.randn(8, 2)  # tall: rows/cols = 4, so both scale by √4 = 2
+
+    def step(weight_decay):
+        w = torch.nn.Parameter(start.clone())
+        opt = MuonAdamW([dict(kind="muon", params=[w], lr=0.1, momentum=0.9, weight_decay=weight_decay)])
+        w.grad = grad.clone()
+        opt.step()
+        return w.detach()
+
+    plain, decayed = step(0.0), step(0.5)
+    update = (start - plain) / (0.1 * 2)  # the orthogonalised step that was applied
+    cautious = (update * start) > 0
+    assert cautious.any() and not cautious.all()
+    assert torch.allclose(plain - decayed, 0.1 * 2 * 0.5 * start * cautious, atol=1e-6)
 
 
 def test_adamw_part_matches_torch_adamw():

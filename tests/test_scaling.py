@@ -84,6 +84,11 @@ def test_lr_never_goes_negative_when_steps_are_short_or_overrun():
             assert lr_multiplier(step, total, 40, 0.65, 0.05) > 0
 
 
+def test_a_run_shorter_than_its_warmup_warms_up_like_the_reference_and_never_jumps_down():
+    lrm = [lr_multiplier(s, 10, 40, 0.65, 0.05) for s in range(10)]
+    assert lrm == pytest.approx([(s + 1) / 40 for s in range(10)])
+
+
 def test_muon_momentum_and_weight_decay_schedules():
     assert muon_momentum(0, 1000, 0.65) == pytest.approx(0.85)
     assert muon_momentum(350, 1000, 0.65) == pytest.approx(0.97, abs=0.02)

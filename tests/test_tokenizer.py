@@ -119,10 +119,19 @@ def test_render_for_completion_drops_the_answer_and_opens_the_assistant_turn(tin
     assert tiny_tokenizer.encode_special("<|python_start|>") not in ids
 
 
+def test_empty_user_and_assistant_turns_are_rendered_not_refused(tiny_tokenizer):
+    s = tiny_tokenizer.encode_special
+    ids, mask = tiny_tokenizer.render_conversation({"messages": [{"role": "user", "content": ""},
+                                                                 {"role": "assistant", "content": ""}]})
+    assert ids == [s("<|bos|>"), s("<|user_start|>"), s("<|user_end|>"), s("<|assistant_start|>"),
+                   s("<|assistant_end|>")]
+    assert mask == [0, 0, 0, 0, 1]
+
+
 @pytest.mark.parametrize("messages, problem", [
     ([{"role": "assistant", "content": "hi"}], "role"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "role"),
-    ([{"role": "user", "content": ""}], "non-empty"),
+    ([{"role": "user", "content": None}], "string content"),
     ([{"role": "user", "content": "q"}, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}], "unknown part"),
     ([], "at least one message"),
 ])
