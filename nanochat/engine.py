@@ -2,7 +2,8 @@
 
 `Engine.generate` prefills a prompt once and samples `num_samples` continuations from it, token by token (evaluation,
 RL rollouts, the CLI). The server's many concurrent requests go through `nanochat.scheduler.BatchScheduler`, built on
-the same pieces.
+the same pieces: the engine's inference weights (cast once to the inference dtype) and static decode steps
+(nanochat/decode.py), one device-to-host copy of the new tokens per step.
 
 Tool use is a small state machine per sequence: after <|python_start|> the tokens up to <|python_end|> are run in
 the sandbox and <|output_start|> + the output + <|output_end|> are forced into that sequence (mask 0: the tool, not
@@ -10,6 +11,7 @@ the model, wrote them; RL leaves them out of the loss).
 """
 
 import ast
+import copy
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.common import get_compute_dtype
+from nanochat.decode import Decoder, DecodePolicy, read_bucket, rows_bucket
 from nanochat.execution import execute_code
 from nanochat.kv_cache import KVCache
+from nanochat.sampling import sample_tokens, sampler_candidates, sampling_params  # noqa: F401 (re-exported)
 
 TOOL_OUTPUT_LIMIT = 200  # characters of tool output written back into the context
 
@@ -43,63 +47,6 @@ def run_tool(code: str, timeout: float = 3.0) -> str:
     result = execute_code(tool_program(code), timeout=timeout)
     text = result.stdout.strip() if result.success else f"Error: {result.error}"
     return text[:TOOL_OUTPUT_LIMIT]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Sampling
-
-def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  uniform: torch.Tensor) -> torch.Tensor:
-    """One token per row, each row with its own settings and its own uniform draw; no Python loop over rows.
-
-    logits (B, V); temperature (B,) (0 = greedy); top_k (B,) long (0 = no top-k); top_p (B,) (1 = off);
-    uniform (B,) in [0, 1). Sampling is by inverse CDF over the candidate tokens in id order (the first token whose
-    cumulative probability exceeds the row's draw), so a row's token depends only on its own logits, settings and
-    draw, not on which rows it is batched with. When every row has a top-k, only the best k_max candidates are
-    looked at (much cheaper than the whole vocabulary).
-    """
-    greedy = logits.argmax(dim=-1)  # (B,)
-    sampling = temperature > 0
-    if not bool(sampling.any()):
-        return greedy
-    V = logits.size(-1)
-    x = logits.float() / torch.where(sampling, temperature, torch.ones_like(temperature))[:, None]  # (B, V)
-    k = torch.where(top_k > 0, top_k, V).clamp(max=V)
-    k = torch.where(sampling, k, torch.ones_like(k))  # greedy rows need no candidates
-    k_max = int(k.max())
-    if k_max < V:
-        values, ids = torch.topk(x, k_max, dim=-1)  # (B, K), best first
-        values = values.masked_fill(torch.arange(k_max, device=x.device)[None, :] >= k[:, None], float("-inf"))
-    else:
-        values, ids = x, None  # the whole vocabulary, in id order
-        limited = k < V
-        if bool(limited.any()):  # rows with a top-k next to rows without: drop what is below their k-th best
-            kth = torch.topk(x[limited], int(k[limited].max()), dim=-1).values.gather(-1, k[limited][:, None] - 1)
-            values = values.clone()
-            values[limited] = values[limited].masked_fill(values[limited] < kth, float("-inf"))
-    if bool((top_p[sampling] < 1).any()):  # nucleus: keep the best tokens until their mass reaches top_p
-        ranked = values if ids is not None else values.sort(dim=-1, descending=True).values
-        p = torch.softmax(ranked, dim=-1)
-        keep = (p.cumsum(dim=-1) - p) < top_p[:, None]
-        keep[:, 0] = True  # the most likely token always stays
-        cutoff = torch.where(keep, ranked, torch.full_like(ranked, float("inf"))).min(dim=-1, keepdim=True).values
-        values = values.masked_fill(values < cutoff, float("-inf"))
-    if ids is not None:  # candidates back in id order, as in the whole-vocabulary case
-        order = ids.argsort(dim=-1)
-        ids, values = ids.gather(-1, order), values.gather(-1, order)
-    cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)  # (B, K)
-    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]  # in [0, total)
-    choice = (cdf <= target).sum(dim=-1).clamp(max=cdf.size(-1) - 1)  # first cdf > target: never a p = 0 token
-    token = choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
-    return torch.where(sampling, token, greedy)
-
-
-def sampling_params(rows: int, temperature: float, top_k: int | None, top_p: float,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(temperature, top_k, top_p) tensors of `rows` rows sharing one setting; top_k None or 0 = no top-k."""
-    return (torch.full((rows,), float(temperature), device=device),
-            torch.full((rows,), int(top_k or 0), dtype=torch.long, device=device),
-            torch.full((rows,), float(top_p), device=device))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,18 +128,52 @@ class ToolStateMachine:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Inference weights
+
+def inference_dtype(device: torch.device) -> torch.dtype:
+    """The dtype inference weights and the KV cache are cast to, once: the compute dtype on GPUs (bf16 on SM80+).
+    CPUs stay in fp32: with weights already in bf16, a d4 decode step measured slower than in fp32 on a Xeon with
+    AMX (DEVELOPERS.md), and fp32 keeps CPU evaluations bit-identical to full forward passes."""
+    return get_compute_dtype(device.type) if device.type == "cuda" else torch.float32
+
+
+def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The model itself when its parameters are already `dtype`, else a copy with every floating parameter cast
+    once (buffers such as the rotary tables stay fp32; the model casts them where it uses them)."""
+    if all(p.dtype == dtype for p in model.parameters() if p.is_floating_point()):
+        return model
+    inference = copy.deepcopy(model).eval()
+    for p in inference.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    return inference
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # One prompt, many samples
 
 class Engine:
     """Sampling from one model for one prompt at a time (evaluation, RL rollouts, the CLI); the server's many
-    concurrent requests go through `nanochat.scheduler.BatchScheduler` instead."""
+    concurrent requests go through `nanochat.scheduler.BatchScheduler` instead.
 
-    def __init__(self, model, tokenizer, autocast: Callable = nullcontext, use_tools: bool = True):
-        self.model, self.tokenizer = model, tokenizer
-        # On a CPU, autocast casts every weight again at every call: for a d4 model bf16 autocast halved decode
-        # speed and slowed prefill (bench/inference.py), so generation runs in the weights' own dtype there.
-        self.autocast = nullcontext if self.device.type == "cpu" else autocast
+    The model's weights are read in `inference_dtype` (a copy cast once when the model is in another dtype: RL
+    trains the fp32 model between rollouts, and the copy follows it, see `_refresh_weights`). Nothing runs under
+    autocast, so `autocast` is accepted from callers and not used. The KV cache, the decode buffers and their
+    CUDA graphs live as long as the engine and grow when a call needs more samples or a longer context.
+    """
+
+    def __init__(self, model, tokenizer, autocast: Callable = nullcontext, use_tools: bool = True,
+                 dtype: torch.dtype | None = None, policy: DecodePolicy | None = None):
+        self.source, self.tokenizer = model, tokenizer
+        device = next(model.parameters()).device
+        self.dtype = dtype or inference_dtype(device)
+        self.model = cast_for_inference(model, self.dtype)
+        self._versions = self._source_versions()
+        self.policy = policy or DecodePolicy.for_device(device)
         self.tools = ToolStateMachine(tokenizer, use_tools)
+        self.decoder: Decoder | None = None
 
     @property
     def device(self) -> torch.device:
@@ -203,18 +184,41 @@ class Engine:
         """Longest sequence the model can be run on (its rotary tables have headroom past the training context)."""
         return self.model.cos.size(1)
 
+    def _source_versions(self) -> list[int]:
+        return [p._version for p in self.source.parameters()]
+
+    def _refresh_weights(self) -> None:
+        """Copy the caller's parameters into the cast copy again when any changed in place since (an optimizer
+        step bumps their version counters); in place, so captured CUDA graphs keep reading the right memory."""
+        if self.model is self.source:
+            return
+        versions = self._source_versions()
+        if versions != self._versions:
+            with torch.no_grad():
+                for dst, src in zip(self.model.parameters(), self.source.parameters()):
+                    dst.copy_(src)
+            self._versions = versions
+
     def new_cache(self, batch_size: int, max_seq_len: int) -> KVCache:
-        """A cache in the dtype attention runs in: the compute dtype on GPUs (bf16 on modern ones), the weights'
-        dtype on CPUs (see __init__)."""
         c = self.model.config
-        device = self.device
-        dtype = next(self.model.parameters()).dtype if device.type == "cpu" else get_compute_dtype(device.type)
-        return KVCache(batch_size, c.n_layer, c.n_kv_head, c.head_dim, max_seq_len, device, dtype)
+        return KVCache(batch_size, c.n_layer, c.n_kv_head, c.head_dim, max_seq_len, self.device, self.dtype)
+
+    def new_decoder(self, slots: int, max_seq_len: int) -> Decoder:
+        return Decoder(self.model, slots, max_seq_len, self.dtype, self.policy)
+
+    def _decoder_for(self, rows: int, length: int) -> Decoder:
+        """The engine's decoder, replaced by a larger one when this call needs more rows or positions."""
+        d = self.decoder
+        if d is None or d.slots < rows or d.max_seq_len < length:
+            slots = max(rows, d.slots if d else 0)
+            seq = max(length, min(self.model.config.sequence_len, self.max_context), d.max_seq_len if d else 0)
+            self.decoder = None  # free the old cache and graphs first
+            self.decoder = self.new_decoder(slots, seq)
+        return self.decoder
 
     def forward_last(self, tokens: torch.Tensor, cache: KVCache, slots: list[int]) -> torch.Tensor:
-        """tokens (B, T) appended to cache rows `slots` → next-token logits (B, V), fp32."""
-        with self.autocast():
-            return self.model(tokens, kv_cache=cache, slots=slots, last_only=True)[:, -1].float()
+        """tokens (B, T) appended to cache rows `slots` → next-token logits (B, V), fp32 (the prefill)."""
+        return self.model(tokens, kv_cache=cache, slots=slots, last_only=True)[:, -1].float()
 
     @torch.no_grad()
     def generate(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
@@ -222,8 +226,10 @@ class Engine:
                  cancel: Callable[[], bool] | None = None) -> Iterator[tuple[list[int], list[int]]]:
         """Yield (token_column, token_masks) per step: one token per sample, mask 1 = sampled, 0 = forced.
 
-        The prompt is prefilled once and its cache copied to every sample. A sample that finished (stop token)
-        is no longer computed: until the others finish its column entry repeats its last token with mask 0.
+        The prompt is prefilled once and its cache copied to every sample; then each step is one static decode
+        step over the samples' bucket of rows. A sample that finished (stop token) sits out the steps (and the
+        live samples move down into a smaller bucket once they fit one): until the others finish its column entry
+        repeats its last token with mask 0.
         """
         if not tokens:
             raise ValueError("generate needs at least one prompt token")
@@ -231,34 +237,54 @@ class Engine:
         max_tokens = max(0, min(max_tokens, self.max_context - len(tokens)))
         if max_tokens == 0:
             return
-        device = self.device
-        cache = self.new_cache(num_samples, len(tokens) + max_tokens)
+        self._refresh_weights()
+        device, n, start = self.device, num_samples, len(tokens)
+        decoder = self._decoder_for(n, start + max_tokens)
+        cache = decoder.cache
+        cache.reset()
         generator = torch.Generator(device=device).manual_seed(seed)
         logits = self.forward_last(torch.tensor([tokens], device=device), cache, [0])  # (1, V)
-        cache.copy_slot(0, list(range(1, num_samples)))  # prefill once, sample many
-        logits = logits.expand(num_samples, -1)
-        params = sampling_params(num_samples, temperature, top_k, top_p, device)
-        states = [self.tools.initial_state(tokens) for _ in range(num_samples)]
-        live = list(range(num_samples))  # samples still generating, in cache-slot order
-        column = [tokens[-1]] * num_samples
+        cache.copy_slot(0, list(range(1, n)), length=start)  # prefill once, sample many
+        candidates = sampler_candidates([(temperature, top_k)], self.model.config.vocab_size)
+        rows = rows_bucket(n, decoder.slots)
+        decoder.set_sampling([(temperature, top_k, top_p)] * rows)
+        uniform = torch.rand(n, generator=generator, device=device)  # one draw per sample per step, always
+        sampled = sample_tokens(logits.expand(n, -1), decoder.temperature[:n], decoder.top_k[:n], decoder.top_p[:n],
+                                uniform, candidates).tolist()  # indexed by row; row i holds sample i until moved
+        states = [self.tools.initial_state(tokens) for _ in range(n)]
+        row_of = list(range(n))  # each sample's cache row
+        perm = None  # sample of each row, on the device, once samples have moved (None: row r holds sample r)
+        live = list(range(n))  # samples still generating
+        column = [tokens[-1]] * n
         for step in range(max_tokens):
-            uniform = torch.rand(num_samples, generator=generator, device=device)  # one draw per sample, always
-            row_params = params
-            if len(live) < num_samples:
-                rows = torch.tensor(live, device=device)
-                row_params, uniform = tuple(p[rows] for p in params), uniform[rows]
-            sampled = sample_tokens(logits, *row_params, uniform).tolist()
-            masks = [0] * num_samples
-            for row, s in zip(live, sampled):
-                token, mask = self.tools.next_token(states[row], s)
-                self.tools.advance(states[row], token, mask)
-                column[row], masks[row] = token, mask
+            masks = [0] * n
+            for i in live:
+                token, mask = self.tools.next_token(states[i], sampled[row_of[i]])
+                self.tools.advance(states[i], token, mask)
+                column[i], masks[i] = token, mask
             yield list(column), masks
-            live = [row for row in live if not states[row].done]
+            live = [i for i in live if not states[i].done]
             if not live or step == max_tokens - 1 or (cancel is not None and cancel()):
                 return
-            self.tools.run_tool_calls([states[row] for row in live])
-            logits = self.forward_last(torch.tensor([column[r] for r in live], device=device)[:, None], cache, live)
+            self.tools.run_tool_calls([states[i] for i in live])
+            held = start + step  # tokens each live sample's row holds; this step appends one more
+            if rows_bucket(len(live), decoder.slots) < rows:  # move the live samples down into a smaller bucket
+                rows = rows_bucket(len(live), decoder.slots)
+                for j, i in enumerate(live):
+                    if row_of[i] != j:
+                        cache.copy_slot(row_of[i], [j], length=held)
+                        row_of[i] = j
+                perm = torch.tensor(live + [0] * (rows - len(live)), device=device)
+            decoder.feed({row_of[i]: column[i] for i in live})
+            live_rows = {row_of[i] for i in live}
+            decoder.set_active([r in live_rows for r in range(decoder.slots)])
+            uniform = torch.rand(n, generator=generator, device=device)
+            if perm is None:
+                decoder.uniform[:n].copy_(uniform)
+            else:
+                decoder.uniform[:rows].copy_(uniform[perm])
+            sampled = decoder.step(rows, read_bucket(held + 1, decoder.max_seq_len), candidates).tolist()
+            decoder.sampled(sampled)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]],
                                                                                         list[list[int]]]:

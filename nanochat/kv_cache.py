@@ -1,4 +1,5 @@
-"""A preallocated key/value cache with one slot per sequence, each slot at its own position (continuous batching)."""
+"""A preallocated key/value cache with one slot per sequence, each slot at its own position (continuous batching),
+and `StaticRows`, the fixed-shape view of it that a decode step (nanochat/decode.py) appends to."""
 
 import torch
 
@@ -6,13 +7,14 @@ import torch
 class KVCache:
     """Keys and values of every layer for `batch_size` independent sequence slots.
 
-    k, v: (n_layer, slots, n_kv_head, max_seq_len, head_dim) in the compute dtype, allocated once and never resized
-    (resizing in place is how the reference lost the cache's layout). `pos[s]` is how many tokens slot s holds.
+    k, v: (n_layer, slots, n_kv_head, max_seq_len + 1, head_dim) in the compute dtype, allocated once and never
+    resized (resizing in place is how the reference lost the cache's layout). `pos[s]` is how many tokens slot s
+    holds. The extra last position is never read: rows that sit out a static decode step write there.
     """
 
     def __init__(self, batch_size: int, n_layer: int, n_kv_head: int, head_dim: int, max_seq_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (n_layer, batch_size, n_kv_head, max_seq_len, head_dim)
+        shape = (n_layer, batch_size, n_kv_head, max_seq_len + 1, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
@@ -29,11 +31,12 @@ class KVCache:
         else:
             self.pos[torch.as_tensor(slots, dtype=torch.long, device=self.pos.device)] = 0
 
-    def copy_slot(self, src: int, dsts: list[int]) -> None:
-        """Duplicate one slot's history into others: prefill a prompt once, then sample many continuations."""
+    def copy_slot(self, src: int, dsts: list[int], length: int | None = None) -> None:
+        """Duplicate one slot's history into others: prefill a prompt once, then sample many continuations.
+        `length`: how many tokens the slot holds, when the caller knows (saves reading it back from the device)."""
         if not dsts:
             return
-        n = int(self.pos[src])
+        n = int(self.pos[src]) if length is None else length
         dst = torch.as_tensor(dsts, dtype=torch.long, device=self.k.device)
         self.k[:, dst, :, :n] = self.k[:, src:src + 1, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src:src + 1, :, :n]
@@ -91,3 +94,36 @@ class KVCache:
 
     def advance(self, slots: torch.Tensor, t: int) -> None:
         self.pos[slots] += t
+
+
+class StaticRows:
+    """Rows 0..rows-1 of a KVCache as a decode step sees them: one new token per row, fixed shapes, no host reads.
+
+    Each row writes its token's key/value at its own position and attends to the first `read_length` positions
+    (the caller picks it ≥ every taking-part row's length + 1). Rows with `active` False (finished, waiting on a
+    tool, still prefilling, or padding up to the bucket) write to the cache's spare last position and keep their
+    position, so a step leaves them exactly as they were.
+    """
+
+    def __init__(self, cache: KVCache, rows: int, read_length: int, active: torch.Tensor):
+        self.cache, self.rows, self.read_length, self.active = cache, rows, read_length, active  # active (rows,)
+
+    def resolve_slots(self, slots, batch: int) -> slice:
+        return slice(0, self.rows)
+
+    def positions(self, slots, t: int) -> torch.Tensor:
+        """(rows, 1): each row's next position; clamped for rows that sit out, whose own may lie past the read."""
+        return self.cache.pos[:self.rows, None].clamp(max=self.read_length - 1)
+
+    def write_and_read(self, layer: int, slots, positions: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (rows, 1, H_kv, D) → the rows' keys/values (rows, H_kv, read_length, D), views of the cache."""
+        kc, vc = self.cache.k[layer, :self.rows], self.cache.v[layer, :self.rows]
+        where = torch.where(self.active[:, None], positions, self.cache.max_seq_len)  # (rows, 1)
+        rows = torch.arange(self.rows, device=kc.device)[:, None]
+        kc[rows, :, where] = k.to(kc.dtype)
+        vc[rows, :, where] = v.to(vc.dtype)
+        return kc[:, :, :self.read_length], vc[:, :, :self.read_length]
+
+    def advance(self, slots, t: int) -> None:
+        self.cache.pos[:self.rows] += self.active

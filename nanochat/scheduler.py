@@ -1,7 +1,9 @@
 """Continuous batching for the server: many independent requests share one model and one KV cache.
 
 Each request gets a cache slot; a finished request frees its slot for a waiting one while the others keep decoding.
-One thread runs the loop (`BatchScheduler`); callers submit `Request`s and read their events.
+One thread runs the loop (`BatchScheduler`); callers submit `Request`s and read their events. Decoding goes through
+the engine's static decode steps (nanochat/decode.py): the active slots are kept in the lowest rows, so a step runs
+on the smallest batch-size bucket that holds them, and joining or leaving never recaptures a step.
 """
 
 import queue
@@ -14,7 +16,9 @@ from typing import Any
 
 import torch
 
-from nanochat.engine import Engine, SequenceState, run_tool, sample_tokens
+from nanochat.decode import read_bucket, rows_bucket
+from nanochat.engine import Engine, SequenceState, run_tool
+from nanochat.sampling import sample_tokens, sampler_candidates
 
 
 class PromptTooLong(ValueError):
@@ -58,7 +62,8 @@ class Slot:
     state: SequenceState
     generator: torch.Generator  # the request's own RNG stream: its samples do not depend on its neighbours
     prefilled: int = 0  # prompt tokens already in the cache
-    logits: torch.Tensor | None = None  # (V,) next-token logits once the prompt is in
+    length: int = 0  # tokens in the cache
+    pending: int | None = None  # the token to feed next, once the prompt is in
     tool: Future | None = None  # a running tool call; the slot sits out decode steps until it returns
 
 
@@ -76,7 +81,8 @@ class BatchScheduler:
         self.tools = self.engine.tools
         self.max_seq_len = min(max_seq_len or model.config.sequence_len, self.engine.max_context)
         self.vocab_size = model.config.vocab_size
-        self.cache = self.engine.new_cache(slots, self.max_seq_len)
+        self.decoder = self.engine.new_decoder(slots, self.max_seq_len)
+        self.cache = self.decoder.cache
         self.prefill_chunk = prefill_chunk
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: dict[int, Slot] = {}
@@ -111,7 +117,7 @@ class BatchScheduler:
             active = list(self.active.values())
         return dict(stats, active=len(active), waiting=self.waiting.qsize(), slots=self.cache.batch_size,
                     free_slots=self.cache.batch_size - len(active),
-                    prefilling=sum(s.logits is None for s in active), in_tool=sum(s.tool is not None for s in active))
+                    prefilling=sum(s.prefilled < len(s.request.tokens) for s in active), in_tool=sum(s.tool is not None for s in active))
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -149,11 +155,11 @@ class BatchScheduler:
             self.cache.reset([slot])
 
     def _compact(self) -> None:
-        """Move the highest active slots down into freed ones, so that a full decode batch is the contiguous rows
-        0..n-1 of the cache (which attention can read in place instead of gathering them every step)."""
+        """Move the highest active slots down into freed ones, so that the active requests are the lowest rows of
+        the cache and a decode step runs on the smallest batch-size bucket that holds them."""
         while self.active and self.free and min(self.free) < max(self.active):
             low, high = min(self.free), max(self.active)
-            self.cache.copy_slot(high, [low])
+            self.cache.copy_slot(high, [low], length=self.active[high].length)
             with self.lock:
                 self.active[low] = self.active.pop(high)
                 self.free.remove(low)
@@ -173,16 +179,44 @@ class BatchScheduler:
                 self.tools.finish_tool_call(s.state, output)
                 s.tool = None
 
+    def _take(self, slot: int, s: Slot, sampled: int) -> None:
+        """The slot's next token (the sampled one, or a forced one): stream it, then finish or feed it next."""
+        token, mask = self.tools.next_token(s.state, sampled)
+        self.tools.advance(s.state, token, mask)
+        s.request.events.put(("token", token, mask))
+        self._count("tokens")
+        if s.state.done:
+            self._finish(slot, "stop")
+        elif s.state.generated >= s.request.max_tokens:
+            self._finish(slot, "length")
+        else:
+            if s.state.tool_call is not None:
+                self._count("tool_calls")
+                s.tool = self.tool_pool.submit(run_tool, s.state.tool_call, self.tools.tool_timeout)
+                s.tool.add_done_callback(lambda _: self.wakeup.set())
+            s.pending = token
+
+    def _sample_first(self, slot: int, s: Slot, logits: torch.Tensor) -> None:
+        """The first token of a request, from its prompt's last logits (V,), with the request's first draw."""
+        r, device = s.request, self.engine.device
+        candidates = sampler_candidates([(r.temperature, r.top_k)], self.vocab_size)
+        token = sample_tokens(logits[None], torch.tensor([float(r.temperature)], device=device),
+                              torch.tensor([int(r.top_k or 0)], device=device),
+                              torch.tensor([float(r.top_p)], device=device),
+                              torch.rand(1, generator=s.generator).to(device), candidates)
+        self._take(slot, s, int(token[0]))
+
     @torch.no_grad()
     def _prefill(self) -> bool:
-        """Feed up to `prefill_chunk` prompt tokens of newly admitted requests into their cache rows."""
+        """Feed up to `prefill_chunk` prompt tokens of newly admitted requests into their cache rows; a request
+        whose prompt is all in samples its first token."""
         budget = self.prefill_chunk
         for slot, s in list(self.active.items()):
-            if s.logits is not None:
+            tokens = s.request.tokens
+            if s.prefilled == len(tokens):
                 continue
             if budget <= 0:
                 break
-            tokens = s.request.tokens
             end = min(len(tokens), s.prefilled + budget)
             try:
                 x = torch.tensor([tokens[s.prefilled:end]], device=self.engine.device)
@@ -191,53 +225,46 @@ class BatchScheduler:
                 self._finish(slot, f"error: {type(e).__name__}: {e}")
                 continue
             budget -= end - s.prefilled
-            s.prefilled = end
+            s.prefilled = s.length = end
             if end == len(tokens):
-                s.logits = logits
+                self._sample_first(slot, s, logits)
         return budget < self.prefill_chunk
 
     @torch.no_grad()
     def _decode(self) -> bool:
-        """One step for every ready slot: sample (batched), advance state machines, stream, run the model once."""
-        ready = sorted(((slot, s) for slot, s in self.active.items() if s.logits is not None and s.tool is None),
+        """One static decode step for every ready slot (its prompt in, no tool call running), then stream."""
+        ready = sorted(((slot, s) for slot, s in self.active.items() if s.pending is not None and s.tool is None),
                        key=lambda item: item[0])
         if not ready:
             return False
-        device = self.engine.device
-        requests = [s.request for _, s in ready]
-        logits = torch.stack([s.logits for _, s in ready])  # (B, V)
-        temperature = torch.tensor([r.temperature for r in requests], device=device)
-        top_k = torch.tensor([r.top_k or 0 for r in requests], dtype=torch.long, device=device)
-        top_p = torch.tensor([r.top_p for r in requests], device=device)
-        uniform = torch.cat([torch.rand(1, generator=s.generator) for _, s in ready]).to(device)
-        sampled = sample_tokens(logits, temperature, top_k, top_p, uniform).tolist()
-        feed_slots, feed_tokens = [], []
-        for (slot, s), token in zip(ready, sampled):
-            token, mask = self.tools.next_token(s.state, token)
-            self.tools.advance(s.state, token, mask)
-            s.request.events.put(("token", token, mask))
-            if s.state.done:
-                self._finish(slot, "stop")
-            elif s.state.generated >= s.request.max_tokens:
-                self._finish(slot, "length")
-            else:
-                if s.state.tool_call is not None:
-                    self._count("tool_calls")
-                    s.tool = self.tool_pool.submit(run_tool, s.state.tool_call, self.tools.tool_timeout)
-                    s.tool.add_done_callback(lambda _: self.wakeup.set())
-                feed_slots.append(slot)
-                feed_tokens.append(token)
-        self._count("tokens", len(ready))
-        if feed_slots:
-            try:
-                x = torch.tensor(feed_tokens, device=device)[:, None]
-                logits = self.engine.forward_last(x, self.cache, feed_slots)
-            except Exception as e:  # cannot tell whose fault: fail the requests of this step, keep serving
-                for slot in feed_slots:
-                    self._finish(slot, f"error: {type(e).__name__}: {e}")
-                return True
-            for i, slot in enumerate(feed_slots):
-                self.active[slot].logits = logits[i]
+        decoder = self.decoder
+        rows = rows_bucket(ready[-1][0] + 1, decoder.slots)
+        settings = [(0.0, 0, 1.0)] * rows  # rows of free slots: greedy, never read
+        for slot, s in self.active.items():
+            if slot < rows:
+                settings[slot] = (s.request.temperature, s.request.top_k, s.request.top_p)
+        decoder.set_sampling(settings)
+        decoder.feed({slot: s.pending for slot, s in ready})
+        ready_slots = {slot for slot, _ in ready}
+        decoder.set_active([slot in ready_slots for slot in range(decoder.slots)])
+        uniform = [0.0] * rows
+        for slot, s in ready:  # each request's own RNG stream: one draw per token it generates
+            uniform[slot] = float(torch.rand(1, generator=s.generator))
+        decoder.uniform[:rows].copy_(torch.tensor(uniform))
+        candidates = sampler_candidates([(s.request.temperature, s.request.top_k) for _, s in ready],
+                                        self.vocab_size)
+        read_length = read_bucket(max(s.length for _, s in ready) + 1, decoder.max_seq_len)
+        try:
+            ids = decoder.step(rows, read_length, candidates).tolist()
+        except Exception as e:  # cannot tell whose fault: fail the requests of this step, keep serving
+            for slot, _ in ready:
+                self._finish(slot, f"error: {type(e).__name__}: {e}")
+            return True
+        decoder.sampled(ids)
+        for slot, s in ready:
+            s.length += 1
+            s.pending = None
+            self._take(slot, s, ids[slot])
         return True
 
     def _loop(self) -> None:

@@ -1,0 +1,164 @@
+"""Decode steps with static shapes: one token for each row of a batch-size bucket, the model's forward and the
+sampling together, no host reads inside; on CUDA each step is replayed from a captured CUDA graph.
+
+A step reads its inputs from buffers that stay at fixed addresses (the rows' tokens, sampling settings and uniform
+draws, and which rows take part), appends one token per taking-part row to the KV cache, samples the next token on
+the device and leaves it both in `out` and in `tokens` (the next step's input, unless the host overrides a row with
+a forced token). The caller copies `out` to the host once per step: the step's only device-to-host transfer.
+
+A step is built once per key (rows, read_length, candidates): rows a batch-size bucket (a power of two),
+read_length how far it reads the cache (a power of two ≥ 128), candidates how many top tokens the sampler looks at
+(0 = greedy). Requests joining or leaving only change the buffers' contents, or the bucket when the batch crosses
+a power of two; a key's step is reused for the decoder's whole life (never recaptured).
+
+Why captured by hand (`torch.cuda.graph`) rather than `torch.compile(mode="reduce-overhead")`: the step mutates
+the KV cache, which is an input to it, and CUDA-graph trees skip graphs whose inputs are mutated (falling back to
+launching every kernel, silently), and hand back outputs that the next replay overwrites. A manual capture of the
+(optionally Inductor-compiled) step records exactly the kernels that run eagerly, writes into buffers we own, and
+fails loudly if anything in it would synchronise with the host.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nanochat.kv_cache import KVCache, StaticRows
+from nanochat.sampling import sample_tokens
+
+MIN_READ_LENGTH = 128
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def rows_bucket(n: int, limit: int) -> int:
+    """The batch-size bucket of n rows: the smallest power of two ≥ n, at most `limit` (the decoder's slots)."""
+    return min(_pow2(n), limit)
+
+
+def read_bucket(n: int, limit: int) -> int:
+    """How far a step reads the cache so that it sees n positions: a power of two ≥ max(n, 128), at most `limit`."""
+    return min(_pow2(max(n, MIN_READ_LENGTH)), limit)
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How decode steps run: `compile` through torch.compile (Inductor), `graph` replayed as CUDA graphs."""
+    compile: bool = False
+    graph: bool = False
+
+    @staticmethod
+    def for_device(device: torch.device) -> "DecodePolicy":
+        """CUDA: compiled and captured (fused kernels, one graph launch per step). CPU: eager, which measured
+        faster than a compiled step there (see DEVELOPERS.md)."""
+        if device.type == "cuda":
+            return DecodePolicy(compile=True, graph=True)
+        return DecodePolicy()
+
+
+class Decoder:
+    """A KV cache of `slots` rows with the fixed buffers and the steps that decode them.
+
+    Callers fill `tokens`, `uniform`, the sampling settings and `active` for rows 0..rows-1 (through the setters,
+    which copy only what changed), then call `step`, which returns the sampled ids (rows,) on the device.
+    """
+
+    def __init__(self, model, slots: int, max_seq_len: int, dtype: torch.dtype, policy: DecodePolicy):
+        c = model.config
+        device = next(model.parameters()).device
+        if policy.graph and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA model, not {device.type}")
+        self.model, self.policy, self.slots = model, policy, slots
+        self.cache = KVCache(slots, c.n_layer, c.n_kv_head, c.head_dim, max_seq_len, device, dtype)
+        self.vocab_size = c.vocab_size
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.out = torch.zeros(slots, dtype=torch.long, device=device)
+        self.uniform = torch.zeros(slots, device=device)
+        self.temperature = torch.zeros(slots, device=device)
+        self.top_k = torch.zeros(slots, dtype=torch.long, device=device)
+        self.top_p = torch.ones(slots, device=device)
+        self.active = torch.zeros(slots, dtype=torch.bool, device=device)
+        self._host: dict[str, list] = {"tokens": [0] * slots}  # what the buffers hold, as last set from the host
+        self._steps: dict[tuple[int, int, int], Callable[[], None]] = {}
+        self._run = torch.compile(self._step, dynamic=None) if policy.compile else self._step
+        self._pool = None  # one CUDA graph memory pool for every bucket (steps never run concurrently)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.max_seq_len
+
+    # --- inputs -------------------------------------------------------------------------------------------------------
+
+    def _set(self, name: str, values: list) -> None:
+        if self._host.get(name) != values:
+            buffer = getattr(self, name)
+            buffer[:len(values)].copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
+            self._host[name] = list(values)
+
+    def set_sampling(self, settings: list[tuple[float, int | None, float]]) -> None:
+        """(temperature, top_k, top_p) of rows 0..len-1; top_k None or 0 = no top-k."""
+        self._set("temperature", [float(t) for t, _, _ in settings])
+        self._set("top_k", [int(k or 0) for _, k, _ in settings])
+        self._set("top_p", [float(p) for _, _, p in settings])
+
+    def set_active(self, active: list[bool]) -> None:
+        self._set("active", list(active))
+
+    def feed(self, tokens: dict[int, int]) -> None:
+        """Input tokens of the given rows. A step leaves its sampled ids there, so this copies to the device only
+        when a row's token differs (a forced tool token, a row that moved, a first token sampled after prefill)."""
+        held = self._host["tokens"]
+        if any(held[row] != token for row, token in tokens.items()):
+            new = list(held)
+            for row, token in tokens.items():
+                new[row] = token
+            self._set("tokens", new)
+
+    def sampled(self, ids: list[int]) -> None:
+        """Record that the last step left `ids` in tokens[:len(ids)], keeping the host's view of the buffer right."""
+        self._host["tokens"][:len(ids)] = ids
+
+    # --- steps --------------------------------------------------------------------------------------------------------
+
+    def _step(self, rows: int, read_length: int, candidates: int) -> None:
+        view = StaticRows(self.cache, rows, read_length, self.active[:rows])
+        logits = self.model(self.tokens[:rows, None], kv_cache=view, last_only=True)[:, -1]  # (rows, V) fp32
+        ids = sample_tokens(logits, self.temperature[:rows], self.top_k[:rows], self.top_p[:rows],
+                            self.uniform[:rows], candidates)
+        self.out[:rows].copy_(ids)
+        self.tokens[:rows].copy_(ids)
+
+    def _capture(self, key: tuple[int, int, int]) -> Callable[[], None]:
+        """Warm the step up on a side stream with every row sitting out (so the cache is left as it was: rows that
+        sit out write only to its spare position), then capture it into a CUDA graph."""
+        saved = {name: getattr(self, name).clone() for name in ("tokens", "out", "active")}
+        self.active.zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # the first runs compile (with policy.compile) and pick kernels
+                self._run(*key)
+        torch.cuda.current_stream().wait_stream(stream)
+        for name, value in saved.items():
+            getattr(self, name).copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._run(*key)
+        self._pool = graph.pool()
+        return graph.replay
+
+    @torch.no_grad()
+    def step(self, rows: int, read_length: int, candidates: int) -> torch.Tensor:
+        """One token for each active row of 0..rows-1 (rows a bucket, read_length ≥ every active row's length + 1;
+        see rows_bucket, read_bucket, sampler_candidates) → the sampled ids (rows,), on the device."""
+        if not 0 < read_length <= self.cache.max_seq_len:
+            raise ValueError(f"read_length {read_length} is outside 1..{self.cache.max_seq_len}")
+        key = (rows, read_length, candidates)
+        run = self._steps.get(key)
+        if run is None:
+            run = self._capture(key) if self.policy.graph else (lambda: self._run(*key))
+            self._steps[key] = run
+        run()
+        return self.out[:rows]

@@ -1,0 +1,75 @@
+"""Sampling the next token of every row on the device: temperature, top-k, top-p, one uniform draw per row.
+
+No host reads: how many candidate tokens are looked at (`candidates`) is decided on the host from the rows'
+settings (`sampler_candidates`), so the same code runs eagerly, compiled, or inside a captured CUDA graph.
+"""
+
+import torch
+
+TOP_K_BUCKETS = (64, 256)  # candidate counts for rows that all have a top-k (the server allows top-k up to 200)
+
+
+def sampler_candidates(settings: list[tuple[float, int | None]], vocab_size: int) -> int:
+    """How many candidates the sampler needs for rows of (temperature, top_k): 0 when every row is greedy; the
+    smallest bucket ≥ every sampling row's top-k when they all have one; else the whole vocabulary."""
+    sampling = [k or 0 for t, k in settings if t > 0]
+    if not sampling:
+        return 0
+    if min(sampling) > 0:
+        for bucket in TOP_K_BUCKETS:
+            if max(sampling) <= bucket < vocab_size:
+                return bucket
+    return vocab_size
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  uniform: torch.Tensor, candidates: int | None = None) -> torch.Tensor:
+    """One token per row, each row with its own settings and its own uniform draw; no Python loop over rows.
+
+    logits (B, V); temperature (B,) (0 = greedy); top_k (B,) long (0 = no top-k); top_p (B,) (1 = off);
+    uniform (B,) in [0, 1). Sampling is by inverse CDF over the candidate tokens in id order (the first token whose
+    cumulative probability exceeds the row's draw), so a row's token depends only on its own logits, settings and
+    draw, not on which rows it is batched with. `candidates` (see `sampler_candidates`; None = work it out here,
+    which reads the settings back to the host) bounds the tokens looked at: the best `candidates` ones, which
+    is much cheaper than the whole vocabulary, and is exact whenever every sampling row's top-k fits.
+    """
+    greedy = logits.argmax(dim=-1)  # (B,)
+    V = logits.size(-1)
+    if candidates is None:
+        candidates = sampler_candidates(list(zip(temperature.tolist(), top_k.tolist())), V)
+    if candidates == 0:
+        return greedy
+    sampling = temperature > 0
+    x = logits.float() / torch.where(sampling, temperature, torch.ones_like(temperature))[:, None]  # (B, V)
+    k = torch.where(top_k > 0, top_k, V).clamp(max=candidates)  # (B,)
+    if candidates < V:
+        ranked, ids = torch.topk(x, candidates, dim=-1)  # (B, K), best first
+        ranked = ranked.masked_fill(torch.arange(candidates, device=x.device)[None, :] >= k[:, None], float("-inf"))
+        values = ranked
+    else:  # the whole vocabulary, in id order; a row's top-k drops what is below its k-th best
+        ranked, ids = x.sort(dim=-1, descending=True).values, None
+        kth = ranked.gather(-1, k[:, None] - 1)  # (B, 1)
+        ranked = ranked.masked_fill(ranked < kth, float("-inf"))
+        values = x.masked_fill(x < kth, float("-inf"))
+    # nucleus: keep the best tokens until their mass reaches top_p (rows with top_p >= 1 keep everything)
+    p = torch.softmax(ranked, dim=-1)
+    keep = ((p.cumsum(dim=-1) - p) < top_p[:, None]) | (top_p[:, None] >= 1)
+    keep[:, 0] = True  # the most likely token always stays
+    cutoff = torch.where(keep, ranked, torch.full_like(ranked, float("inf"))).min(dim=-1, keepdim=True).values
+    values = values.masked_fill(values < cutoff, float("-inf"))
+    if ids is not None:  # candidates back in id order, as in the whole-vocabulary case
+        order = ids.argsort(dim=-1)
+        ids, values = ids.gather(-1, order), values.gather(-1, order)
+    cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)  # (B, K)
+    target = uniform.to(cdf.dtype)[:, None] * cdf[:, -1:]  # in [0, total)
+    choice = (cdf <= target).sum(dim=-1).clamp(max=cdf.size(-1) - 1)  # first cdf > target: never a p = 0 token
+    token = choice if ids is None else ids.gather(-1, choice[:, None]).squeeze(-1)
+    return torch.where(sampling, token, greedy)
+
+
+def sampling_params(rows: int, temperature: float, top_k: int | None, top_p: float,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(temperature, top_k, top_p) tensors of `rows` rows sharing one setting; top_k None or 0 = no top-k."""
+    return (torch.full((rows,), float(temperature), device=device),
+            torch.full((rows,), int(top_k or 0), dtype=torch.long, device=device),
+            torch.full((rows,), float(top_p), device=device))
