@@ -1,9 +1,17 @@
-"""Inference benchmark: prefill and KV-cached decode tokens/s, continuous batching, HTTP time to first token, and
-KV-cache decoding against recomputing the whole prefix.
+"""Inference benchmark: prefill and KV-cached decode tokens/s with their hardware utilisation (prefill MFU, decode
+memory-bandwidth utilisation), continuous batching, HTTP time to first token, and KV-cache decoding against
+recomputing the whole prefix.
 
     python -m bench.inference --depth 4 6
-    python -m bench.inference --depth 4 --tokens 64 --vocab-size 8192      # a quick check
-Random-weight models of the given depths (speed does not depend on the weights); one JSON object per depth.
+    python -m bench.inference --depth 4 --tokens 64 --vocab-size 8192 --parts decode      # a quick check
+    python -m bench.inference --device cuda --depth 12 --prompt-len 512 --batches 1 8 32 --parts decode
+    python -m bench.inference --device cuda --source sft --model-tag d20 --parts decode     # a checkpoint
+Random-weight models of the given depths (speed does not depend on the weights), or a saved checkpoint; one JSON
+object per model. Generation never stops early: stop tokens are ignored, so every run decodes its full length.
+
+Bandwidth utilisation = bytes that a decode step must read (every weight once, the embedding rows of its tokens,
+each row's keys and values up to its position) / step time / the device's peak memory bandwidth (a table for known
+GPUs, `--peak-bandwidth` to give it, a memcpy measurement on CPUs).
 """
 
 import argparse
@@ -17,10 +25,20 @@ from dataclasses import asdict
 import torch
 
 from nanochat.checkpoint import build_model
-from nanochat.engine import Engine
-from nanochat.scheduler import BatchScheduler, Request
+from nanochat.common import autodetect_device_type
+from nanochat.decode import DecodePolicy
+from nanochat.engine import Engine, inference_dtype
+from nanochat.flops import device_peak_flops
 from nanochat.gpt import GPTConfig
 from nanochat.scaling import model_shape
+from nanochat.scheduler import BatchScheduler, Request
+
+GPU_PEAK_BANDWIDTH = {  # bytes/s of device memory, by a substring of torch.cuda.get_device_name(); first match wins
+    "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "B200": 8.0e12, "A100-SXM4-40GB": 1.555e12,
+    "A100": 2.039e12, "L40S": 0.864e12, "A10": 0.6e12, "RTX 4090": 1.008e12, "RTX 3090": 0.936e12,
+}
+PARTS = ("decode", "recompute", "cb", "http")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class Vocab:
@@ -48,13 +66,13 @@ class Vocab:
         return [self.get_bos_token_id()] + self.encode(conversation["messages"][-1]["content"])
 
 
-def make(depth: int, vocab: int, seq: int):
-    """A random d{depth} model (head_dim 64) that never stops on its own: its special tokens get logit 0, below about
-    half of the vocabulary, so top-k sampling never picks them and every run decodes its full length."""
-    width, heads = model_shape(depth, head_dim=64)
+def make(depth: int, vocab: int, seq: int, device: str = "cpu", head_dim: int = 64):
+    """A random d{depth} model; its special tokens get logit 0, below about half of the vocabulary, so that even
+    without ignoring stop tokens (bench/rl.py) top-k sampling never picks them."""
+    width, heads = model_shape(depth, head_dim=head_dim)
     config = GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=width)
     torch.manual_seed(0)
-    model = build_model(asdict(config), "cpu").eval()
+    model = build_model(asdict(config), device).eval()
     with torch.no_grad():
         for token in Vocab(vocab).special.values():
             model.lm_head.weight[token] = 0.0
@@ -65,19 +83,73 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_memcpy_bandwidth(megabytes: int = 256, repeats: int = 8) -> float:
+    """Best observed bytes/s of copying a buffer much larger than the CPU's caches (read + write counted)."""
+    src = torch.ones(megabytes * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, 2 * src.numel() * 4 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_bandwidth(device: torch.device, given_gb_s: float | None) -> tuple[float, str]:
+    """(bytes/s, where the figure came from) of the device's memory."""
+    if given_gb_s:
+        return given_gb_s * 1e9, "--peak-bandwidth"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BANDWIDTH.items():
+            if key in name:
+                return peak, f"table: {key}"
+        return float("inf"), f"unknown GPU {name!r}: give --peak-bandwidth"
+    return measure_memcpy_bandwidth(), "memcpy probe"
+
+
+def decode_bytes_per_step(model, batch: int, context: int, weight_bytes: int, kv_bytes: int) -> float:
+    """Bytes a decode step of `batch` rows at `context` positions must read: every weight once (embedding tables:
+    only their rows for the batch's tokens), and each row's keys and values up to its position (or its window)."""
+    c = model.config
+    tables = model.wte.weight.numel() + sum(p.numel() for p in model.value_embeds.parameters())
+    rows_of_tables = batch * (c.n_embd + len(model.value_embeds) * c.n_kv_head * c.head_dim)
+    total = sum(p.numel() for p in model.parameters())
+    weights = (total - tables + rows_of_tables) * weight_bytes
+    kv = sum(2 * batch * c.n_kv_head * c.head_dim * min(w, context) for w in model.windows) * kv_bytes
+    return weights + kv
+
+
+def prefill_flops(model, tokens: int) -> float:
+    """Matmul FLOPs of prefilling `tokens` tokens (LM head for the last position only) + causal attention."""
+    c = model.config
+    matrices = sum(p.numel() for p in model.blocks.parameters())
+    attention = sum(4 * c.n_head * c.head_dim * sum(min(t + 1, w) for t in range(tokens)) for w in model.windows)
+    return 2 * matrices * tokens + 2 * model.lm_head.weight.numel() + attention
+
+
 @torch.no_grad()
-def prefill_rate(model, prompt: list[int], repeats: int = 3) -> float:
+def prefill_rate(engine: Engine, prompt: list[int], repeats: int = 3) -> float:
     """Prompt tokens/s into a KV cache, with the next-token logits of the last position, as the engine prefills."""
-    engine = Engine(model, Vocab(model.config.vocab_size), use_tools=False)
-    x = torch.tensor([prompt])
+    x = torch.tensor([prompt], device=engine.device)
+    cache = engine.new_cache(1, len(prompt))
 
     def prefill():
-        engine.forward_last(x, engine.new_cache(1, len(prompt)), [0])
+        cache.reset()
+        engine.forward_last(x, cache, [0])
 
     prefill()  # warm up
+    synchronize(engine.device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         prefill()
+    synchronize(engine.device)
     return repeats * len(prompt) / (time.perf_counter() - t0)
 
 
@@ -97,19 +169,21 @@ def decode_rate(engine: Engine, prompt: list[int], batch: int, tokens: int) -> t
 def recompute_seconds(model, prompt: list[int], tokens: int, probes: int = 12) -> float:
     """Time to generate `tokens` tokens without a cache (a full forward pass over the whole prefix per token),
     estimated from `probes` prefix lengths spread over the run (the cost grows with the prefix)."""
+    device = next(model.parameters()).device
     lengths = [len(prompt) + round(i * (tokens - 1) / (probes - 1)) for i in range(probes)]
     seconds = []
     for n in lengths:
-        x = torch.tensor([(prompt * (n // len(prompt) + 1))[:n]])
+        x = torch.tensor([(prompt * (n // len(prompt) + 1))[:n]], device=device)
         t0 = time.perf_counter()
-        model(x, last_only=True)[0, -1].argmax()  # the fair baseline: no LM head for the other positions
+        int(model(x, last_only=True)[0, -1].argmax())  # the fair baseline: no LM head for the other positions
         seconds.append(time.perf_counter() - t0)
     return statistics.fmean(seconds) * tokens
 
 
-def continuous_batching(model, vocab, prompt, requests: int, tokens: int, slots: int, gap: float) -> dict:
+def continuous_batching(model, vocab, prompt, requests: int, tokens: int, slots: int, gap: float, **engine) -> dict:
     """Requests arriving every `gap` seconds with different lengths; all generated tokens / wall time."""
-    scheduler = BatchScheduler(model, vocab, slots=slots, use_tools=False)
+    scheduler = BatchScheduler(model, vocab, slots=slots, use_tools=False, **engine)
+    scheduler.tools.stops = set()
     try:
         submitted = []
         t0 = time.perf_counter()
@@ -124,12 +198,12 @@ def continuous_batching(model, vocab, prompt, requests: int, tokens: int, slots:
         scheduler.shutdown()
 
 
-def http_ttft(model, vocab, clients: int, prompt_chars: int, tokens: int) -> float:
+def http_ttft(model, vocab, clients: int, prompt_chars: int, tokens: int, **engine) -> float:
     """Median seconds from sending a streaming request to its first content chunk, `clients` at once."""
     import httpx
     import uvicorn
     from nanochat.server import create_app
-    scheduler = BatchScheduler(model, vocab, slots=16, use_tools=False)
+    scheduler = BatchScheduler(model, vocab, slots=16, use_tools=False, **engine)
     app = create_app([scheduler], vocab, "bench")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -164,9 +238,26 @@ def http_ttft(model, vocab, clients: int, prompt_chars: int, tokens: int) -> flo
     return statistics.median(firsts) if firsts else float("nan")
 
 
+def load(args, device: torch.device):
+    """(name, model, tokenizer) for each model to measure: random weights per --depth, or one checkpoint."""
+    if args.source:
+        from nanochat.checkpoint import load_model
+        model, tokenizer, meta = load_model(args.source, device, args.model_tag, args.step)
+        yield f"{args.source}/{meta.get('model_tag', args.model_tag)}", model, tokenizer
+        return
+    for depth in args.depth:
+        log(f"d{depth}: building")
+        yield f"d{depth}", make(depth, args.vocab_size, 2048, str(device), args.head_dim), Vocab(args.vocab_size)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--depth", type=int, nargs="+", default=[4, 6])
+    p.add_argument("--device", default="", help="cpu | cuda (default: autodetect)")
+    p.add_argument("--depth", type=int, nargs="+", default=[4, 6], help="random-weight models of these depths")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--source", default="", choices=["", "base", "sft", "rl"], help="measure a checkpoint instead")
+    p.add_argument("--model-tag", default=None)
+    p.add_argument("--step", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--tokens", type=int, default=256, help="generated tokens per sequence")
@@ -174,39 +265,67 @@ def main() -> None:
     p.add_argument("--cb-requests", type=int, default=16)
     p.add_argument("--cb-slots", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="inference weights and KV cache")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the decode step")
+    p.add_argument("--graph", default="auto", choices=["auto", "on", "off"], help="CUDA-graph decode steps")
+    p.add_argument("--peak-bandwidth", type=float, default=None, help="device memory GB/s (default: table/probe)")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for depth in args.depth:
-        log(f"d{depth}: building")
-        model = make(depth, args.vocab_size, 2048)
-        vocab = Vocab(args.vocab_size)
-        engine = Engine(model, vocab, use_tools=False)
-        prompt = [vocab.get_bos_token_id()] + torch.randint(0, 256, (args.prompt_len - 1,),
-                                                            generator=torch.Generator().manual_seed(0)).tolist()
-        result = {"depth": depth, "params": model.num_params()["total"], "vocab_size": args.vocab_size,
-                  "prompt_len": args.prompt_len, "generated": args.tokens, "threads": torch.get_num_threads()}
-        result["prefill_tok_s"] = round(prefill_rate(model, prompt), 1)
-        engine.generate_batch(prompt, 2, max_tokens=4)  # warm up
-        for batch in args.batches:
-            log(f"d{depth}: decode batch {batch}")
-            rate, seconds = decode_rate(engine, prompt, batch, args.tokens)
-            result[f"decode_tok_s_batch{batch}"] = round(rate, 1)
-            if batch == 1:
-                kv_seconds = seconds
-        log(f"d{depth}: recompute baseline")
-        recompute = recompute_seconds(model, prompt, args.tokens)
-        result["kv_cache_s"] = round(kv_seconds, 2)  # prefill + args.tokens decode steps, one sequence
-        result["recompute_s_estimated"] = round(recompute, 2)
-        result["kv_cache_speedup_vs_recompute"] = round(recompute / kv_seconds, 1)
-        log(f"d{depth}: continuous batching")
-        cb = continuous_batching(model, vocab, prompt, args.cb_requests, args.tokens, args.cb_slots, gap=0.05)
-        result["continuous_batching_tok_s"] = round(cb.pop("tok_s"), 1)
-        result["continuous_batching"] = cb
-        for clients in (1, 16):
-            log(f"d{depth}: HTTP time to first token, {clients} client(s)")
-            result[f"http_ttft_s_{clients}_client{'s' if clients > 1 else ''}"] = round(
-                http_ttft(model, vocab, clients, args.prompt_len - 1, min(args.tokens, 32)), 3)
+    device = torch.device(args.device or autodetect_device_type())
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else inference_dtype(device)
+    auto = DecodePolicy.for_device(device)
+    policy = DecodePolicy(compile=auto.compile if args.compile == "auto" else args.compile == "on",
+                          graph=auto.graph if args.graph == "auto" else args.graph == "on")
+    bandwidth, bandwidth_source = peak_bandwidth(device, args.peak_bandwidth)
+    for name, model, tokenizer in load(args, device):
+        engine = Engine(model, tokenizer, use_tools=False, dtype=dtype, policy=policy)
+        engine.tools.stops = set()  # decode every run to its full length
+        bytes_per = engine.model.wte.weight.element_size()
+        prompt = [tokenizer.get_bos_token_id()] + torch.randint(0, 256, (args.prompt_len - 1,),
+                                                                generator=torch.Generator().manual_seed(0)).tolist()
+        result = {"model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "params": model.num_params()["total"], "vocab_size": model.config.vocab_size,
+                  "prompt_len": args.prompt_len, "generated": args.tokens, "dtype": str(dtype).removeprefix("torch."),
+                  "compiled": policy.compile, "cuda_graphs": policy.graph, "threads": torch.get_num_threads(),
+                  "peak_bandwidth_gb_s": round(bandwidth / 1e9, 1), "peak_bandwidth_from": bandwidth_source}
+        rate = prefill_rate(engine, prompt)
+        result["prefill_tok_s"] = round(rate, 1)
+        result["prefill_mfu"] = round(prefill_flops(engine.model, len(prompt)) * rate / len(prompt)
+                                      / device_peak_flops(device.type, dtype), 4)
+        kv_seconds = None
+        if "decode" in args.parts:
+            for batch in args.batches:
+                log(f"{name}: decode batch {batch}")
+                engine.generate_batch(prompt, batch, max_tokens=8, temperature=1.0, top_k=50)  # warm up this bucket
+                rate, seconds = decode_rate(engine, prompt, batch, args.tokens)
+                step_s = batch / rate
+                needed = decode_bytes_per_step(engine.model, batch, args.prompt_len + args.tokens // 2, bytes_per,
+                                               bytes_per)
+                result[f"decode_tok_s_batch{batch}"] = round(rate, 1)
+                result[f"decode_step_ms_batch{batch}"] = round(step_s * 1e3, 3)
+                result[f"decode_bandwidth_util_batch{batch}"] = round(needed / step_s / bandwidth, 4)
+                if batch == 1:
+                    kv_seconds = seconds
+        if "recompute" in args.parts and kv_seconds is not None:
+            log(f"{name}: recompute baseline")
+            recompute = recompute_seconds(engine.model, prompt, args.tokens)
+            result["kv_cache_s"] = round(kv_seconds, 2)  # prefill + args.tokens decode steps, one sequence
+            result["recompute_s_estimated"] = round(recompute, 2)
+            result["kv_cache_speedup_vs_recompute"] = round(recompute / kv_seconds, 1)
+        if "cb" in args.parts:
+            log(f"{name}: continuous batching")
+            cb = continuous_batching(model, tokenizer, prompt, args.cb_requests, args.tokens, args.cb_slots,
+                                     gap=0.05, dtype=dtype, policy=policy)
+            result["continuous_batching_tok_s"] = round(cb.pop("tok_s"), 1)
+            result["continuous_batching"] = cb
+        if "http" in args.parts:
+            for clients in (1, 16):
+                log(f"{name}: HTTP time to first token, {clients} client(s)")
+                result[f"http_ttft_s_{clients}_client{'s' if clients > 1 else ''}"] = round(
+                    http_ttft(model, tokenizer, clients, args.prompt_len - 1, min(args.tokens, 32), dtype=dtype,
+                              policy=policy), 3)
         print(json.dumps(result), flush=True)
 
 

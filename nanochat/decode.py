@@ -89,6 +89,11 @@ class Decoder:
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
 
+    @property
+    def built_steps(self) -> list[tuple[int, int, int]]:
+        """The (rows, read_length, candidates) keys whose steps were built (captured, on CUDA) so far."""
+        return list(self._steps)
+
     # --- inputs -------------------------------------------------------------------------------------------------------
 
     def _set(self, name: str, values: list) -> None:

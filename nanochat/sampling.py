@@ -40,13 +40,15 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     if candidates == 0:
         return greedy
     sampling = temperature > 0
-    x = logits.float() / torch.where(sampling, temperature, torch.ones_like(temperature))[:, None]  # (B, V)
+    scale = torch.where(sampling, temperature, torch.ones_like(temperature))[:, None]  # (B, 1)
     k = torch.where(top_k > 0, top_k, V).clamp(max=candidates)  # (B,)
-    if candidates < V:
-        ranked, ids = torch.topk(x, candidates, dim=-1)  # (B, K), best first
-        ranked = ranked.masked_fill(torch.arange(candidates, device=x.device)[None, :] >= k[:, None], float("-inf"))
+    if candidates < V:  # a positive temperature keeps the order, so only the candidates need dividing
+        ranked, ids = torch.topk(logits.float(), candidates, dim=-1)  # (B, K), best first
+        ranked = (ranked / scale).masked_fill(torch.arange(candidates, device=logits.device)[None, :] >= k[:, None],
+                                              float("-inf"))
         values = ranked
     else:  # the whole vocabulary, in id order; a row's top-k drops what is below its k-th best
+        x = logits.float() / scale  # (B, V)
         ranked, ids = x.sort(dim=-1, descending=True).values, None
         kth = ranked.gather(-1, k[:, None] - 1)  # (B, 1)
         ranked = ranked.masked_fill(ranked < kth, float("-inf"))

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nanochat.decode import read_bucket, rows_bucket
+from nanochat.decode import DecodePolicy, read_bucket, rows_bucket
 from nanochat.engine import Engine, SequenceState, run_tool
 from nanochat.sampling import sample_tokens, sampler_candidates
 
@@ -76,8 +76,9 @@ class BatchScheduler:
     """
 
     def __init__(self, model, tokenizer, slots: int = 8, max_seq_len: int | None = None,
-                 autocast: Callable = nullcontext, use_tools: bool = True, prefill_chunk: int = 512):
-        self.engine = Engine(model, tokenizer, autocast, use_tools)
+                 autocast: Callable = nullcontext, use_tools: bool = True, prefill_chunk: int = 512,
+                 dtype: torch.dtype | None = None, policy: DecodePolicy | None = None):
+        self.engine = Engine(model, tokenizer, autocast, use_tools, dtype, policy)
         self.tools = self.engine.tools
         self.max_seq_len = min(max_seq_len or model.config.sequence_len, self.engine.max_context)
         self.vocab_size = model.config.vocab_size

@@ -1,0 +1,203 @@
+"""Static decode steps (nanochat/decode.py) and the inference weights behind them: a compiled or captured step
+decodes exactly what the eager step does, rows that sit out a step are left untouched, requests moving between
+batch-size buckets keep their outputs, and the cast inference weights follow the model they were cast from."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from nanochat.decode import Decoder, DecodePolicy, read_bucket, rows_bucket
+from nanochat.engine import Engine
+from nanochat.scheduler import BatchScheduler, Request
+from test_engine import encode, oracle
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_tokenizer):
+    return make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256).eval()
+
+
+@pytest.fixture(scope="module")
+def tool_model(model, tiny_tokenizer):
+    """The tiny model with <|python_end|> and the token it would write first after `<|python_start|>2+3` swapped in
+    its output layer, so that greedy decoding closes the call and the sandbox's output is forced in."""
+    tok = tiny_tokenizer
+    prompt = tool_prompt_of(tok)
+    python_end = tok.encode_special("<|python_end|>")
+    with torch.no_grad():
+        first = int(model(torch.tensor([prompt]))[0, -1].argmax())
+    swapped = copy.deepcopy(model)
+    with torch.no_grad():
+        w = swapped.lm_head.weight
+        w[[first, python_end]] = w[[python_end, first]]
+    return swapped
+
+
+def tool_prompt_of(tok):
+    return tok.encode("Let me compute.", prepend="<|bos|>") + [tok.encode_special("<|python_start|>")] + tok.encode("2+3")
+
+
+def test_buckets_are_powers_of_two_within_their_limits():
+    assert [rows_bucket(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert rows_bucket(5, 6) == 6
+    assert [read_bucket(n, 2048) for n in (1, 128, 129, 700)] == [128, 128, 256, 1024]
+    assert read_bucket(700, 600) == 600
+
+
+def test_compiled_greedy_decoding_equals_eager_token_for_token_with_a_tool_call(tool_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = tool_prompt_of(tok)
+    eager = Engine(tool_model, tok, policy=DecodePolicy())
+    compiled = Engine(tool_model, tok, policy=DecodePolicy(compile=True))
+    expected = eager.generate_batch(prompt, 1, max_tokens=16, temperature=0.0)
+    assert compiled.generate_batch(prompt, 1, max_tokens=16, temperature=0.0) == expected
+    tokens, masks = expected[0][0][len(prompt):], expected[1][0][len(prompt):]
+    assert tokens[:2] == [tok.encode_special("<|python_end|>"), tok.encode_special("<|output_start|>")]
+    assert 0 in masks and masks[-1] == 1  # the tool's output was forced in, and the model carried on after it
+    assert (expected[0][0], expected[1][0]) == oracle(tool_model, tok, prompt, 1, 16)[0]
+
+
+def test_sampling_with_a_fixed_seed_is_reproducible_across_engines(model, tiny_tokenizer):
+    prompt = encode(tiny_tokenizer, "Hello there")
+    run = lambda engine, seed: engine.generate_batch(prompt, 3, max_tokens=10, temperature=0.9, top_k=40,  # noqa
+                                                     top_p=0.9, seed=seed)
+    first, second = Engine(model, tiny_tokenizer, use_tools=False), Engine(model, tiny_tokenizer, use_tools=False)
+    assert run(first, 5) == run(second, 5) == run(first, 5)
+    assert run(first, 5) != run(first, 6)
+
+
+@torch.no_grad()
+def test_rows_that_sit_out_a_step_are_left_as_they_were(model):
+    decoder = Decoder(model, slots=4, max_seq_len=64, dtype=torch.float32, policy=DecodePolicy())
+    cache = decoder.cache
+    for slot, length in enumerate([5, 9, 3, 7]):
+        model(torch.randint(0, 200, (1, length)), kv_cache=cache, slots=[slot])
+    k, v, pos = cache.k.clone(), cache.v.clone(), cache.pos.clone()
+    decoder.set_sampling([(0.0, 0, 1.0)] * 4)
+    decoder.feed({0: 11, 1: 12, 2: 13, 3: 14})
+    decoder.set_active([True, False, True, False])
+    decoder.step(4, 16, 0)
+    assert cache.pos.tolist() == [6, 9, 4, 7]
+    for slot in (1, 3):  # untouched (they wrote only to the spare position past max_seq_len, never read)
+        assert torch.equal(cache.k[:, slot, :, :64], k[:, slot, :, :64])
+        assert torch.equal(cache.v[:, slot, :, :64], v[:, slot, :, :64])
+    for slot, length in ((0, 5), (2, 3)):  # history kept, one new position written
+        assert torch.equal(cache.k[:, slot, :, :length], k[:, slot, :, :length])
+        assert not torch.equal(cache.k[:, slot, :, length], k[:, slot, :, length])
+
+
+def test_samples_keep_their_outputs_when_they_move_to_a_smaller_bucket(tiny_tokenizer):
+    """Samples that stop early leave the bucket; the live ones move down to rows of a smaller bucket mid-stream,
+    and each one's tokens still equal its own full-forward oracle."""
+    tok = tiny_tokenizer
+    m = make_tiny_model(tok.get_vocab_size(), sequence_len=256).eval()
+    end = tok.encode_special("<|assistant_end|>")
+    with torch.no_grad():
+        m.lm_head.weight[end] = torch.randn(m.lm_head.weight.size(1), generator=torch.Generator().manual_seed(3)) * 0.4
+    prompt = encode(tok, "Hello there")
+    engine = Engine(m, tok, use_tools=False)
+    results, masks = engine.generate_batch(prompt, 5, max_tokens=20, temperature=1.0, top_k=50, seed=11)
+    expected = oracle(m, tok, prompt, 5, 20, temperature=1.0, top_k=50, seed=11, use_tools=False)
+    assert list(zip(results, masks)) == expected
+    assert len({rows for rows, _, _ in engine.decoder.built_steps}) > 1  # the premise: the bucket did change
+
+
+def test_requests_moving_between_buckets_give_the_same_outputs_as_alone(model, tiny_tokenizer):
+    """Requests join and leave a 4-slot scheduler, so its decode batch grows 1 → 2 → 4 and shrinks again; each
+    request's tokens equal the same request run alone in a fresh scheduler."""
+    tok = tiny_tokenizer
+    settings = [dict(temperature=0.0), dict(temperature=1.0, top_k=50, seed=1), dict(temperature=0.8, seed=2),
+                dict(temperature=1.0, top_k=5, top_p=0.8, seed=3)]
+    prompts = [encode(tok, t) for t in ("The capital of France is", "def add(a, b):", "Once upon a time", "A")]
+    lengths = [24, 6, 18, 10]
+
+    def run(scheduler, indices, staggered):
+        requests = {}
+        for i in indices:
+            requests[i] = scheduler.submit(Request(tokens=prompts[i], max_tokens=lengths[i], **settings[i]))
+            if staggered:  # wait for its first token, so the next one joins mid-generation
+                requests[i] = (requests[i], [next(requests[i].stream(timeout=60))])
+        return {i: (r[1] + list(r[0].stream(timeout=120)) if staggered else list(r.stream(timeout=120)))
+                for i, r in requests.items()}
+
+    together = BatchScheduler(model, tok, slots=4, use_tools=False)
+    try:
+        outputs = run(together, range(4), staggered=True)
+        buckets = {rows for rows, _, _ in together.decoder.built_steps}
+    finally:
+        together.shutdown()
+    assert {1, 2, 4} <= buckets  # the premise: the batch crossed buckets
+    for i in range(4):
+        alone = BatchScheduler(model, tok, slots=4, use_tools=False)
+        try:
+            assert outputs[i] == run(alone, [i], staggered=False)[i], f"request {i}"
+        finally:
+            alone.shutdown()
+
+
+def test_cast_inference_weights_follow_the_model_they_were_cast_from(tiny_tokenizer):
+    """RL trains the fp32 model between rollouts: the engine's bf16 copy sees every in-place update."""
+    source = make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256)
+    engine = Engine(source, tiny_tokenizer, use_tools=False, dtype=torch.bfloat16)
+    assert engine.model is not source and engine.model.lm_head.weight.dtype == torch.bfloat16
+    assert engine.decoder is None and source.lm_head.weight.dtype == torch.float32
+    prompt = encode(tiny_tokenizer, "Hello")
+    engine.generate_batch(prompt, 1, max_tokens=3, temperature=0.0)
+    assert engine.decoder.cache.k.dtype == torch.bfloat16
+    with torch.no_grad():
+        source.lm_head.weight.mul_(-1.0)  # an optimizer step, in place
+    engine.generate_batch(prompt, 1, max_tokens=3, temperature=0.0)
+    assert torch.equal(engine.model.lm_head.weight, source.lm_head.weight.to(torch.bfloat16))
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+@torch.no_grad()
+def test_a_captured_step_equals_the_eager_step(tiny_tokenizer, compiled):
+    """On a GPU: the same prefilled caches and inputs through an eager and a captured (CUDA-graph) step give the
+    same tokens and the same caches, step after step, with rows sitting out and the bucket changing."""
+    model = make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256).cuda().eval()
+    decoders = [Decoder(model, 4, 256, torch.float32, DecodePolicy()),
+                Decoder(model, 4, 256, torch.float32, DecodePolicy(compile=compiled, graph=True))]
+    prompts = [torch.randint(0, 200, (1, n), generator=torch.Generator().manual_seed(n)).cuda() for n in (5, 17, 9, 3)]
+    for d in decoders:
+        for slot, p in enumerate(prompts):
+            model(p, kv_cache=d.cache, slots=[slot])
+        d.set_sampling([(0.0, 0, 1.0), (1.0, 50, 1.0), (0.7, 0, 0.9), (1.0, 5, 1.0)])
+    schedule = [(4, [True, True, True, True]), (4, [True, False, True, True]), (2, [True, True]),
+                (4, [True, True, False, True]), (1, [True])]
+    generator = torch.Generator().manual_seed(0)
+    for rows, active in schedule * 3:
+        uniform = torch.rand(rows, generator=generator)
+        outs = []
+        for d in decoders:
+            d.set_active(active + [False] * (4 - rows))
+            d.uniform[:rows].copy_(uniform)
+            outs.append(d.step(rows, 128, sampler_key(d, rows)).tolist())
+            d.sampled(outs[-1])
+        assert outs[0] == outs[1]
+        assert torch.equal(decoders[0].cache.pos, decoders[1].cache.pos)
+        assert torch.allclose(decoders[0].cache.k, decoders[1].cache.k, atol=1e-5)
+    assert len(decoders[1].built_steps) == 3  # one capture per bucket, replayed after that
+
+
+def sampler_key(decoder, rows):
+    from nanochat.sampling import sampler_candidates
+    settings = list(zip(decoder.temperature[:rows].tolist(), decoder.top_k[:rows].tolist()))
+    return sampler_candidates(settings, decoder.vocab_size)
+
+
+@needs_cuda
+def test_graph_engine_decodes_what_the_eager_engine_does_on_a_gpu(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256).cuda().eval()
+    prompt = encode(tiny_tokenizer, "Once upon a time")
+    eager = Engine(model, tiny_tokenizer, use_tools=False, dtype=torch.float32, policy=DecodePolicy())
+    graphed = Engine(model, tiny_tokenizer, use_tools=False, dtype=torch.float32,
+                     policy=DecodePolicy(compile=True, graph=True))
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=50, seed=4)):
+        assert graphed.generate_batch(prompt, 3, max_tokens=20, **kwargs) == \
+            eager.generate_batch(prompt, 3, max_tokens=20, **kwargs)
