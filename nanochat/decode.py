@@ -7,7 +7,7 @@ the device and leaves it both in `out` and in `tokens` (the next step's input, u
 a forced token). The caller copies `out` to the host once per step: the step's only device-to-host transfer.
 
 A step is built once per key (rows, read_length, candidates): rows a batch-size bucket (a power of two),
-read_length how far it reads the cache (a power of two ≥ 128), candidates how many top tokens the sampler looks at
+read_length how far it reads the cache (with CUDA graphs a power of two ≥ 128), candidates how many top tokens the sampler looks at
 (0 = greedy). Requests joining or leaving only change the buffers' contents, or the bucket when the batch crosses
 a power of two; a key's step is reused for the decoder's whole life (never recaptured).
 
@@ -88,6 +88,11 @@ class Decoder:
     @property
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
+
+    def read_length(self, n: int) -> int:
+        """How far a step reads the cache to see n positions: a bucket for CUDA graphs (one capture per key); on
+        eager or compiled steps n rounded up to 16 (a CPU step's attention costs what it reads)."""
+        return read_bucket(n, self.max_seq_len) if self.policy.graph else min(-(-n // 16) * 16, self.max_seq_len)
 
     @property
     def built_steps(self) -> list[tuple[int, int, int]]:

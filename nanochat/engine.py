@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.common import get_compute_dtype
-from nanochat.decode import Decoder, DecodePolicy, read_bucket, rows_bucket
+from nanochat.decode import Decoder, DecodePolicy, rows_bucket
 from nanochat.execution import execute_code
 from nanochat.kv_cache import KVCache
 from nanochat.sampling import sample_tokens, sampler_candidates, sampling_params  # noqa: F401 (re-exported)
@@ -131,10 +131,10 @@ class ToolStateMachine:
 # Inference weights
 
 def inference_dtype(device: torch.device) -> torch.dtype:
-    """The dtype inference weights and the KV cache are cast to, once: the compute dtype on GPUs (bf16 on SM80+).
-    CPUs stay in fp32: with weights already in bf16, a d4 decode step measured slower than in fp32 on a Xeon with
-    AMX (DEVELOPERS.md), and fp32 keeps CPU evaluations bit-identical to full forward passes."""
-    return get_compute_dtype(device.type) if device.type == "cuda" else torch.float32
+    """The dtype inference weights and the KV cache are cast to, once: the compute dtype (bf16 on CUDA SM80+; on
+    CPUs fp32, or bf16 where `NANOCHAT_DTYPE=bf16` asks for it, as runs/cpu.sh does on CPUs with AVX512-BF16/AMX:
+    with the weights cast once rather than under autocast at every step, bf16 decodes faster there, DEVELOPERS.md)."""
+    return get_compute_dtype(device.type)
 
 
 def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -283,7 +283,7 @@ class Engine:
                 decoder.uniform[:n].copy_(uniform)
             else:
                 decoder.uniform[:rows].copy_(uniform[perm])
-            sampled = decoder.step(rows, read_bucket(held + 1, decoder.max_seq_len), candidates).tolist()
+            sampled = decoder.step(rows, decoder.read_length(held + 1), candidates).tolist()
             decoder.sampled(sampled)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]],

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from nanochat.decode import DecodePolicy, read_bucket, rows_bucket
+from nanochat.decode import DecodePolicy, rows_bucket
 from nanochat.engine import Engine, SequenceState, run_tool
 from nanochat.sampling import sample_tokens, sampler_candidates
 
@@ -254,7 +254,7 @@ class BatchScheduler:
         decoder.uniform[:rows].copy_(torch.tensor(uniform))
         candidates = sampler_candidates([(s.request.temperature, s.request.top_k) for _, s in ready],
                                         self.vocab_size)
-        read_length = read_bucket(max(s.length for _, s in ready) + 1, decoder.max_seq_len)
+        read_length = decoder.read_length(max(s.length for _, s in ready) + 1)
         try:
             ids = decoder.step(rows, read_length, candidates).tolist()
         except Exception as e:  # cannot tell whose fault: fail the requests of this step, keep serving
