@@ -18,11 +18,14 @@ launching every kernel, silently), and hand back outputs that the next replay ov
 fails loudly if anything in it would synchronise with the host.
 """
 
+import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from nanochat.common import UserError
 from nanochat.kv_cache import KVCache, StaticRows
 from nanochat.sampling import sample_tokens
 
@@ -43,6 +46,9 @@ def read_bucket(n: int, limit: int) -> int:
     return min(_pow2(max(n, MIN_READ_LENGTH)), limit)
 
 
+POLICIES = {"eager": (False, False), "compile": (True, False), "graph": (False, True), "compile+graph": (True, True)}
+
+
 @dataclass(frozen=True)
 class DecodePolicy:
     """How decode steps run: `compile` through torch.compile (Inductor), `graph` replayed as CUDA graphs."""
@@ -52,7 +58,14 @@ class DecodePolicy:
     @staticmethod
     def for_device(device: torch.device) -> "DecodePolicy":
         """CUDA: compiled and captured (fused kernels, one graph launch per step). CPU: eager, which measured
-        faster than a compiled step there (see DEVELOPERS.md)."""
+        faster than a compiled step there (DEVELOPERS.md). `NANOCHAT_DECODE=eager|compile|graph|compile+graph`
+        overrides (graph only on CUDA)."""
+        forced = os.environ.get("NANOCHAT_DECODE", "").strip().lower()
+        if forced:
+            if forced not in POLICIES or (POLICIES[forced][1] and device.type != "cuda"):
+                raise UserError(f"NANOCHAT_DECODE={forced!r} is not one of {', '.join(POLICIES)} "
+                                f"(graph modes need CUDA)")
+            return DecodePolicy(*POLICIES[forced])
         if device.type == "cuda":
             return DecodePolicy(compile=True, graph=True)
         return DecodePolicy()
@@ -166,9 +179,12 @@ class Decoder:
         if not 0 < read_length <= self.cache.max_seq_len:
             raise ValueError(f"read_length {read_length} is outside 1..{self.cache.max_seq_len}")
         key = (rows, read_length, candidates)
-        run = self._steps.get(key)
-        if run is None:
-            run = self._capture(key) if self.policy.graph else (lambda: self._run(*key))
-            self._steps[key] = run
-        run()
+        # CUDA graphs are captured and replayed on the current device's streams: make that the cache's device
+        # (the server runs one scheduler thread per GPU, whose current device is otherwise cuda:0)
+        with torch.cuda.device(self.cache.k.device) if self.policy.graph else nullcontext():
+            run = self._steps.get(key)
+            if run is None:
+                run = self._capture(key) if self.policy.graph else (lambda: self._run(*key))
+                self._steps[key] = run
+            run()
         return self.out[:rows]

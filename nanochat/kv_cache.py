@@ -125,5 +125,14 @@ class StaticRows:
         vc[rows, :, where] = v.to(vc.dtype)
         return kc[:, :, :self.read_length], vc[:, :, :self.read_length]
 
+    def previous_embeddings(self, slots, n_embd: int, dtype: torch.dtype) -> torch.Tensor:
+        """The rows' last token embeddings (rows, n_embd), for a model with smear (see KVCache)."""
+        return self.cache.previous_embeddings(slice(0, self.rows), n_embd, dtype)
+
+    def remember_embeddings(self, slots, emb: torch.Tensor) -> None:
+        """Keep emb (rows, n_embd) as the rows' last embeddings, for the active rows only."""
+        held = self.cache.previous_embeddings(slice(0, self.rows), emb.size(-1), emb.dtype)
+        self.cache.remember_embeddings(slice(0, self.rows), torch.where(self.active[:, None], emb.to(held.dtype), held))
+
     def advance(self, slots, t: int) -> None:
         self.cache.pos[:self.rows] += self.active

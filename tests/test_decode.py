@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
+from nanochat.common import UserError
 from nanochat.decode import Decoder, DecodePolicy, read_bucket, rows_bucket
 from nanochat.engine import Engine
 from nanochat.scheduler import BatchScheduler, Request
@@ -201,3 +202,13 @@ def test_graph_engine_decodes_what_the_eager_engine_does_on_a_gpu(tiny_tokenizer
     for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=50, seed=4)):
         assert graphed.generate_batch(prompt, 3, max_tokens=20, **kwargs) == \
             eager.generate_batch(prompt, 3, max_tokens=20, **kwargs)
+
+
+def test_the_decode_policy_can_be_forced_and_a_bad_one_is_named(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DECODE", "compile")
+    assert DecodePolicy.for_device(torch.device("cpu")) == DecodePolicy(compile=True)
+    monkeypatch.setenv("NANOCHAT_DECODE", "graph")
+    with pytest.raises(UserError, match="NANOCHAT_DECODE='graph'.*need CUDA"):
+        DecodePolicy.for_device(torch.device("cpu"))
+    monkeypatch.delenv("NANOCHAT_DECODE")
+    assert DecodePolicy.for_device(torch.device("cpu")) == DecodePolicy()
