@@ -19,6 +19,7 @@ fails loudly if anything in it would synchronise with the host.
 """
 
 import os
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ class Decoder:
         self._steps: dict[tuple[int, int, int], Callable[[], None]] = {}
         self._run = torch.compile(self._step, dynamic=None) if policy.compile else self._step
         self._pool = None  # one CUDA graph memory pool for every bucket (steps never run concurrently)
+        self.captured: set[tuple[int, int, int]] = set()  # keys whose step replays a CUDA graph
 
     @property
     def max_seq_len(self) -> int:
@@ -155,7 +157,8 @@ class Decoder:
 
     def _capture(self, key: tuple[int, int, int]) -> Callable[[], None]:
         """Warm the step up on a side stream with every row sitting out (so the cache is left as it was: rows that
-        sit out write only to its spare position), then capture it into a CUDA graph."""
+        sit out write only to its spare position), then capture it into a CUDA graph. A step that cannot be
+        captured runs uncaptured, with a warning (correct, only slower)."""
         saved = {name: getattr(self, name).clone() for name in ("tokens", "out", "active")}
         self.active.zero_()
         stream = torch.cuda.Stream()
@@ -167,9 +170,15 @@ class Decoder:
         for name, value in saved.items():
             getattr(self, name).copy_(value)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._run(*key)
+        try:
+            # thread_local: other threads (another GPU's scheduler) may keep using CUDA while this one captures
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                self._run(*key)
+        except RuntimeError as e:
+            warnings.warn(f"decode step {key} could not be captured as a CUDA graph, it runs uncaptured: {e}")
+            return lambda: self._run(*key)
         self._pool = graph.pool()
+        self.captured.add(key)
         return graph.replay
 
     @torch.no_grad()
