@@ -7,15 +7,16 @@ the device and leaves it both in `out` and in `tokens` (the next step's input, u
 a forced token). The caller copies `out` to the host once per step: the step's only device-to-host transfer.
 
 A step is built once per key (rows, read_length, candidates): rows a batch-size bucket (a power of two),
-read_length how far it reads the cache (with CUDA graphs a power of two ≥ 128), candidates how many top tokens the sampler looks at
-(0 = greedy). Requests joining or leaving only change the buffers' contents, or the bucket when the batch crosses
+read_length how far it reads the cache (with CUDA graphs a power of two ≥ 128), candidates how many top tokens the
+sampler looks at (0 = greedy). Requests joining or leaving only change the buffers' contents, or the bucket when the batch crosses
 a power of two; a key's step is reused for the decoder's whole life (never recaptured).
 
 Why captured by hand (`torch.cuda.graph`) rather than `torch.compile(mode="reduce-overhead")`: the step mutates
 the KV cache, which is an input to it, and CUDA-graph trees skip graphs whose inputs are mutated (falling back to
 launching every kernel, silently), and hand back outputs that the next replay overwrites. A manual capture of the
-(optionally Inductor-compiled) step records exactly the kernels that run eagerly, writes into buffers we own, and
-fails loudly if anything in it would synchronise with the host.
+(optionally Inductor-compiled) step records exactly the kernels that run eagerly and writes into buffers we own;
+anything in it that would synchronise with the host makes the capture fail (the step then runs uncaptured, with a
+warning, and `Decoder.captured` says which steps are graphs).
 """
 
 import os
