@@ -132,7 +132,8 @@ class StaticRows:
     def remember_embeddings(self, slots, emb: torch.Tensor) -> None:
         """Keep emb (rows, n_embd) as the rows' last embeddings, for the active rows only."""
         held = self.cache.previous_embeddings(slice(0, self.rows), emb.size(-1), emb.dtype)
-        self.cache.remember_embeddings(slice(0, self.rows), torch.where(self.active[:, None], emb.to(held.dtype), held))
+        kept = torch.where(self.active[:, None], emb.to(held.dtype), held)
+        self.cache.remember_embeddings(slice(0, self.rows), kept)
 
     def advance(self, slots, t: int) -> None:
         self.cache.pos[:self.rows] += self.active

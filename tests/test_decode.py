@@ -72,17 +72,20 @@ def test_sampling_with_a_fixed_seed_is_reproducible_across_engines(model, tiny_t
 
 
 @torch.no_grad()
-def test_rows_that_sit_out_a_step_are_left_as_they_were(model):
+def test_rows_that_sit_out_a_step_are_left_as_they_were(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256, smear=True).eval()
     decoder = Decoder(model, slots=4, max_seq_len=64, dtype=torch.float32, policy=DecodePolicy())
     cache = decoder.cache
     for slot, length in enumerate([5, 9, 3, 7]):
         model(torch.randint(0, 200, (1, length)), kv_cache=cache, slots=[slot])
-    k, v, pos = cache.k.clone(), cache.v.clone(), cache.pos.clone()
+    k, v, pos, emb = cache.k.clone(), cache.v.clone(), cache.pos.clone(), cache.prev_embedding.clone()
     decoder.set_sampling([(0.0, 0, 1.0)] * 4)
     decoder.feed({0: 11, 1: 12, 2: 13, 3: 14})
     decoder.set_active([True, False, True, False])
     decoder.step(4, 16, 0)
     assert cache.pos.tolist() == [6, 9, 4, 7]
+    assert torch.equal(cache.prev_embedding[[1, 3]], emb[[1, 3]])  # smear's last embeddings too
+    assert not torch.equal(cache.prev_embedding[[0, 2]], emb[[0, 2]])
     for slot in (1, 3):  # untouched (they wrote only to the spare position past max_seq_len, never read)
         assert torch.equal(cache.k[:, slot, :, :64], k[:, slot, :, :64])
         assert torch.equal(cache.v[:, slot, :, :64], v[:, slot, :, :64])
