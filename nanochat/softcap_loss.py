@@ -8,7 +8,8 @@ the training step. Here the rows go through in chunks small enough to stay in ca
 are computed in the same pass (the loss is the end of the graph, so its upstream gradient is one scalar), so nothing
 of size (rows, vocab) outlives a chunk and the LM head's matmul is not recomputed in the backward.
 
-It is a custom op, so torch.compile calls it as one opaque kernel instead of tracing the chunk loop.
+It is a custom op, so a compiled model calls it as one opaque kernel instead of tracing the chunk loop; the chunk
+itself is compiled on its own. GPT.forward uses it on CPUs only (GPUs keep the plain form, which inductor fuses).
 """
 
 import warnings
@@ -34,20 +35,27 @@ def _chunk(xc: torch.Tensor, w: torch.Tensor, yc: torch.Tensor, softcap: float, 
     return losses, g @ w, g.T @ xc
 
 
-# Inductor fuses the chunk's element-wise passes (tanh, log-sum-exp, softmax gradient) into a few loops: about 2x
-# faster than eager ops here. Without a working C++ compiler it falls back to eager, with one warning.
-_compiled_chunk = torch.compile(_chunk, dynamic=False)
-_use_compiled = [True]
+class _ChunkKernel:
+    """`_chunk` compiled on first use: inductor fuses its element-wise passes (tanh, log-sum-exp, softmax gradient)
+    into a few loops, about 2x faster than eager ops here. If compiling fails (no C++ compiler), the eager `_chunk`
+    from then on, with one warning."""
+
+    def __init__(self):
+        self.compiled = None  # built lazily: importing the model stays cheap
+        self.failed = False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                self.compiled = self.compiled or torch.compile(_chunk, dynamic=False)
+                return self.compiled(*args)
+            except Exception as e:  # inductor unavailable here: the same maths in eager ops
+                self.failed = True
+                warnings.warn(f"softcap_cross_entropy: torch.compile failed ({type(e).__name__}); using eager ops")
+        return _chunk(*args)
 
 
-def _run_chunk(*args):
-    if _use_compiled[0]:
-        try:
-            return _compiled_chunk(*args)
-        except Exception as e:  # inductor unavailable (no compiler): the same maths in eager ops
-            _use_compiled[0] = False
-            warnings.warn(f"softcap_cross_entropy: torch.compile failed ({type(e).__name__}); using eager ops")
-    return _chunk(*args)
+_run_chunk = _ChunkKernel()
 
 
 @torch.library.custom_op("nanochat::softcap_cross_entropy", mutates_args=())

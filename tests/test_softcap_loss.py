@@ -28,8 +28,10 @@ def inputs(monkeypatch):
     return x, w, y
 
 
+@pytest.mark.parametrize("kernel", ["compiled", "eager"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_loss_and_gradients_equal_the_plain_formula(inputs, reduction):
+def test_loss_and_gradients_equal_the_plain_formula(inputs, reduction, kernel, monkeypatch):
+    monkeypatch.setattr(softcap_loss._run_chunk, "failed", kernel == "eager")
     x, w, y = inputs
     expected = plain(x, w, y, reduction)
     got = softcap_cross_entropy(x, w, y, CAP, reduction)
@@ -83,3 +85,15 @@ def test_unknown_reduction_is_an_error(inputs):
     x, w, y = inputs
     with pytest.raises(ValueError, match="reduction"):
         softcap_cross_entropy(x, w, y, CAP, "avg")
+
+
+def test_without_a_working_compiler_it_warns_once_and_computes_the_same(inputs, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    kernel = softcap_loss._ChunkKernel()
+    monkeypatch.setattr(softcap_loss, "_run_chunk", kernel)
+    monkeypatch.setattr(softcap_loss.torch, "compile", broken)
+    x, w, y = inputs
+    with pytest.warns(UserWarning, match="using eager ops"):
+        got = softcap_cross_entropy(x, w, y, CAP)
+    assert kernel.failed and torch.allclose(got, plain(x, w, y), rtol=1e-5)
