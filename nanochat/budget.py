@@ -84,19 +84,21 @@ class Plan:
         return sum(self.stage_s.values())
 
     def describe(self, machine: Machine) -> str:
-        lines = [f"time budget {self.budget_s / 60:.0f} min; measured matmul: fp32 {machine.fp32_flops / 1e9:.0f} "
-                 f"GFLOP/s, {machine.dtype} {machine.compute_flops / 1e9:.0f} GFLOP/s (compute dtype {machine.dtype});"
-                 f" {self.slowdown:.2f}x the reference CPU's time; pretraining expected at "
+        measured = f"fp32 {machine.fp32_flops / 1e9:.0f} GFLOP/s"
+        if machine.dtype != "fp32":
+            measured += f", {machine.dtype} {machine.compute_flops / 1e9:.0f} GFLOP/s"
+        lines = [f"time budget {self.budget_s / 60:g} min; measured matmul: {measured} (compute dtype "
+                 f"{machine.dtype}): {self.slowdown:.2f}x the reference CPU's time; pretraining expected at "
                  f"{self.train_tokens_per_s:,.0f} tokens/s",
                  "chosen: " + ", ".join(f"{k}={v}" + (" (set)" if k in self.overridden else "")
                                         for k, v in self.knobs.items())
                  + (" — SFT, RL and evals shrunk to fit" if self.shrunk else "")]
         lines += [f"  expected {name:<10} {_minutes(s)}" for name, s in self.stage_s.items()]
         lines.append(f"  expected {'total':<10} {_minutes(self.total_s)}")
+        if self.total_s > 1.1 * self.budget_s:
+            lines.append("warning: over the budget even at the floors: this CPU is slow or busy (other processes "
+                         "running?); raise TIME_BUDGET_MIN or set smaller knobs")
         return "\n".join(lines)
-
-    def shell(self) -> str:
-        return "\n".join(f"{k}={v}" for k, v in self.knobs.items())
 
 
 def _minutes(seconds: float) -> str:
@@ -173,6 +175,11 @@ def measure_machine(dtype: str) -> Machine:
     return Machine(fp32_flops=fp32, compute_flops=compute, dtype=dtype)
 
 
+def gpu_visible() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def model_workload(depth: int, vocab_size: int, seq_len: int, device_batch: int) -> Workload:
     import torch
     from nanochat.gpt import GPT, GPTConfig
@@ -230,6 +237,9 @@ def main(argv=None) -> None:
         plan = plan_pipeline(machine, work, args.minutes * 60, overrides)
         print("\n".join(f"[budget] {line}" for line in plan.describe(machine).splitlines()), file=sys.stderr,
               flush=True)
+        if gpu_visible():
+            print("[budget] a CUDA GPU is visible: the stages will run on it, much faster than this CPU plan",
+                  file=sys.stderr, flush=True)
         record = {"time_budget_min": args.minutes, "machine": asdict(machine), "workload": asdict(work),
                   **asdict(plan), "reference_cpu": REFERENCE_CPU}
         if plan_file is not None:
