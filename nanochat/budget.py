@@ -4,8 +4,8 @@
     python -m nanochat.budget --minutes 15 --set BASE_STEPS=300
 
 The cost model is simple on purpose. Pretraining costs what its FLOPs cost at the MFU the compiled d4 step reaches
-in the compute dtype (`TRAIN_MFU`, measured with bench/train.py). Every other stage costs a fixed part (start-up)
-plus a part proportional to its work (steps, problems), measured on the reference CPU and scaled by how much slower
+in the compute dtype (`TRAIN_MFU`, from bench/train.py). Every other stage costs a fixed part (start-up) plus a
+part proportional to its work (steps, problems) on the reference CPU (`STAGE_COSTS`), scaled by how much slower
 this CPU's fp32 matmuls are (evaluation, generation and the short SFT/RL runs are mostly fp32 matmuls and Python).
 Pretraining takes what the other stages leave, between a floor that still shows the loss falling and a ceiling;
 when even the floor does not fit, SFT, RL and the evaluations shrink too, down to their own floors.
@@ -19,10 +19,11 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-REFERENCE_CPU = "2-core Intel Xeon (AVX512-BF16/AMX), fp32 forced"
+REFERENCE_CPU = "2-core Intel Xeon (AVX512-BF16/AMX)"
 REFERENCE_FP32_FLOPS = 300e9  # its 1024² fp32 matmul speed (nanochat.flops.measure_cpu_matmul_peak)
-TRAIN_MFU = {"fp32": 0.33, "bf16": 0.20}  # compiled d4 training step, vocab 8192, as a fraction of the probe
-COMPILE_S = 60.0  # compilation in the first pretraining step (model and loss kernels), reference CPU
+TRAIN_MFU = {"fp32": 0.33, "bf16": 0.20}  # compiled d4 step, vocab 8192, over the probe (estimate: from bench.train
+# at vocab 32768, 40% fp32 / 25% bf16 of the probe, less for the smaller LM head; to be measured at vocab 8192)
+COMPILE_S = 60.0  # compilation in the first pretraining step (model and loss kernels), reference CPU (estimate)
 
 KNOBS = ("BASE_STEPS", "SFT_STEPS", "RL_STEPS", "MAX_PER_TASK", "CHAT_PROBLEMS")
 DEFAULTS = {"BASE_STEPS": 300, "SFT_STEPS": 80, "RL_STEPS": 20, "MAX_PER_TASK": 50, "CHAT_PROBLEMS": 50}
@@ -38,7 +39,9 @@ class StageCost:
     knob: str | None = None
 
 
-# Measured on the reference CPU by runs/cpu.sh itself (stage times over the knob values of that run).
+# Not yet measured: estimates for the reference CPU from the README's 13.5-minute bf16 run (300 steps, default
+# knobs) and the reported fp32-only run. Replace them with the stage times runs/cpu.sh prints ("finished in N s")
+# from a run with fp32 forced on the reference CPU, divided over the knob values of that run.
 STAGE_COSTS = {
     "data": StageCost(5.0, 0.0),
     "tok_train": StageCost(12.0, 0.0),
