@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import attention
 from nanochat.kv_cache import KVCache
+from nanochat.softcap_loss import softcap_cross_entropy
 
 SOFTCAP = 15.0
 ROPE_BASE = 100_000
@@ -225,6 +226,12 @@ class GPT(nn.Module):
         if x_mid is not None:
             x = x - self.backout_lambda * x_mid
         x = norm(x)
+        chunked = x.device.type == "cpu" and (loss_reduction != "none" or not torch.is_grad_enabled())
+        if targets is not None and chunked:
+            # On CPUs the full fp32 logits cost more in memory traffic than in FLOPs: the same loss, in chunks that
+            # stay in cache (nanochat/softcap_loss.py). GPUs keep the compiled plain form below.
+            return softcap_cross_entropy(x, self.lm_head.weight[:self.config.vocab_size], targets, SOFTCAP,
+                                         loss_reduction)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:

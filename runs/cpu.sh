@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# The whole nanochat lifecycle at toy scale on a CPU, in about 15 minutes on 2 cores:
+# The whole nanochat lifecycle at toy scale on a CPU, sized to a time budget (15 minutes by default):
 # data -> tokenizer -> pretraining -> base eval -> SFT -> chat eval -> RL -> chat eval -> report card.
 #
 #   bash runs/cpu.sh                                    # downloads from the Hugging Face Hub
 #   NANOCHAT_MIRROR=../shared/mirror bash runs/cpu.sh   # offline, from a local mirror of the datasets
+#   TIME_BUDGET_MIN=30 bash runs/cpu.sh                 # a longer budget: more pretraining steps
+#   DRY_RUN=1 bash runs/cpu.sh                          # measure this CPU and print the plan, run nothing
 #
-# Safe to re-run: finished stages are skipped, an interrupted pretraining run resumes from its last checkpoint.
-# Knobs (environment): NANOCHAT_BASE_DIR (where everything is written), DEPTH, BASE_STEPS, SFT_STEPS, RL_STEPS,
-# MAX_PER_TASK, CHAT_PROBLEMS, SKIP_SETUP=1 (use the active Python environment as is).
+# Before the first stage, nanochat/budget.py measures this CPU's matmul speed and picks BASE_STEPS (and, on slow
+# machines, SFT_STEPS, RL_STEPS, MAX_PER_TASK, CHAT_PROBLEMS) so that the stages after setup take about
+# TIME_BUDGET_MIN; it prints the measurement, the choice and each stage's expected time, and records them in the
+# report. Safe to re-run: the plan is kept in $NANOCHAT_BASE_DIR/stages/plan.json, finished stages are skipped, an
+# interrupted pretraining run resumes from its last checkpoint.
+# Knobs (environment): NANOCHAT_BASE_DIR (where everything is written), TIME_BUDGET_MIN, DEPTH, and, to fix them
+# instead of planning them, BASE_STEPS, SFT_STEPS, RL_STEPS, MAX_PER_TASK, CHAT_PROBLEMS; SKIP_SETUP=1 (use the
+# active Python environment as is).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,19 +37,30 @@ DEPTH="${DEPTH:-4}"
 SEQ_LEN="${SEQ_LEN:-512}"
 VOCAB="${VOCAB:-8192}"
 TOK_CHARS="${TOK_CHARS:-50000000}"
-BASE_STEPS="${BASE_STEPS:-300}"
 DEVICE_BATCH="${DEVICE_BATCH:-16}"
 BASE_EVAL_EVERY="${BASE_EVAL_EVERY:-100}"
 SAVE_EVERY="${SAVE_EVERY:-100}"
 COMPILE="${COMPILE:-on}"
-SFT_STEPS="${SFT_STEPS:-80}"
-RL_STEPS="${RL_STEPS:-20}"
-MAX_PER_TASK="${MAX_PER_TASK:-50}"
-CHAT_PROBLEMS="${CHAT_PROBLEMS:-50}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-128}"
+TIME_BUDGET_MIN="${TIME_BUDGET_MIN:-15}"
 TAG="d${DEPTH}"
 STAGES="$NANOCHAT_BASE_DIR/stages"
 mkdir -p "$STAGES"
+
+# The plan: knobs set in the environment are kept, the others are sized to the budget on this machine.
+overrides=()
+for knob in BASE_STEPS SFT_STEPS RL_STEPS MAX_PER_TASK CHAT_PROBLEMS; do
+    if [ -n "${!knob:-}" ]; then overrides+=(--set "$knob=${!knob}"); fi
+done
+plan_args=(--minutes="$TIME_BUDGET_MIN" --dtype="${NANOCHAT_DTYPE:-fp32}" --depth="$DEPTH" --vocab-size="$VOCAB"
+           --seq-len="$SEQ_LEN" --device-batch="$DEVICE_BATCH" "${overrides[@]}")
+if [ "${DRY_RUN:-0}" = "1" ]; then
+    python -m nanochat.budget "${plan_args[@]}"
+    echo "dry run: nothing was run"
+    exit 0
+fi
+plan="$(python -m nanochat.budget "${plan_args[@]}" --plan-file="$STAGES/plan.json")"
+eval "$plan"
 
 # run_stage NAME COMMAND...: run a stage once; a marker file records that it finished.
 run_stage() {
@@ -60,6 +78,7 @@ run_stage() {
 
 T0=$SECONDS
 run_stage report_reset python -m nanochat.report reset
+run_stage plan_report python -m nanochat.budget "${plan_args[@]}" --plan-file="$STAGES/plan.json" --report >/dev/null
 run_stage data        python -m nanochat.dataset -n "${DATA_SHARDS:-4}"
 run_stage tok_train   python -m scripts.tok_train --max-chars="$TOK_CHARS" --vocab-size="$VOCAB"
 run_stage tok_eval    python -m scripts.tok_eval
@@ -68,7 +87,8 @@ run_stage "base_train_$TAG"  python -m scripts.base_train --depth="$DEPTH" --hea
     --num-iterations="$BASE_STEPS" --eval-every="$BASE_EVAL_EVERY" --eval-tokens=$((64 * SEQ_LEN)) \
     --sample-every=-1 --core-metric-every=-1 --save-every="$SAVE_EVERY" --resume-from-step=latest \
     --compile="$COMPILE" --model-tag="$TAG"
-run_stage "base_eval_$TAG"   python -m scripts.base_eval --model-tag="$TAG" --max-per-task="$MAX_PER_TASK"
+run_stage "base_eval_$TAG"   python -m scripts.base_eval --model-tag="$TAG" --max-per-task="$MAX_PER_TASK" \
+    --bpb-tokens="${BPB_TOKENS:-131072}"
 run_stage "chat_sft_$TAG"    python -m scripts.chat_sft --model-tag="$TAG" --num-iterations="$SFT_STEPS" \
     --device-batch-size=8 --max-seq-len="$SEQ_LEN" --eval-every=-1 --eval-steps=8 --eval-metrics-every=-1 \
     --save-every="$SFT_STEPS" --resume-from-step=latest

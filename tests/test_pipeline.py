@@ -26,13 +26,15 @@ def test_cpu_pipeline_runs_every_stage(mirror, tmp_path):
     })
     proc = subprocess.run(["bash", "runs/cpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "[budget] chosen: BASE_STEPS=30 (set)" in proc.stderr  # the plan is printed; set knobs are kept
 
     for phase in ("base_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"):
         steps = list((base / phase / "d2").glob("step_*"))
         assert steps, f"no checkpoint in {phase}"
 
     report = (base / "report" / "report.md").read_text()
-    for section in ("Tokenizer training", "Base model training", "Base model evaluation", "Chat SFT", "Chat RL"):
+    for section in ("Pipeline plan", "Tokenizer training", "Base model training", "Base model evaluation", "Chat SFT",
+                    "Chat RL"):
         assert section in report, f"report lacks section {section!r}"
     assert list((base / "report").glob("*.png")), "report has no plots"
 
