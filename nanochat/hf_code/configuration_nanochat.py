@@ -16,7 +16,8 @@ class NanoChatGPTConfig(PretrainedConfig):
                  attention_windows: list[int] | None = None, value_embedding_layers: list[int] | None = None,
                  value_embedding_gate_channels: int = 12, rope_theta: float = 100_000.0, qk_norm_scale: float = 1.2,
                  final_logit_softcapping: float = 15.0, smear: bool = False, smear_gate_channels: int = 24,
-                 backout: bool = False, backout_layer: int | None = None, tie_word_embeddings: bool = False,
+                 backout: bool = False, backout_layer: int | None = None, use_cache: bool = True,
+                 tie_word_embeddings: bool = False,
                  **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -35,6 +36,7 @@ class NanoChatGPTConfig(PretrainedConfig):
         self.smear = smear
         self.smear_gate_channels = smear_gate_channels
         self.backout = backout
+        self.use_cache = use_cache
         self.backout_layer = num_hidden_layers // 2 if backout_layer is None else backout_layer
         if len(self.attention_windows) != num_hidden_layers:
             raise ValueError(f"attention_windows has {len(self.attention_windows)} entries for "

@@ -94,7 +94,8 @@ class NanoChatGPTBlock(nn.Module):
 
 
 class NanoChatGPTPreTrainedModel(PreTrainedModel):
-    config_class = NanoChatGPTConfig
+    config: NanoChatGPTConfig  # how transformers 5 finds the config class
+    config_class = NanoChatGPTConfig  # and how transformers 4 does
     base_model_prefix = "model"
     _no_split_modules = ["NanoChatGPTBlock"]
     supports_gradient_checkpointing = False
