@@ -21,6 +21,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="folder to write (replaced whole if it holds an earlier export)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="weight dtype (default: the compute dtype, bf16 on modern GPUs, fp32 on most CPUs)")
+    p.add_argument("--dry-run", action="store_true", help="check the checkpoint can be exported, then exit")
     return p.parse_args(argv)
 
 
@@ -43,6 +44,9 @@ def main(argv=None) -> None:
     if meta_path.exists():  # refuse an architecture the export cannot hold before building the model
         check_representable(json.loads(meta_path.read_text())["model_config"])
     model, tokenizer, meta = load_model(args.source, "cpu", model_tag, step)
+    if args.dry_run:
+        print(f"export_hf dry run: {args.source} model {model_tag} step {meta['step']} can be exported to {args.out}")
+        return
     dtype = DTYPES[args.dtype] if args.dtype else get_compute_dtype(autodetect_device_type())
     if dtype not in DTYPES.values():
         raise UserError(f"the compute dtype here is {dtype}, which the export does not write: pass --dtype bf16|fp32")

@@ -170,3 +170,29 @@ def test_a_model_the_export_cannot_represent_fails_with_one_line(base_dir, tiny_
     assert exit_info.value.code == 1 and "\n" not in err
     assert err.startswith("error: cannot export to Hugging Face") and "mtp_heads" in err
     assert not (tmp_path / "out").exists()
+
+
+@torch.no_grad()
+def test_smear_and_backout_decode_with_the_cache_as_a_full_forward():
+    """The flags the recipe may turn on: with them, token-by-token decoding through transformers' Cache (which
+    carries the previous token's embedding for smear) must equal one full forward pass, and both must matter."""
+    from transformers import DynamicCache
+    from nanochat.hf_export import load_hf_code
+    Config, ForCausalLM = load_hf_code()
+    config = Config(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                    num_key_value_heads=1, max_position_embeddings=64, attention_windows=[16, 16, 64],
+                    value_embedding_layers=[0, 2], smear=True, backout=True)
+    torch.manual_seed(0)
+    model = ForCausalLM(config).eval()
+    model.model.smear_lambda.fill_(0.7)
+    ids = torch.randint(0, 300, (2, 40))
+    full = model(input_ids=ids, use_cache=False).logits
+    cache = DynamicCache()
+    steps = [model(input_ids=ids[:, :24], past_key_values=cache, use_cache=True).logits]
+    for t in range(24, 40):
+        steps.append(model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-5
+    for flag in ("smear", "backout"):
+        plain = ForCausalLM(Config(**{**config.to_dict(), flag: False})).eval()
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert (plain(input_ids=ids, use_cache=False).logits - full).abs().max() > 1e-3, f"{flag} changes nothing"
