@@ -196,3 +196,17 @@ def test_smear_and_backout_decode_with_the_cache_as_a_full_forward():
         plain = ForCausalLM(Config(**{**config.to_dict(), flag: False})).eval()
         plain.load_state_dict(model.state_dict(), strict=False)
         assert (plain(input_ids=ids, use_cache=False).logits - full).abs().max() > 1e-3, f"{flag} changes nothing"
+
+
+@torch.no_grad()
+def test_left_padded_batches_generate_as_single_prompts(hf_model, hf_tokenizer):
+    hf_tokenizer.padding_side = "left"
+    conversations = [[{"role": "user", "content": "Why is the sky blue?"}], [{"role": "user", "content": "Hi"}]]
+    batch = hf_tokenizer.apply_chat_template(conversations, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True, padding=True)
+    together = hf_model.generate(**batch, max_new_tokens=12, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    for row, conversation in enumerate(conversations):
+        one = hf_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        alone = hf_model.generate(**one, max_new_tokens=12, do_sample=False)[0, one["input_ids"].shape[1]:]
+        assert together[row, :len(alone)].tolist() == alone.tolist()
