@@ -7,7 +7,6 @@ so the export ships its own model code (nanochat/hf_code/, standalone) through `
 Needs the `hf` extra (transformers, tokenizers).
 """
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -98,17 +97,16 @@ def max_logit_difference(model: GPT, hf_model, prompts: list[list[int]]) -> floa
 
 def write_export(out_dir: Path, model: GPT, tokenizer, card: str, dtype: torch.dtype = torch.bfloat16) -> dict:
     """Write the folder atomically (built as OUT.tmp, then renamed over OUT): weights in `dtype`, config,
-    generation config, tokenizer files with the chat template, the model code and the model card."""
+    generation config, tokenizer files with the chat template, the model code and the model card.
+    `model` is on the CPU, in fp32: the export is checked against it before anything is written."""
     from transformers import GenerationConfig
     from nanochat.hf_tokenizer import build_hf_fast_tokenizer
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
         raise UserError(f"{out_dir} exists and is not a Hugging Face export: choose an empty or new --out")
     hf = build_hf_model(model)
-    model_cpu = model if next(model.parameters()).device.type == "cpu" else None
-    probe = [tokenizer.encode("The capital of France is", prepend="<|bos|>")]
-    check = max_logit_difference(model_cpu, hf, probe) if model_cpu is not None else None
-    if check is not None and check > FP32_TOLERANCE:  # the oracle: never write an export that computes otherwise
+    check = max_logit_difference(model, hf, [tokenizer.encode("The capital of France is", prepend="<|bos|>")])
+    if check > FP32_TOLERANCE:  # the oracle: never write an export that computes something else
         raise UserError(f"the exported model's logits differ from ours by {check:.2e} (> {FP32_TOLERANCE}): "
                         "nanochat/hf_code/modeling_nanochat.py no longer matches nanochat/gpt.py")
     special = tokenizer.encode_special
@@ -121,11 +119,14 @@ def write_export(out_dir: Path, model: GPT, tokenizer, card: str, dtype: torch.d
     hf.to(dtype).save_pretrained(tmp, safe_serialization=True)
     build_hf_fast_tokenizer(tokenizer, model.config.sequence_len).save_pretrained(tmp)
     (tmp / "README.md").write_text(card)
-    for path in tmp.iterdir():  # fsync before the rename, so a crash leaves the old export or the new one whole
+    for path in tmp.iterdir():  # fsync before the renames: a crash leaves the old export or the new one whole
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+    old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return {"dir": str(out_dir), "dtype": str(dtype).removeprefix("torch."), "files": sorted(os.listdir(out_dir)),
             "max_logit_diff_fp32": check}

@@ -16,10 +16,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-try:
-    from .configuration_nanochat import NanoChatGPTConfig
-except ImportError:  # loaded as a plain module (tests, scripts)
-    from configuration_nanochat import NanoChatGPTConfig
+from .configuration_nanochat import NanoChatGPTConfig
 
 # transformers renamed the outputs' `past_key_values` to `cache`; build outputs with whichever this version has.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
