@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 
 from nanochat.common import UserError
-from nanochat.gpt import GPT, ROPE_BASE, SOFTCAP, VE_GATE_CHANNELS
+from nanochat.gpt import GPT, ROPE_BASE, SMEAR_GATE_CHANNELS, SOFTCAP, VE_GATE_CHANNELS
 
 # The GPTConfig fields the exported model code implements; a checkpoint with any other field (a newer architecture)
 # cannot be represented and is refused rather than exported with a silent difference.
 KNOWN_CONFIG_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern",
                        "smear", "backout"}
-SMEAR_GATE_CHANNELS = 24
 FP32_TOLERANCE = 1e-4
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -36,7 +35,7 @@ def check_representable(model_config: dict) -> None:
 def hf_config_kwargs(model: GPT) -> dict:
     """The exported config, every per-layer choice written out (windows, value-embedding layers)."""
     c = model.config
-    smear, backout = bool(getattr(c, "smear", False)), bool(getattr(c, "backout", False))
+    smear, backout = c.smear, c.backout
     return dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, num_hidden_layers=c.n_layer,
                 num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, max_position_embeddings=c.sequence_len,
                 attention_windows=list(model.windows),

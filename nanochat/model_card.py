@@ -39,7 +39,7 @@ def _fmt(v) -> str:
 def architecture_lines(model: GPT) -> list[str]:
     c, n = model.config, model.num_params()
     windows = ", ".join(str(w) for w in model.windows)
-    extras = [name for name in ("smear", "backout") if getattr(c, name, False)]
+    extras = [name for name in ("smear", "backout") if getattr(c, name)]
     return [
         f"- {c.n_layer} layers, width {c.n_embd}, {c.n_head} query heads and {c.n_kv_head} key/value heads of "
         f"dimension {c.head_dim}; context {c.sequence_len} tokens; vocabulary {c.vocab_size:,} tokens",

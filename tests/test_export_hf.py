@@ -30,7 +30,11 @@ CONVERSATION = {"messages": [
 
 def save_tiny_checkpoint(base_dir, tokenizer, **model_config_extra):
     from nanochat.checkpoint import checkpoint_dir, save_checkpoint
-    model = make_tiny_model(tokenizer.get_vocab_size(), sequence_len=256, window_pattern="SL").eval()
+    # 3 layers, so backout takes the middle one; smear's lambda starts at 0 and is raised so that it matters
+    model = make_tiny_model(tokenizer.get_vocab_size(), sequence_len=256, window_pattern="SL", n_layer=3,
+                            smear=True, backout=True).eval()
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.5)
     meta = {"model_config": {**asdict(model.config), **model_config_extra}, "args": {"model_tag": TAG},
             "model_tag": TAG, "curves": {}}
     save_checkpoint(checkpoint_dir("sft", TAG), 5, model, meta)
@@ -82,7 +86,8 @@ def test_the_folder_loads_through_auto_map_with_our_config(exported, hf_model):
     model, tok, out = exported
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].endswith("NanoChatGPTForCausalLM")
-    assert config["attention_windows"] == [128, 256] and config["value_embedding_layers"] == [1]
+    assert config["attention_windows"] == [128, 256, 256] and config["value_embedding_layers"] == [0, 2]
+    assert config["smear"] and config["backout"] and config["backout_layer"] == 1
     assert {"model.safetensors", "generation_config.json", "tokenizer.json", "modeling_nanochat.py",
             "configuration_nanochat.py", "README.md"} <= set(os.listdir(out))
     code = (out / "modeling_nanochat.py").read_text() + (out / "configuration_nanochat.py").read_text()
@@ -109,7 +114,7 @@ def test_logits_equal_ours_in_fp32_including_past_the_short_window(exported, hf_
 def test_greedy_generate_equals_our_engine(exported, hf_model):
     from nanochat.engine import Engine
     model, tok, _ = exported
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(2)
     prompt = [tok.get_bos_token_id()] + torch.randint(0, 1000, (120,), generator=g).tolist()  # decodes past 128
     ours = [column[0] for column, _ in Engine(model, tok, use_tools=False).generate(prompt, max_tokens=32,
                                                                                      temperature=0.0)]
@@ -147,7 +152,7 @@ def test_model_card_comes_from_the_report(exported):
     assert "| HellaSwag | 0.0200 |" in card and "| ARC-Easy | 0.2500 |" in card
     assert "| ChatCORE (partial) | 0.0100 |" in card
     assert "5,120 tokens seen" in card and "mirror sample" in card
-    assert "2 layers, width 64" in card and "128, 256" in card
+    assert "3 layers, width 64" in card and "128, 256, 256" in card and "smear and backout on" in card
 
 
 def test_bf16_export_writes_bf16_weights(exported, tmp_path, monkeypatch):
