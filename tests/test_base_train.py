@@ -43,7 +43,7 @@ def test_training_on_real_text_lowers_the_loss_and_saves(train_env, base_dir):
     assert "tok/s" in proc.stdout and "ETA" in proc.stdout and "val bpb" in proc.stdout
     curve = losses(base_dir, 30)
     assert curve[-1] < curve[0] - 0.5
-    report = json.loads((base_dir / "report" / "base-model-training.json").read_text())
+    report = json.loads((base_dir / "report" / "t2" / "base-model-training.json").read_text())
     assert report["curves"]["val_bpb"] and report["data"][0]["steps"] == 30
 
 

@@ -19,7 +19,7 @@ def test_chat_eval_runs_categorical_and_generative_tasks(mirror, tiny_checkpoint
     for task in ("ARC-Easy", "GSM8K", "SpellingBee"):
         assert f"{task}" in proc.stdout
     assert "ChatCORE over 2/5 tasks" in proc.stdout  # SpellingBee is reported, not averaged in
-    section = json.loads((base_dir / "report" / "chat-evaluation-sft.json").read_text())
+    section = json.loads((base_dir / "report" / "d2" / "chat-evaluation-sft.json").read_text())
     settings, accuracies = section["data"]
     assert settings["num_samples"] == 2 and settings["max_new_tokens"] == 16
     assert 0.0 <= accuracies["ARC-Easy"] <= 1.0 and "GSM8K" in accuracies and "SpellingBee" in accuracies

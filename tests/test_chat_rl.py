@@ -63,5 +63,5 @@ def test_chat_rl_script_runs_a_step_and_saves(mirror, tiny_checkpoint, base_dir)
     assert "mean reward" in proc.stdout and "pass@2" in proc.stdout and "sampled tok/s" in proc.stdout
     assert "LRs 0.2/0.004/0.02 × 1.0, decaying to 0" in proc.stdout  # the reference's rates, not batch-scaled
     assert (base_dir / "chatrl_checkpoints" / "d2" / "step_000002" / "model.safetensors").exists()
-    section = json.loads((base_dir / "report" / "chat-rl.json").read_text())
+    section = json.loads((base_dir / "report" / "d2" / "chat-rl.json").read_text())
     assert "GSM8K pass@1" in section["data"][0]

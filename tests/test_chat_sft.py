@@ -157,7 +157,7 @@ def test_tiny_sft_lowers_the_loss_on_its_training_conversations(sft_env, base_di
     before = supervised_loss(build_model(base["meta"]["model_config"], "cpu", base["model"]), batches)
     after = supervised_loss(build_model(sft["meta"]["model_config"], "cpu", sft["model"]), batches)
     assert after < before - 0.3
-    assert (base_dir / "report" / "chat-sft.json").exists()
+    assert (base_dir / "report" / "d2" / "chat-sft.json").exists()
 
 
 def test_sft_without_num_iterations_stops_after_one_counted_epoch(sft_env, base_dir, monkeypatch, capsys):

@@ -36,9 +36,9 @@ def test_cpu_pipeline_runs_every_stage(mirror, tmp_path):
     for section in ("Pipeline plan", "Tokenizer training", "Base model training", "Base model evaluation", "Chat SFT",
                     "Chat RL"):
         assert section in report, f"report lacks section {section!r}"
-    assert list((base / "report").glob("*.png")), "report has no plots"
+    assert list((base / "report" / "d2").glob("*.png")), "report has no plots"
 
-    curves = json.loads((base / "report" / "base-model-training.json").read_text())["curves"]["train_loss"]
+    curves = json.loads((base / "report" / "d2" / "base-model-training.json").read_text())["curves"]["train_loss"]
     losses = [point[2] for point in curves]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0], "pretraining loss did not fall"
