@@ -48,3 +48,36 @@ def test_bf16_windowed_attention_tracks_fp32():
     low = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 16)
     assert low.dtype == torch.bfloat16
     assert torch.allclose(low.float(), naive_attention(q, k, v, 16), atol=3e-2)
+
+
+def test_the_block_mask_builds_inside_one_compiled_graph():
+    """On CUDA the block mask is built inside the compiled model: dynamo must trace its construction without a
+    graph break (fullgraph) and flex_attention must give the naive answer from it."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 192, 16) for _ in range(3))  # (B, H, T, D)
+
+    def windowed(q, k, v):
+        return flex_attention(q, k, v, block_mask=window_block_mask(q.size(2), 40, q.device, block=64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = torch.compile(windowed, backend="eager", fullgraph=True)(q, k, v)
+    expected = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 40).transpose(1, 2)
+    assert torch.allclose(y, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("capability, says", [((8, 0), "SM80"), ((9, 0), "varunneal/flash-attention-3")])
+def test_a_cuda_machine_without_fa3_gets_one_line_saying_why(monkeypatch, capsys, capability, says):
+    import builtins
+    from nanochat import attention as attention_module
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    real_import = builtins.__import__
+
+    def no_kernels(name, *args, **kwargs):
+        if name == "kernels":
+            raise ImportError("No module named 'kernels'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_kernels)
+    assert attention_module._load_flash_attn_3() is None
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and says in lines[0] and "falling back to PyTorch SDPA" in lines[0]
