@@ -12,9 +12,10 @@ Which path runs, and why:
 - A short window under torch.compile on CUDA: flex_attention with a block mask, so blocks outside the window are
   skipped rather than masked; its block tables come from the window's shape alone, never from a T×T tensor.
 - A short window otherwise (CPU, eager CUDA): SDPA with a (T, T) boolean mask built once per shape. Measured on
-  the 2-core Xeon (AVX512-BF16/AMX) at T=512, window 128: it costs what `is_causal` costs in bf16, while splitting
-  the queries into window-sized chunks cost 3.7x (masked chunks leave the flash kernel), and CPU flex_attention
-  has no backward.
+  the 2-core Xeon (AVX512-BF16/AMX), fwd+bwd of B=16, H=4, T=512, D=64, window 128: 240 ms against 237 ms for
+  `is_causal` in bf16, 545 against 496 ms in fp32; splitting the queries into window-sized chunks cost 3.7x (masked
+  chunks leave the flash kernel), and flex_attention has no backward on CPU. The most a block-skipping kernel
+  could save there is small: in 128-blocks the window needs 7 of the 10 blocks that causal attention computes.
 """
 
 import functools
