@@ -270,11 +270,12 @@ def test_param_counts_and_flops_on_a_known_config():
 
 # --- the compute-dtype policy --------------------------------------------------------------------------------------
 
-def test_bf16_policy_keeps_every_block_boundary_and_qkv_in_bf16_with_fp32_masters_and_loss(monkeypatch):
+@pytest.mark.parametrize("flags", [{}, {"smear": True, "backout": True}])
+def test_bf16_policy_keeps_every_block_boundary_and_qkv_in_bf16_with_fp32_masters_and_loss(monkeypatch, flags):
     """Under the bf16 policy (autocast bf16, what get_compute_dtype picks on CUDA SM80+) nothing is promoted back
     to fp32 between the embedding and the LM head, and q/k/v meet the conditions of the FA3 branch."""
     from nanochat import attention as attention_module
-    model = model_with(window_pattern="SL", sequence_len=64)
+    model = model_with(window_pattern="SL", sequence_len=64, **flags)
     seen = {"blocks": [], "qkv": []}
     for block in model.blocks:
         block.register_forward_hook(lambda m, args, out: seen["blocks"].append((args[0].dtype, out.dtype)))
