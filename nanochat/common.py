@@ -54,7 +54,8 @@ _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.flo
 
 
 def get_compute_dtype(device_type: str) -> torch.dtype:
-    """The one dtype policy: matmuls run in this dtype under autocast; master weights always stay fp32.
+    """The one dtype policy: the scripts run the model under autocast to this dtype, and the model then computes in
+    it from the embedding to the logits (see nanochat/gpt.py); master weights always stay fp32, the loss is fp32.
 
     bf16 on CUDA SM80+ (Ampere, Hopper); fp32 elsewhere. `NANOCHAT_DTYPE=bf16|fp16|fp32` overrides, e.g. bf16 on a
     CPU with AVX512-BF16 (see `cpu_supports_bf16`), which roughly doubles matmul throughput there.

@@ -2,10 +2,18 @@
 value embeddings (ResFormer), x0 residual mixing, soft-capped fp32 logits; optionally smear (a gated share of the
 previous token's embedding) and backout (the middle layer's residual stream subtracted before the final norm).
 
+Compute dtype: one policy from the embedding to the logits. The dtype is autocast's when the caller runs the model
+under autocast (the scripts do, with `nanochat.common.get_compute_dtype`: bf16 on CUDA SM80+), else the weights'
+own. The forward then runs with autocast off and casts explicitly: the residual stream, q/k/v, the rotary tables and
+every activation saved for backward are in that dtype; the matrices keep fp32 master weights and are cast in
+forward (`Linear`); only the logits, the soft-cap and the loss are fp32. Autocast itself would not do this: on CUDA
+it runs rms_norm and pow (the ReLU² square) in fp32 and returns fp32, which promotes everything after it.
+
 Shapes: B batch, T time, C n_embd, H query heads, Hkv key/value heads, D head_dim.
 """
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +74,24 @@ class GPTConfig:
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),))  # in x's dtype; the kernels reduce in fp32
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer whose fp32 master weight is cast to the activations' dtype in forward."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def compute_dtype(device_type: str, weights_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the forward pass computes in: autocast's when it is on for this device, else the weights'."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weights_dtype
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -82,12 +107,11 @@ class CausalSelfAttention(nn.Module):
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         C = config.n_embd
-        self.c_q = nn.Linear(C, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(C, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(self.n_head * self.head_dim, C, bias=False)
-        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) \
-            if config.has_value_embedding(layer) else None
+        self.c_q = Linear(C, self.n_head * self.head_dim)
+        self.c_k = Linear(C, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(C, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(self.n_head * self.head_dim, C)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if config.has_value_embedding(layer) else None
 
     def forward(self, x, ve, cos, sin, window: int, kv_cache: KVCache | None, slots, positions):
         B, T, _ = x.shape
@@ -110,8 +134,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
         return self.c_proj(F.relu(self.c_fc(x)).square())
@@ -139,11 +163,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
                                            for i in range(config.n_layer) if config.has_value_embedding(i)})
-        self.lm_head = nn.Linear(C, V, bias=False)
+        self.lm_head = Linear(C, V)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         if config.smear:
-            self.smear_gate = nn.Linear(SMEAR_GATE_CHANNELS, 1, bias=False)
+            self.smear_gate = Linear(SMEAR_GATE_CHANNELS, 1)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         if config.backout:
             self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
@@ -197,6 +221,11 @@ class GPT(nn.Module):
         With a kv_cache, the T new tokens are appended to the cache rows `slots` (default 0..B-1), each at its own
         position, and attend to that row's history.
         """
+        dtype = compute_dtype(idx.device.type, self.lm_head.weight.dtype)
+        with torch.autocast(idx.device.type, enabled=False) if idx.device.type in ("cuda", "cpu") else nullcontext():
+            return self._forward(idx, targets, kv_cache, slots, loss_reduction, last_only, dtype)
+
+    def _forward(self, idx, targets, kv_cache, slots, loss_reduction, last_only, dtype):
         B, T = idx.shape
         if kv_cache is None:
             positions = None
@@ -205,7 +234,8 @@ class GPT(nn.Module):
             slots = kv_cache.resolve_slots(slots, B)
             positions = kv_cache.positions(slots, T)  # (B, T)
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
-        x = self.wte(idx)  # (B, T, C)
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        x = self.wte(idx).to(dtype)  # (B, T, C) in the compute dtype from here to the LM head
         if self.config.smear:
             x = self.smear(x, kv_cache, slots, positions)
         x = norm(x)
@@ -213,9 +243,9 @@ class GPT(nn.Module):
         backout_layer = self.config.n_layer // 2 if self.config.backout else -1
         x_mid = None
         for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos.to(x.dtype), sin.to(x.dtype), self.windows[i], kv_cache, slots, positions)
+            x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, self.windows[i], kv_cache, slots, positions)
             if i == backout_layer:
                 x_mid = x
         if kv_cache is not None:
@@ -224,7 +254,7 @@ class GPT(nn.Module):
             x = x[:, -1:]
             x_mid = x_mid[:, -1:] if x_mid is not None else None
         if x_mid is not None:
-            x = x - self.backout_lambda * x_mid
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
         x = norm(x)
         chunked = x.device.type == "cpu" and (loss_reduction != "none" or not torch.is_grad_enabled())
         if targets is not None and chunked:
@@ -245,7 +275,7 @@ class GPT(nn.Module):
         With a KV cache, the embedding before a chunk's first token is the one the slot last saw
         (`KVCache.prev_embedding`), and position 0 of a sequence gets nothing, so decoding equals a full forward.
         """
-        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(emb[..., :SMEAR_GATE_CHANNELS]))  # (B, T, 1)
+        gate = self.smear_lambda.to(emb.dtype) * torch.sigmoid(self.smear_gate(emb[..., :SMEAR_GATE_CHANNELS]))  # (B, T, 1)
         if kv_cache is None:
             prev = F.pad(emb[:, :-1], (0, 0, 1, 0))  # (B, T, C): position 0 has no predecessor
             return emb + gate * prev

@@ -58,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="pretraining dataset (default $NANOCHAT_DATASET or FineWeb-Edu)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks via torchao (H100+; off by default)")
     p.add_argument("--run", default="", help="wandb run name (default: no wandb)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dry-run", action="store_true", help="derive and print the plan, check inputs, then exit")
@@ -106,12 +107,19 @@ def main(argv=None) -> None:
     print0(f"base_train {model_tag} on {dataset}: {dist_info.world_size} process(es) on {compute.device_type}, "
            f"compute dtype {str(compute.dtype).removeprefix('torch.')}")
     print0(hp.describe())
+    if args.fp8:
+        from nanochat.fp8 import fp8_unavailable_reason
+        if (reason := fp8_unavailable_reason()) is not None:
+            raise UserError(reason)
     if args.dry_run:
         print0("dry run: arguments and derived hyper-parameters are valid; not training")
         return
 
     # --- model, optimizer, data ---------------------------------------------------------------------------------------
     model = build_model(vars(config), device)
+    if args.fp8:
+        from nanochat.fp8 import enable_fp8_training
+        print0(f"fp8: {enable_fp8_training(model)} linear layers of the blocks train with fp8 matmuls (torchao)")
     n = model.num_params()
     flops_per_token = model.estimate_flops()
     print0(f"parameters: {n['total']:,} ({', '.join(f'{k} {v:,}' for k, v in n.items() if k != 'total')}); "

@@ -138,6 +138,7 @@ def main(argv=None) -> None:
     p.add_argument("--save-every", type=int, default=-1)
     p.add_argument("--resume-from-step", default=None, help="a step or 'latest' of this SFT run")
     p.add_argument("--device-type", default="")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
     p.add_argument("--run", default="", help="wandb run name (default: off)")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
@@ -163,6 +164,7 @@ def main(argv=None) -> None:
     base = load_checkpoint(base_dir, base_step, device, rank=0)
     hp = base["meta"]["hyperparams"]
     model = build_model(base["meta"]["model_config"], device, base["model"])
+    del base["model"]  # the weights now live in the model: no second copy on the device for the whole run
     tokenizer = get_tokenizer()
     T = args.max_seq_len or hp["max_seq_len"]
     B = args.device_batch_size or hp["device_batch_size"]
@@ -177,6 +179,11 @@ def main(argv=None) -> None:
     optimizer = model.setup_optimizer(**lrs, weight_decay=0.0, smear_lr=0.2 * frac)
     if base["rank_state"] is not None:
         warm_start(optimizer, base["rank_state"]["optimizer"])
+    base["rank_state"] = None  # loaded into the optimizer; drop the checkpoint's copy of the moments
+    # Compiled like base_train: every micro-batch is (B, T), conversations packed and padded to the row, so one
+    # graph serves the whole run (with dynamic=False a new shape would mean a recompile).
+    use_compile = args.compile == "on" or (args.compile == "auto" and compute.device_type == "cuda")
+    train_model = torch.compile(model, dynamic=False) if use_compile else model
     epochs = None if args.num_iterations else args.num_epochs
     loaders = [SFTLoader(mixture, tokenizer, B, T, device, rank=dist_info.rank * accum + i, world_size=world * accum,
                          epochs=epochs)
@@ -257,7 +264,7 @@ def main(argv=None) -> None:
             if group["kind"] == "muon":
                 group["momentum"] = sft_muon_momentum(step)
         with Timer(compute.device_type) as timer:
-            loss_value = train_step(model, optimizer, streams, compute.autocast)
+            loss_value = train_step(train_model, optimizer, streams, compute.autocast)
         if not math.isfinite(loss_value):
             raise RuntimeError(f"SFT loss became {loss_value} at step {step + 1}: lower --init-lr-frac")
         curves["train_loss"].append([step + 1, (step + 1) * total * progress.flops_per_token, loss_value])

@@ -182,3 +182,26 @@ def test_sft_resume_continues_exactly(sft_env, base_dir):
     assert "resumed SFT from step 2" in proc.stdout
     resumed = load_checkpoint(checkpoint_dir("sft", "d2"), 4)["model"]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_compiled_sft_compiles_once_whatever_the_packing(sft_env, base_dir, monkeypatch):
+    """Rows of packed conversations are padded to one (B, T): a 5-step compiled run builds as many graphs as a
+    1-step run (dynamo's eager backend counts the graphs; what inductor would make of them does not matter here)."""
+    import torch._dynamo
+    from scripts import chat_sft
+    for key in ("NANOCHAT_MIRROR", "OMP_NUM_THREADS"):
+        monkeypatch.setenv(key, sft_env[key])
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counting_backend, **kw))
+    counts = []
+    for steps in (1, 5):
+        torch._dynamo.reset()
+        graphs.clear()
+        chat_sft.main(SFT + [f"--num-iterations={steps}", "--compile=on", "--eval-steps=1"])
+        counts.append(len(graphs))
+    assert counts[0] >= 1 and counts[1] == counts[0], counts

@@ -267,3 +267,50 @@ def test_param_counts_and_flops_on_a_known_config():
     assert n["value_embeds"] == 2 * 8192 * C
     assert model.num_scaling_params() == blocks + 8192 * C
     assert model.estimate_flops() == 6 * (blocks + 8192 * C) + 4 * 12 * 4 * 64 * 512
+
+
+# --- the compute-dtype policy --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags", [{}, {"smear": True, "backout": True}])
+def test_bf16_policy_keeps_every_block_boundary_and_qkv_in_bf16_with_fp32_masters_and_loss(monkeypatch, flags):
+    """Under the bf16 policy (autocast bf16, what get_compute_dtype picks on CUDA SM80+) nothing is promoted back
+    to fp32 between the embedding and the LM head, and q/k/v meet the conditions of the FA3 branch."""
+    from nanochat import attention as attention_module
+    model = model_with(window_pattern="SL", sequence_len=64, **flags)
+    seen = {"blocks": [], "qkv": []}
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: seen["blocks"].append((args[0].dtype, out.dtype)))
+
+    def spy(q, k, v, window, positions=None):
+        seen["qkv"].append((q.dtype, k.dtype, v.dtype, attention_module.fa3_accepts(q, k, v)))
+        return attention_module.attention(q, k, v, window, positions)
+    monkeypatch.setattr("nanochat.gpt.attention", spy)
+    idx = torch.randint(0, V, (2, 16))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = model(idx, idx)
+    loss.backward()
+    assert seen["blocks"] == [(torch.bfloat16, torch.bfloat16)] * model.config.n_layer
+    assert seen["qkv"] == [(torch.bfloat16,) * 3 + (True,)] * model.config.n_layer
+    assert loss.dtype == torch.float32
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fp32_policy_computes_in_fp32_and_fails_fa3_conditions():
+    from nanochat.attention import fa3_accepts
+    model = model_with()
+    outs = []
+    model.blocks[0].register_forward_hook(lambda m, args, out: outs.append(out.dtype))
+    model(torch.randint(0, V, (1, 8)))
+    assert outs == [torch.float32]
+    q = torch.randn(1, 8, 2, 32)
+    assert not fa3_accepts(q, q, q) and fa3_accepts(q.bfloat16(), q.bfloat16(), q.bfloat16())
+
+
+def test_bf16_policy_logits_track_fp32():
+    model = model_with()
+    idx = torch.randint(0, V, (2, 24))
+    ref = model(idx)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = model(idx)
+    assert low.dtype == torch.float32
+    assert (low - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
