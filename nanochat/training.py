@@ -78,9 +78,10 @@ def train_step(model, optimizer, streams, autocast, grad_clip: float = 0.0) -> f
         torch.distributed.all_reduce(loss_sum)
         world = torch.distributed.get_world_size()
     if grad_clip > 0:
-        if distributed:  # clip the averaged gradient; averaging again inside step() leaves it unchanged
-            optimizer.average_gradients()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if distributed:  # the averaged gradient's norm, from the reduce-scattered shards that step() then uses
+            optimizer.clip_grad_norm_(grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum.item() / (len(streams) * world)
