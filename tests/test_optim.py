@@ -223,13 +223,12 @@ def test_state_re_shards_to_any_world_size_and_back():
                     back["state"][index][key] == value
 
 
-def test_sharded_state_per_rank_shrinks_with_the_world_size():
-    from nanochat.gpt import GPT
-    config = make_tiny_model(300).config
-    with torch.device("meta"):
-        model = GPT(config)
+def test_d20_on_eight_ranks_keeps_at_most_a_sixth_of_the_state_per_rank():
+    from nanochat.gpt import GPT, GPTConfig
+    with torch.device("meta"):  # shapes only: the speedrun's d20
+        model = GPT(GPTConfig(sequence_len=2048, vocab_size=32768, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280))
     groups = model.setup_optimizer().param_groups
     one, eight = state_bytes(groups, 1), state_bytes(groups, 8)
-    assert eight["state_bytes_per_rank"] < one["state_bytes_per_rank"] / 6
+    assert eight["state_bytes_per_rank"] <= one["state_bytes_per_rank"] / 6
     plan = plan_shards(groups, 8)
     assert sum(len(b.indices) for b in plan.muon) == sum(len(g["params"]) for g in groups if g["kind"] == "muon")
