@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from nanochat.checkpoint import build_model, checkpoint_dir, last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import build_model, checkpoint_dir, load_for_resume, save_checkpoint
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import default_dataset, list_shards
@@ -135,19 +135,19 @@ def main(argv=None) -> None:
 
     resume = args.resume_from_step
     if resume is not None:
-        step = last_step(ckpt_dir) if resume == "latest" else int(resume)
-        if step is not None:
-            ckpt = load_checkpoint(ckpt_dir, step, device, rank=dist_info.rank)
+        ckpt = load_for_resume(ckpt_dir, resume, device, dist_info.rank, world)
+        if ckpt is not None:
+            step = ckpt["step"]
             if ckpt["meta"]["model_config"] != vars(config):
                 raise UserError(f"checkpoint {ckpt_dir} step {step} has a different model config: use another "
                                 "--model-tag or the same flags")
             model.load_state_dict(ckpt["model"])
-            restore_training_state(ckpt["rank_state"], optimizer, loaders, progress)
+            restore_training_state(ckpt["rank_states"], optimizer, loaders, progress, dist_info.rank)
             curves = ckpt["meta"]["curves"]
             start_step = step
             print0(f"resumed from {ckpt_dir} step {step}")
         else:
-            print0(f"no checkpoint in {ckpt_dir} to resume from: starting fresh")
+            print0(f"no complete checkpoint in {ckpt_dir} to resume from: starting fresh")
     progress.start_step = start_step
     streams = [iter(loader) for loader in loaders]
     wandb = get_wandb(args.run, "nanochat", hp.to_dict(), dist_info.is_master)
