@@ -124,18 +124,25 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, meta: dic
         shutil.rmtree(final, ignore_errors=True)
     _barrier(distributed)
     final.mkdir(parents=True, exist_ok=True)  # every process: a node without a shared filesystem makes its own
+    written = []
     if leader:
         write_atomic(final / "model.safetensors", lambda tmp: save_file(model_state_dict(model), str(tmp)))
         meta = dict(meta, step=step, git_commit=git_commit(), torch_version=torch.__version__, world_size=world_size)
         write_atomic(final / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)))
+        written += ["model.safetensors", "meta.json"]
     if rank_state is not None:
         write_atomic(final / f"rank{rank}.pt", lambda tmp: torch.save(rank_state, tmp))
+        written.append(f"rank{rank}.pt")
     fsync_dir(final)
-    _barrier(distributed)  # every process has written and synced its files
+    # every process has written and synced its files; the marker lists all of them, wherever they were written, so
+    # a rank file copied over from another node can be checked too
+    files = {name: (final / name).stat().st_size for name in written}
+    if distributed:
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, files)
+        files = {name: size for part in everyone for name, size in part.items()}
     if leader:
-        names = ["model.safetensors", "meta.json"] + [f"rank{r}.pt" for r in range(world_size)]
-        files = {n: (final / n).stat().st_size for n in names if (final / n).is_file()}
-        marker = {"step": step, "world_size": world_size, "files": files}
+        marker = {"step": step, "world_size": world_size, "files": dict(sorted(files.items()))}
         write_atomic(final / MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=1)))
         fsync_dir(final)
         fsync_dir(final.parent)

@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--core-metric-max-per-task", type=int, default=500)
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
     p.add_argument("--resume-from-step", default=None, help="a step number or 'latest' (fresh start if none)")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     p.add_argument("--dataset", default=None, help="pretraining dataset (default $NANOCHAT_DATASET or FineWeb-Edu)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
@@ -165,7 +166,7 @@ def main(argv=None) -> None:
         rank_state = training_state(optimizer, loaders, progress)
         meta = {"model_config": vars(config), "hyperparams": hp.to_dict(), "args": vars(args), "curves": curves,
                 "dataset": dataset, "crop_fraction": loaders[0].stats["crop_fraction"]}
-        path = save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world)
+        path = save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world, args.keep_last)
         print0(f"saved checkpoint {path}")
 
     # --- the loop --------------------------------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-k", type=int, default=8)
     p.add_argument("--save-every", type=int, default=-1)
     p.add_argument("--resume-from-step", default=None, help="a step or 'latest' of this RL run")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
     p.add_argument("--device-type", default="")
     p.add_argument("--run", default="")
     p.add_argument("--dry-run", action="store_true")
@@ -181,7 +182,8 @@ def main(argv=None) -> None:
         if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
             meta = {"model_config": sft["meta"]["model_config"], "hyperparams": hp, "args": vars(args),
                     "model_tag": model_tag, "sft_step": sft_step, "curves": curves}
-            save_checkpoint(ckpt_dir, step + 1, model, meta, training_state(optimizer, []), dist_info.rank, world)
+            save_checkpoint(ckpt_dir, step + 1, model, meta, training_state(optimizer, []), dist_info.rank, world,
+                            args.keep_last)
             print0(f"saved checkpoint {ckpt_dir} step {step + 1}")
     last_eval = evaluate(num_steps)
     if dist_info.is_master:

@@ -137,6 +137,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-metrics-max-problems", type=int, default=100)
     p.add_argument("--save-every", type=int, default=-1)
     p.add_argument("--resume-from-step", default=None, help="a step or 'latest' of this SFT run")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
     p.add_argument("--device-type", default="")
     p.add_argument("--run", default="", help="wandb run name (default: off)")
     p.add_argument("--dry-run", action="store_true")
@@ -229,7 +230,7 @@ def main(argv=None) -> None:
         rank_state = training_state(optimizer, loaders, progress)
         meta = {"model_config": base["meta"]["model_config"], "hyperparams": hp, "args": vars(args),
                 "model_tag": model_tag, "base_step": base_step, "curves": curves}
-        save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world)
+        save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world, args.keep_last)
         print0(f"saved checkpoint {ckpt_dir} step {step}")
 
     def epoch_progress() -> float:
