@@ -263,7 +263,7 @@ def load_for_resume(ckpt_dir: Path, requested: str | int, device: torch.device |
             ckpt = load_checkpoint(ckpt_dir, step, device, rank=rank, world_size=world_size)
         except CheckpointError as e:
             error = e
-        ok = torch.tensor([0 if ckpt is None else 1])
+        ok = torch.tensor([0 if ckpt is None else 1], device=device)  # on the GPU for NCCL
         if distributed:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         if ok.item():

@@ -96,7 +96,7 @@ def training_state(optimizer, loaders, progress=None) -> dict:
 def restore_training_state(states: list[dict], optimizer, loaders, progress=None, rank: int = 0) -> None:
     """Resume from the training states of a checkpoint: this rank's own (same world size), or every rank's of a run
     with another world size, which re-shards the optimizer and hands each data stream to its new owner."""
-    if len(states) == 1:
+    if len(states) == 1 and states[0]["optimizer"].get("world_size", 1) == optimizer.world_size():
         optimizer.load_state_dict(states[0]["optimizer"])
         own = states[0]
         for loader, loader_state in zip(loaders, own["loaders"]):
