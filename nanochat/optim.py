@@ -105,7 +105,8 @@ def muon_apply(p: torch.Tensor, update: torch.Tensor, lr: float, wd: float) -> N
 
 def adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, betas: tuple[float, float], lr: float, wd: float,
                  eps: float) -> None:
-    """One AdamW step of p (a whole tensor or one rank's flat slice of it) with its state {step, exp_avg, exp_avg_sq}."""
+    """One AdamW step of p (a whole tensor, or one rank's flat slice of it) and its state (step, exp_avg,
+    exp_avg_sq)."""
     beta1, beta2 = betas
     grad = grad.float()
     if not state:
@@ -204,7 +205,8 @@ class MuonAdamW(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "world_size"})
 
     def load_state_dicts(self, states: list[dict]) -> None:
-        """Load the state dicts of every rank of a run with any world size (ordered by rank), re-sharded for this one."""
+        """Load the state dicts of every rank (in rank order) of a run with any world size, re-sharded for this
+        one."""
         from nanochat.optim_shard import merge_state_dicts, shard_state_dict
         world = self.world_size()
         if len(states) == 1 and states[0].get("world_size", 1) == world:

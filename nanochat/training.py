@@ -88,7 +88,8 @@ def train_step(model, optimizer, streams, autocast, grad_clip: float = 0.0) -> f
 
 
 def training_state(optimizer, loaders, progress=None) -> dict:
-    """What a process needs, beyond the weights, to resume exactly: its optimizer shard, data positions, progress, RNG."""
+    """What a process needs, beyond the weights, to resume exactly: its optimizer shard, data positions, progress,
+    RNG."""
     return {"optimizer": optimizer.state_dict(), "loaders": [loader.state_dict() for loader in loaders],
             "progress": progress.state_dict() if progress is not None else None, "rng": rng_state()}
 
