@@ -1,10 +1,16 @@
-"""Checkpoints: one directory per step, written whole under a temporary name and renamed into place.
+"""Checkpoints: one directory per step, which every node writes for itself and which counts only once it is marked.
 
 <base>/<phase>_checkpoints/<model_tag>/step_000123/
-    model.safetensors     weights (fp32 master copy)
-    optim_rank0.pt        optimizer state (and per-rank loader state / RNG) of each rank
-    meta.json             model config, derived hyper-parameters, step, versions, git commit
-A crash mid-write leaves only a `.tmp` directory behind; the previous checkpoint stays the latest loadable one.
+    model.safetensors     weights (fp32 master copy), written by the first process of each node
+    meta.json             model config, derived hyper-parameters, step, versions, git commit (same writers)
+    rank<r>.pt            process r's training state: its optimizer shard, data-loader positions, progress, RNG
+    COMPLETE              the marker: step, world size, and the size of every file above in this folder
+
+Every process creates the folder itself and writes its files (temporary name, fsync, rename, fsync the folder), so
+nodes without a shared filesystem each hold their own part. After a barrier, rank 0 (and the first process of every
+other node, for its own folder) writes COMPLETE. Loaders ignore folders without it, check the sizes it lists, and
+fall back to the previous complete step, with one line saying why, when the latest is partial or corrupt.
+Inference reads only model.safetensors and meta.json; the rank files are read (weights_only) only to resume training.
 """
 
 import json
@@ -12,9 +18,12 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from nanochat.common import UserError, get_base_dir
@@ -22,6 +31,11 @@ from nanochat.gpt import GPT, GPTConfig
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
+MARKER = "COMPLETE"
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that cannot be used: unmarked, missing a file, or corrupt (the message says which)."""
 
 
 def checkpoint_root(phase: str) -> Path:
@@ -39,9 +53,11 @@ def step_dir(ckpt_dir: Path, step: int) -> Path:
 
 
 def list_steps(ckpt_dir: Path) -> list[int]:
+    """Steps with a completion marker, oldest first (unmarked folders are partial saves and never count)."""
     if not Path(ckpt_dir).is_dir():
         return []
-    return sorted(int(m.group(1)) for p in Path(ckpt_dir).iterdir() if (m := STEP_DIR.match(p.name)))
+    return sorted(int(m.group(1)) for p in Path(ckpt_dir).iterdir()
+                  if (m := STEP_DIR.match(p.name)) and (p / MARKER).is_file())
 
 
 def last_step(ckpt_dir: Path) -> int | None:
@@ -63,49 +79,214 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for k, v in model.state_dict().items()}
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Writing
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) under a temporary name, fsync it, rename it to `path` (the caller fsyncs the folder)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        import torch.distributed as dist
+        dist.barrier()
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, meta: dict, rank_state: dict | None = None,
                     rank: int = 0, world_size: int = 1, keep_last: int = 0) -> Path:
-    """Write step_<step>/ atomically. Every rank calls this (rank_state = its optimizer/loader/RNG state); rank 0
-    writes the weights and meta; the directory is renamed into place once all ranks have written their part."""
+    """Write step_<step>/. Every process calls this with its own rank_state (optimizer shard, loaders, RNG); the first
+    process of each node (LOCAL_RANK 0) also writes the weights and meta, so every node holds a loadable copy."""
     import torch.distributed as dist
     distributed = world_size > 1 and dist.is_initialized()
+    leader = rank == 0 or int(os.environ.get("LOCAL_RANK", rank)) == 0
     final = step_dir(ckpt_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    if distributed:
-        dist.barrier()
-    if rank == 0:
-        save_file(model_state_dict(model), str(tmp / "model.safetensors"))
+    if leader:  # a stale or older save of this step: unmark it first, so no loader trusts it while it is rewritten
+        (final / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+    _barrier(distributed)
+    final.mkdir(parents=True, exist_ok=True)  # every process: a node without a shared filesystem makes its own
+    written = []
+    if leader:
+        write_atomic(final / "model.safetensors", lambda tmp: save_file(model_state_dict(model), str(tmp)))
         meta = dict(meta, step=step, git_commit=git_commit(), torch_version=torch.__version__, world_size=world_size)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_atomic(final / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)))
+        written += ["model.safetensors", "meta.json"]
     if rank_state is not None:
-        torch.save(rank_state, tmp / f"rank{rank}.pt")
+        write_atomic(final / f"rank{rank}.pt", lambda tmp: torch.save(rank_state, tmp))
+        written.append(f"rank{rank}.pt")
+    fsync_dir(final)
+    # every process has written and synced its files; the marker lists all of them, wherever they were written, so
+    # a rank file copied over from another node can be checked too
+    files = {name: (final / name).stat().st_size for name in written}
     if distributed:
-        dist.barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        everyone = [None] * world_size
+        dist.all_gather_object(everyone, files)
+        files = {name: size for part in everyone for name, size in part.items()}
+    if leader:
+        marker = {"step": step, "world_size": world_size, "files": dict(sorted(files.items()))}
+        write_atomic(final / MARKER, lambda tmp: tmp.write_text(json.dumps(marker, indent=1)))
+        fsync_dir(final)
+        fsync_dir(final.parent)
         if keep_last > 0:
             for old in list_steps(ckpt_dir)[:-keep_last]:
                 shutil.rmtree(step_dir(ckpt_dir, old), ignore_errors=True)
-    if distributed:
-        dist.barrier()
+    _barrier(distributed)
     return final
 
 
-def load_checkpoint(ckpt_dir: Path, step: int, device: torch.device | str = "cpu", rank: int = 0) -> dict:
-    """{'model': state dict, 'meta': dict, 'rank_state': dict | None} of one saved step."""
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading
+
+def read_marker(path: Path) -> dict:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        if not isinstance(marker.get("files"), dict):
+            raise ValueError("no file list")
+        return marker
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {MARKER} marker (a save that did not finish)") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / MARKER} is unreadable ({e})") from None
+
+
+def check_files(path: Path, marker: dict, names: list[str]) -> None:
+    """Each named file is listed by the marker and has the size it lists."""
+    for name in names:
+        if name not in marker["files"]:
+            raise CheckpointError(f"{path} has no {name} (its {MARKER} does not list it)")
+        try:
+            size = (path / name).stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{path / name} is missing") from None
+        if size != marker["files"][name]:
+            raise CheckpointError(f"{path / name} is {size} bytes, {MARKER} says {marker['files'][name]}: "
+                                  "truncated or overwritten")
+
+
+def read_weights(path: Path, device: torch.device | str = "cpu") -> tuple[dict, dict]:
+    """(state dict, meta) of a marked step folder: safetensors and JSON only, nothing unpickled."""
+    marker = read_marker(path)
+    check_files(path, marker, ["model.safetensors", "meta.json"])
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'meta.json'} is corrupt ({e})") from None
+    try:
+        state = load_file(str(path / "model.safetensors"), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path / 'model.safetensors'} is corrupt ({str(e).splitlines()[0][:120]})") from None
+    return state, meta
+
+
+def read_rank_states(path: Path, world_size: int, rank: int, device: torch.device | str = "cpu") -> list[dict]:
+    """The training states to resume rank `rank` of `world_size` from: its own file when the checkpoint was written
+    by as many processes, otherwise every rank's file (all must be in this folder) for re-sharding."""
+    marker = read_marker(path)
+    saved = marker["world_size"]
+    ranks = [rank] if saved == world_size else list(range(saved))
+    if saved != world_size:
+        missing = [f"rank{r}.pt" for r in ranks if not (path / f"rank{r}.pt").is_file()]
+        if missing:
+            raise UserError(f"{path} was saved by {saved} processes and this run has {world_size}; re-sharding needs "
+                            f"every rank file but {', '.join(missing)} are not here: resume with {saved} processes, "
+                            "or copy every node's rank*.pt of this step into this folder")
+    check_files(path, marker, [f"rank{r}.pt" for r in ranks])
+    states = []
+    for r in ranks:
+        try:
+            states.append(torch.load(path / f"rank{r}.pt", map_location=device, weights_only=True))
+        except Exception as e:  # any unpickling failure of a damaged or foreign file is "corrupt"
+            raise CheckpointError(f"{path / f'rank{r}.pt'} is corrupt ({str(e).splitlines()[0][:120]})") from None
+    return states
+
+
+def load_checkpoint(ckpt_dir: Path, step: int, device: torch.device | str = "cpu", rank: int | None = None,
+                    world_size: int = 1) -> dict:
+    """{'model', 'meta', 'rank_states'} of one marked step; rank_states (see read_rank_states) only when a rank is
+    given, else None: inference never opens the rank files."""
     path = step_dir(ckpt_dir, step)
-    if not (path / "meta.json").exists():
-        raise UserError(f"no checkpoint at {path} (steps present: {list_steps(ckpt_dir) or 'none'})")
-    state = load_file(str(path / "model.safetensors"), device=str(device))
-    meta = json.loads((path / "meta.json").read_text())
-    rank_file = path / f"rank{rank}.pt"
-    rank_state = torch.load(rank_file, map_location=device, weights_only=False) if rank_file.exists() else None
-    return {"model": state, "meta": meta, "rank_state": rank_state}
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint at {path} (complete steps: {list_steps(ckpt_dir) or 'none'})")
+    state, meta = read_weights(path, device)
+    rank_states = read_rank_states(path, world_size, rank, device) if rank is not None else None
+    return {"model": state, "meta": meta, "rank_states": rank_states, "step": step}
+
+
+def load_latest(ckpt_dir: Path, device: torch.device | str = "cpu") -> dict | None:
+    """The newest step whose weights load, saying in one line why each newer one was skipped; None if there is none."""
+    for step in reversed(list_steps(ckpt_dir)):
+        try:
+            return load_checkpoint(ckpt_dir, step, device)
+        except CheckpointError as e:
+            print(f"warning: skipping checkpoint step {step}: {e}; trying the previous complete step",
+                  file=sys.stderr, flush=True)
+    return None
+
+
+def load_for_resume(ckpt_dir: Path, requested: str | int, device: torch.device | str, rank: int,
+                    world_size: int) -> dict | None:
+    """The checkpoint every process can resume from: `requested` (a step) or the newest step that loads on all ranks
+    ('latest'); None if there is none. A rank that cannot load a step says why in one line, and all move on together."""
+    import torch.distributed as dist
+    distributed = world_size > 1 and dist.is_initialized()
+    if requested == "latest":
+        steps = set(list_steps(ckpt_dir))
+        if distributed:  # nodes may see different folders: try every step any of them has, newest first
+            seen = [None] * world_size
+            dist.all_gather_object(seen, sorted(steps))
+            steps = set().union(*map(set, seen))
+        candidates = sorted(steps, reverse=True)
+    else:
+        candidates = [int(requested)]
+    for step in candidates:
+        ckpt, error = None, None
+        try:
+            ckpt = load_checkpoint(ckpt_dir, step, device, rank=rank, world_size=world_size)
+        except CheckpointError as e:
+            error = e
+        ok = torch.tensor([0 if ckpt is None else 1], device=device)  # on the GPU for NCCL
+        if distributed:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item():
+            return ckpt
+        if requested != "latest":
+            if error is not None:
+                raise error
+            raise CheckpointError(f"checkpoint step {step} in {ckpt_dir} is incomplete on another process")
+        if error is not None:
+            print(f"warning: rank {rank}: not resuming from step {step}: {error}; trying the previous complete step",
+                  file=sys.stderr, flush=True)
+    return None
+
+
+def read_optimizer_states(ckpt_dir: Path, step: int, device: torch.device | str, rank: int = 0,
+                          world_size: int = 1) -> list[dict] | None:
+    """The optimizer state dicts of a saved step for warm-starting rank `rank` of `world_size` (its own shard, or
+    every rank's when that run had another number of processes; MuonAdamW.load_state_dicts re-shards them). None when
+    the checkpoint holds no optimizer state."""
+    path = step_dir(ckpt_dir, step)
+    if not any(name.startswith("rank") for name in read_marker(path)["files"]):
+        return None
+    return [state["optimizer"] for state in read_rank_states(path, world_size, rank, device)]
 
 
 def build_model(model_config: dict, device: torch.device | str, state: dict | None = None) -> GPT:
@@ -137,14 +318,14 @@ def find_model_tag(phase: str) -> str:
 
 def load_model(phase: str, device: torch.device | str = "cpu", model_tag: str | None = None,
                step: int | None = None):
-    """(model in eval mode, tokenizer, meta) of a saved checkpoint; defaults: the largest tag, its last step."""
+    """(model in eval mode, tokenizer, meta) of a saved checkpoint; defaults: the largest tag, its newest complete
+    step that loads. Reads safetensors and JSON only, so a downloaded checkpoint cannot run code."""
     from nanochat.tokenizer import get_tokenizer
     model_tag = model_tag or find_model_tag(phase)
     ckpt_dir = checkpoint_dir(phase, model_tag)
-    step = step if step is not None else last_step(ckpt_dir)
-    if step is None:
-        raise UserError(f"no checkpoints in {ckpt_dir}")
-    ckpt = load_checkpoint(ckpt_dir, step, device)
+    ckpt = load_checkpoint(ckpt_dir, step, device) if step is not None else load_latest(ckpt_dir, device)
+    if ckpt is None:
+        raise UserError(f"no complete checkpoint in {ckpt_dir}")
     model = build_model(ckpt["meta"]["model_config"], device, ckpt["model"])
     model.eval()
     tokenizer = get_tokenizer()

@@ -10,9 +10,10 @@ The reference design also equalises the rows' norms before orthogonalising (`equ
 over 60 steps (491,520 tokens, bf16): val bpb 2.2972 with it, 2.2899 without, 2.2891 with neither it nor the neuron
 normalisation; so it is off by default and the neuron normalisation (neutral here, used at scale) stays on.
 
-Under torchrun the optimizer averages the gradients itself (no DDP wrapper) and splits the orthogonalisation across
-ranks: each rank orthogonalises every world_size-th matrix and broadcasts the result, so all ranks apply the same
-update as a single process would.
+Under torchrun the optimizer is sharded ZeRO-2 style (no DDP wrapper; see nanochat/optim_shard.py for the layout):
+one reduce-scatter per dtype hands each rank the averaged gradient of its slice of every AdamW tensor and of its
+share of the Muon matrices; the rank keeps only that slice's state, updates it (Newton–Schulz batched over matrices of
+one shape), and one all-gather returns the updated parameters to every rank. A single process runs the plain loop.
 """
 
 import math
@@ -62,6 +63,70 @@ def normalize_neurons(update: torch.Tensor, second_moment: torch.Tensor, beta2: 
     return scaled.to(update.dtype)
 
 
+def orthogonalize_stack(g: torch.Tensor, dtype: torch.dtype = torch.float32,
+                        equalize_rows: bool = False) -> torch.Tensor:
+    """`orthogonalize` for a stack of same-shape matrices (k, rows, cols) in one batched matmul chain."""
+    x = g.to(dtype)
+    if equalize_rows:
+        x = x / (x.norm(dim=-1, keepdim=True) + 1e-7)
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-7)
+    for a, b, c in POLAR_EXPRESS:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.mT
+    target = min(x.shape[-2:]) ** 0.5
+    x = x * (target / (x.float().norm(dim=(-2, -1), keepdim=True) + 1e-7)).to(x.dtype)
+    return x.to(g.dtype)
+
+
+def normalize_neurons_stack(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """`normalize_neurons` for a stack (k, rows, cols); second_moment is (k, rows, 1) or (k, 1, cols)."""
+    dim = -1 if update.size(-2) >= update.size(-1) else -2
+    u = update.float()
+    second_moment.lerp_(u.square().mean(dim=dim, keepdim=True), 1 - beta2)
+    scaled = u * second_moment.clamp_min(1e-10).rsqrt()
+    ratio = u.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+    return (scaled * ratio).to(update.dtype)
+
+
+def muon_apply(p: torch.Tensor, update: torch.Tensor, lr: float, wd: float) -> None:
+    """p -= shaped lr · (cautious decay + update), for one matrix or a stack of same-shape matrices."""
+    # tall matrices step further (√(rows/cols)); the decay uses that same rate, as the reference does
+    shaped_lr = lr * max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+    if wd:
+        cautious = (update * p) > 0  # decay only where the update already shrinks the weight
+        p.sub_(p * cautious, alpha=shaped_lr * wd)
+    p.sub_(update, alpha=shaped_lr)
+
+
+def adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, betas: tuple[float, float], lr: float, wd: float,
+                 eps: float) -> None:
+    """One AdamW step of p (a whole tensor, or one rank's flat slice of it) and its state (step, exp_avg,
+    exp_avg_sq)."""
+    beta1, beta2 = betas
+    grad = grad.float()
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+    state["step"] += 1
+    t = state["step"]
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    # lr · m̂ / (√v̂ + eps) with both bias corrections folded into scalars: m̂/(√v̂ + eps) equals
+    # m·√bc2/bc1 / (√v + eps·√bc2), which takes fewer passes over these large tensors
+    bc1, bc2_sqrt = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
+    denom = exp_avg_sq.sqrt().add_(eps * bc2_sqrt)
+    if wd:
+        p.mul_(1 - lr * wd)
+    p.addcdiv_(exp_avg, denom, value=-lr * bc2_sqrt / bc1)
+
+
 def neuron_stat_shape(p: torch.Tensor) -> tuple[int, int]:
     return (p.size(0), 1) if p.size(0) >= p.size(1) else (1, p.size(1))
 
@@ -90,14 +155,15 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if distributed:
-            self.average_gradients()
+        if self.world_size() > 1:
+            from nanochat.optim_shard import sharded_step
+            sharded_step(self)
+            return
         for group in self.param_groups:
             if group["kind"] == "adamw":
                 self._adamw(group)
         muon_params = [p for g in self.param_groups if g["kind"] == "muon" for p in g["params"] if p.grad is not None]
-        updates = self._muon_updates(muon_params, distributed)
+        updates = self._muon_updates(muon_params)
         for group in self.param_groups:
             if group["kind"] != "muon":
                 continue
@@ -106,37 +172,54 @@ class MuonAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 update = updates[id(p)]
-                if self.neuron_beta2 is not None:  # on every rank, after the broadcast: the state stays identical
+                if self.neuron_beta2 is not None:
                     state = self.state[p]
                     if "second_moment" not in state:
                         state["second_moment"] = torch.zeros(neuron_stat_shape(p), device=p.device)
                     update = normalize_neurons(update, state["second_moment"], self.neuron_beta2)
-                # tall matrices step further (√(rows/cols)); the decay uses that same rate, as the reference does
-                shaped_lr = lr * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                if wd:
-                    cautious = (update * p) > 0  # decay only where the update already shrinks the weight
-                    p.sub_(p * cautious, alpha=shaped_lr * wd)
-                p.sub_(update, alpha=shaped_lr)
+                muon_apply(p, update, lr, wd)
 
-    def average_gradients(self) -> None:
-        """All-reduce-average every gradient, flattened per dtype into one buffer (one collective, gloo or nccl)."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        world = dist.get_world_size()
-        for dtype in {g.dtype for g in grads}:
-            same = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in same])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat /= world
-            offset = 0
-            for g in same:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+    @staticmethod
+    def world_size() -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
-    def _muon_updates(self, params: list[torch.Tensor], distributed: bool) -> dict[int, torch.Tensor]:
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip the averaged gradient's global norm under torchrun (on the reduce-scattered shards, so step() does not
+        reduce again); a single process clips its own gradients. Returns the norm before clipping."""
+        if self.world_size() > 1:
+            from nanochat.optim_shard import clip_sharded_grad_norm_
+            return clip_sharded_grad_norm_(self, max_norm)
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict plus the world size whose layout its tensors follow: under torchrun each rank's
+        holds only its own shard (see nanochat/optim_shard.py)."""
+        return dict(super().state_dict(), world_size=self.world_size())
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("world_size", 1)
+        if saved != self.world_size():
+            raise ValueError(f"optimizer state saved by {saved} process(es), loaded by {self.world_size()}: "
+                             "pass every rank's state to load_state_dicts to re-shard it")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "world_size"})
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Load the state dicts of every rank (in rank order) of a run with any world size, re-sharded for this
+        one."""
+        from nanochat.optim_shard import merge_state_dicts, shard_state_dict
+        world = self.world_size()
+        if len(states) == 1 and states[0].get("world_size", 1) == world:
+            return self.load_state_dict(states[0])
+        full = merge_state_dicts(self.param_groups, states)
+        if world > 1:
+            full = shard_state_dict(self.param_groups, full, dist.get_rank(), world)
+        super().load_state_dict(full)
+
+    def _muon_updates(self, params: list[torch.Tensor]) -> dict[int, torch.Tensor]:
         group_of = {id(p): g for g in self.param_groups if g["kind"] == "muon" for p in g["params"]}
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
         updates = {}
-        for i, p in enumerate(params):
+        for p in params:
             momentum = group_of[id(p)]["momentum"]
             state = self.state[p]
             if "momentum_buffer" not in state:
@@ -144,37 +227,10 @@ class MuonAdamW(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - momentum)
             nesterov = p.grad.lerp(buf, momentum)
-            if i % world == rank:
-                updates[id(p)] = orthogonalize(nesterov, self._ns_dtype(p), self.equalize_rows)
-            else:
-                updates[id(p)] = torch.empty_like(p)
-        if distributed:
-            handles = [dist.broadcast(updates[id(p)], src=i % world, async_op=True) for i, p in enumerate(params)]
-            for h in handles:
-                h.wait()
+            updates[id(p)] = orthogonalize(nesterov, self._ns_dtype(p), self.equalize_rows)
         return updates
 
     def _adamw(self, group: dict) -> None:
-        beta1, beta2 = group["betas"]
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = p.grad.float()
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            state["step"] += 1
-            t = state["step"]
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            # lr · m̂ / (√v̂ + eps) with both bias corrections folded into scalars: m̂/(√v̂ + eps) equals
-            # m·√bc2/bc1 / (√v + eps·√bc2), which takes fewer passes over these large tensors
-            bc1, bc2_sqrt = 1 - beta1 ** t, math.sqrt(1 - beta2 ** t)
-            denom = exp_avg_sq.sqrt().add_(eps * bc2_sqrt)
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.addcdiv_(exp_avg, denom, value=-lr * bc2_sqrt / bc1)
+            if p.grad is not None:
+                adamw_update(p, p.grad, self.state[p], group["betas"], group["lr"], group["weight_decay"], group["eps"])

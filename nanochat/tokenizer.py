@@ -235,7 +235,7 @@ def get_token_bytes(device: torch.device | str = "cpu") -> torch.Tensor:
     path = tokenizer_dir() / "token_bytes.pt"
     if not path.exists():
         raise UserError(f"no {path}: train the tokenizer with `python -m scripts.tok_train`")
-    return torch.load(path, map_location=device)
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def iter_capped(texts: Iterable[str], max_chars: int, doc_cap: int) -> Iterator[str]:

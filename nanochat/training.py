@@ -78,26 +78,46 @@ def train_step(model, optimizer, streams, autocast, grad_clip: float = 0.0) -> f
         torch.distributed.all_reduce(loss_sum)
         world = torch.distributed.get_world_size()
     if grad_clip > 0:
-        if distributed:  # clip the averaged gradient; averaging again inside step() leaves it unchanged
-            optimizer.average_gradients()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if distributed:  # the averaged gradient's norm, from the reduce-scattered shards that step() then uses
+            optimizer.clip_grad_norm_(grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum.item() / (len(streams) * world)
 
 
-def training_state(optimizer, loaders, progress) -> dict:
-    """What a process needs, beyond the weights, to resume exactly: optimizer, data positions, progress, RNG."""
+def training_state(optimizer, loaders, progress=None) -> dict:
+    """What a process needs, beyond the weights, to resume exactly: its optimizer shard, data positions, progress,
+    RNG."""
     return {"optimizer": optimizer.state_dict(), "loaders": [loader.state_dict() for loader in loaders],
-            "progress": progress.state_dict(), "rng": rng_state()}
+            "progress": progress.state_dict() if progress is not None else None, "rng": rng_state()}
 
 
-def restore_training_state(state: dict, optimizer, loaders, progress) -> None:
-    optimizer.load_state_dict(state["optimizer"])
-    for loader, loader_state in zip(loaders, state["loaders"]):
-        loader.load_state_dict(loader_state)
-    progress.load_state_dict(state["progress"])
-    set_rng_state(state["rng"])
+def restore_training_state(states: list[dict], optimizer, loaders, progress=None, rank: int = 0) -> None:
+    """Resume from the training states of a checkpoint: this rank's own (same world size), or every rank's of a run
+    with another world size, which re-shards the optimizer and hands each data stream to its new owner."""
+    if len(states) == 1 and states[0]["optimizer"].get("world_size", 1) == optimizer.world_size():
+        optimizer.load_state_dict(states[0]["optimizer"])
+        own = states[0]
+        for loader, loader_state in zip(loaders, own["loaders"]):
+            loader.load_state_dict(loader_state)
+    else:
+        from nanochat.common import UserError, print0
+        optimizer.load_state_dicts([state["optimizer"] for state in states])
+        # stream i of old rank r was global stream r·accum + i; this rank's loaders are streams rank·accum' + i
+        streams = [loader_state for state in states for loader_state in state["loaders"]]
+        if loaders and len(streams) != len(loaders) * optimizer.world_size():
+            raise UserError(f"the checkpoint has {len(streams)} data streams and this run "
+                            f"{len(loaders) * optimizer.world_size()}: keep --device-batch-size × processes × "
+                            "accumulation the same to resume on another number of processes")
+        for i, loader in enumerate(loaders):
+            loader.load_state_dict(streams[rank * len(loaders) + i])
+        own = states[rank] if rank < len(states) else states[0]
+        print0(f"re-sharded the training state of {len(states)} processes for {optimizer.world_size()}")
+    if progress is not None and own["progress"] is not None:
+        progress.load_state_dict(own["progress"])
+    set_rng_state(own["rng"])
 
 
 def rng_state() -> dict:

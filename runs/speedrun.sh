@@ -6,6 +6,10 @@
 #
 # Stages: data (240 shards, downloaded in the background while the tokenizer trains) -> tokenizer on ~2B characters
 # -> d20 pretraining on 8 GPUs -> base eval -> SFT -> chat eval -> RL on GSM8K -> chat eval -> report card.
+#
+# Safe to re-run after a failure: finished stages are skipped (markers in $NANOCHAT_BASE_DIR/stages), and the
+# training stages save every SAVE_EVERY / SFT_SAVE_EVERY / RL_SAVE_EVERY steps and resume from their latest complete
+# checkpoint, keeping the last two.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -15,7 +19,11 @@ WANDB_RUN="${WANDB_RUN:-}"
 DRY_RUN="${DRY_RUN:-0}"
 NPROC="${NPROC:-8}"
 DEPTH="${DEPTH:-20}"
+SAVE_EVERY="${SAVE_EVERY:-1000}"
+SFT_SAVE_EVERY="${SFT_SAVE_EVERY:-200}"
+RL_SAVE_EVERY="${RL_SAVE_EVERY:-60}"
 TAG="d${DEPTH}"
+STAGES="$NANOCHAT_BASE_DIR/stages"
 
 if [ "$DRY_RUN" = "1" ]; then
     # Every script parses its arguments, derives what it would do, checks its inputs' shape and exits.
@@ -25,28 +33,48 @@ else
     source runs/setup.sh
     TORCHRUN=(torchrun --standalone --nproc_per_node="$NPROC" -m)
     DRY=()
+    mkdir -p "$STAGES"
 fi
-run() { echo "+ $*"; "$@"; }
+
+# stage NAME COMMAND...: run a stage once; a marker file records that it finished (a dry run checks every stage).
+stage() {
+    local name="$1"; shift
+    if [ "$DRY_RUN" != "1" ] && [ -f "$STAGES/$name.done" ]; then
+        echo "== $name: done already (delete $STAGES/$name.done to redo it)"
+        return
+    fi
+    echo "+ $*"
+    local start=$SECONDS
+    "$@"
+    if [ "$DRY_RUN" != "1" ]; then
+        echo "$((SECONDS - start))" > "$STAGES/$name.done"
+    fi
+}
+RESUME=(--resume-from-step=latest --keep-last=2)
 
 if [ "$DRY_RUN" != "1" ]; then
-    python -m nanochat.report reset
-    # The tokenizer needs ~8 shards (2B characters); pretraining a d20 needs ~240 more: fetch those in the background.
-    python -m nanochat.dataset -n 8
+    stage report_reset python -m nanochat.report reset
+    # The tokenizer needs ~8 shards (2B characters); pretraining a d20 needs ~240 more: fetch those in the background
+    # (shards already on disk are skipped, so a re-run only fetches what is missing).
+    stage data_tokenizer python -m nanochat.dataset -n 8
     python -m nanochat.dataset -n 240 &
     DATASET_PID=$!
-    run python -m scripts.tok_train --max-chars=2000000000 --vocab-size=32768
-    run python -m scripts.tok_eval
+    stage tok_train python -m scripts.tok_train --max-chars=2000000000 --vocab-size=32768
+    stage tok_eval python -m scripts.tok_eval
     echo "waiting for the pretraining shards..."
     wait "$DATASET_PID"
 fi
 
-run "${TORCHRUN[@]}" scripts.base_train "${DRY[@]}" --depth="$DEPTH" --target-param-data-ratio=10.5 \
-    --device-batch-size=32 --model-tag="$TAG" --run="$WANDB_RUN"
-run "${TORCHRUN[@]}" scripts.base_eval "${DRY[@]}" --model-tag="$TAG"
-run "${TORCHRUN[@]}" scripts.chat_sft "${DRY[@]}" --model-tag="$TAG" --run="$WANDB_RUN"
-run "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" -i sft --model-tag="$TAG"
-run "${TORCHRUN[@]}" scripts.chat_rl "${DRY[@]}" --model-tag="$TAG" --run="$WANDB_RUN"
-run "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" -i rl --model-tag="$TAG" -a GSM8K
+stage "base_train_$TAG" "${TORCHRUN[@]}" scripts.base_train "${DRY[@]}" --depth="$DEPTH" \
+    --target-param-data-ratio=10.5 --device-batch-size=32 --model-tag="$TAG" --run="$WANDB_RUN" \
+    --save-every="$SAVE_EVERY" "${RESUME[@]}"
+stage "base_eval_$TAG" "${TORCHRUN[@]}" scripts.base_eval "${DRY[@]}" --model-tag="$TAG"
+stage "chat_sft_$TAG" "${TORCHRUN[@]}" scripts.chat_sft "${DRY[@]}" --model-tag="$TAG" --run="$WANDB_RUN" \
+    --save-every="$SFT_SAVE_EVERY" "${RESUME[@]}"
+stage "sft_eval_$TAG" "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" -i sft --model-tag="$TAG"
+stage "chat_rl_$TAG" "${TORCHRUN[@]}" scripts.chat_rl "${DRY[@]}" --model-tag="$TAG" --run="$WANDB_RUN" \
+    --save-every="$RL_SAVE_EVERY" "${RESUME[@]}"
+stage "rl_eval_$TAG" "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" -i rl --model-tag="$TAG" -a GSM8K
 
 if [ "$DRY_RUN" != "1" ]; then
     python -m nanochat.report generate

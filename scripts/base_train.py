@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from nanochat.checkpoint import build_model, checkpoint_dir, last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import build_model, checkpoint_dir, load_for_resume, save_checkpoint
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import default_dataset, list_shards
@@ -54,6 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--core-metric-max-per-task", type=int, default=500)
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
     p.add_argument("--resume-from-step", default=None, help="a step number or 'latest' (fresh start if none)")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     p.add_argument("--dataset", default=None, help="pretraining dataset (default $NANOCHAT_DATASET or FineWeb-Edu)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
@@ -143,19 +144,19 @@ def main(argv=None) -> None:
 
     resume = args.resume_from_step
     if resume is not None:
-        step = last_step(ckpt_dir) if resume == "latest" else int(resume)
-        if step is not None:
-            ckpt = load_checkpoint(ckpt_dir, step, device, rank=dist_info.rank)
+        ckpt = load_for_resume(ckpt_dir, resume, device, dist_info.rank, world)
+        if ckpt is not None:
+            step = ckpt["step"]
             if ckpt["meta"]["model_config"] != vars(config):
                 raise UserError(f"checkpoint {ckpt_dir} step {step} has a different model config: use another "
                                 "--model-tag or the same flags")
             model.load_state_dict(ckpt["model"])
-            restore_training_state(ckpt["rank_state"], optimizer, loaders, progress)
+            restore_training_state(ckpt["rank_states"], optimizer, loaders, progress, dist_info.rank)
             curves = ckpt["meta"]["curves"]
             start_step = step
             print0(f"resumed from {ckpt_dir} step {step}")
         else:
-            print0(f"no checkpoint in {ckpt_dir} to resume from: starting fresh")
+            print0(f"no complete checkpoint in {ckpt_dir} to resume from: starting fresh")
     progress.start_step = start_step
     streams = [iter(loader) for loader in loaders]
     wandb = get_wandb(args.run, "nanochat", hp.to_dict(), dist_info.is_master)
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
         rank_state = training_state(optimizer, loaders, progress)
         meta = {"model_config": vars(config), "hyperparams": hp.to_dict(), "args": vars(args), "curves": curves,
                 "dataset": dataset, "crop_fraction": loaders[0].stats["crop_fraction"]}
-        path = save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world)
+        path = save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world, args.keep_last)
         print0(f"saved checkpoint {path}")
 
     # --- the loop --------------------------------------------------------------------------------------------------------

@@ -15,13 +15,15 @@ import time
 
 import torch
 
-from nanochat.checkpoint import build_model, checkpoint_dir, find_model_tag, last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import (build_model, checkpoint_dir, find_model_tag, load_checkpoint, load_for_resume,
+                                 load_latest, save_checkpoint)
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.engine import Engine
 from nanochat.execution import python_tool_banner
 from nanochat.grpo import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
 from nanochat.loss_eval import accumulator_dtype
 from nanochat.tokenizer import get_tokenizer
+from nanochat.training import restore_training_state, training_state
 from tasks.gsm8k import GSM8K
 
 
@@ -71,6 +73,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-examples", type=int, default=400)
     p.add_argument("--eval-k", type=int, default=8)
     p.add_argument("--save-every", type=int, default=-1)
+    p.add_argument("--resume-from-step", default=None, help="a step or 'latest' of this RL run")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
     p.add_argument("--device-type", default="")
     p.add_argument("--run", default="")
     p.add_argument("--dry-run", action="store_true")
@@ -89,10 +93,10 @@ def main(argv=None) -> None:
 
     model_tag = args.model_tag or find_model_tag("sft")
     sft_dir = checkpoint_dir("sft", model_tag)
-    sft_step = args.step if args.step is not None else last_step(sft_dir)
-    if sft_step is None:
+    sft = load_checkpoint(sft_dir, args.step, device) if args.step is not None else load_latest(sft_dir, device)
+    if sft is None:
         raise UserError(f"no SFT checkpoint in {sft_dir}: run `python -m scripts.chat_sft` first")
-    sft = load_checkpoint(sft_dir, sft_step, device)
+    sft_step = sft["step"]
     hp = sft["meta"]["hyperparams"]
     model = build_model(sft["meta"]["model_config"], device, sft["model"])
     tokenizer = get_tokenizer()
@@ -110,6 +114,14 @@ def main(argv=None) -> None:
     wandb = get_wandb(args.run, "nanochat-rl", vars(args), dist_info.is_master)
     curves = {"mean_reward": [], "pass@1": []}
     eval_indices = list(range(dist_info.rank, min(args.eval_examples, len(test)), world))
+    start = 0
+    if args.resume_from_step is not None:  # weights, optimizer, curves and RNG; rollout seeds follow from the step
+        ckpt = load_for_resume(ckpt_dir, args.resume_from_step, device, dist_info.rank, world)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            restore_training_state(ckpt["rank_states"], optimizer, [], None, dist_info.rank)
+            curves, start = ckpt["meta"]["curves"], ckpt["step"]
+            print0(f"resumed RL from step {start}")
 
     def evaluate(step: int) -> dict:
         model.eval()
@@ -126,7 +138,7 @@ def main(argv=None) -> None:
 
     last_eval = None
     t_start = time.time()
-    for step in range(num_steps):
+    for step in range(start, num_steps):
         if args.eval_every > 0 and step % args.eval_every == 0:
             last_eval = evaluate(step)
         lrm = 1.0 - step / num_steps
@@ -162,7 +174,7 @@ def main(argv=None) -> None:
         mean_reward = (stats[0] / stats[1]).item()
         mean_len = (stats[2] / stats[1]).item()
         curves["mean_reward"].append([step + 1, 0, mean_reward])
-        eta = (time.time() - t_start) / (step + 1) * (num_steps - step - 1)
+        eta = (time.time() - t_start) / (step + 1 - start) * (num_steps - step - 1)
         print0(f"step {step + 1:04d}/{num_steps:04d} | mean reward {mean_reward:.3f} | mean completion length "
                f"{mean_len:.1f} | {stats[2].item() / dt:,.0f} sampled tok/s | lrm {lrm:.3f} | ETA {eta:.0f}s")
         wandb.log({"step": step + 1, "reward": mean_reward, "completion_length": mean_len})
@@ -170,7 +182,8 @@ def main(argv=None) -> None:
         if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
             meta = {"model_config": sft["meta"]["model_config"], "hyperparams": hp, "args": vars(args),
                     "model_tag": model_tag, "sft_step": sft_step, "curves": curves}
-            save_checkpoint(ckpt_dir, step + 1, model, meta, None, dist_info.rank, world)
+            save_checkpoint(ckpt_dir, step + 1, model, meta, training_state(optimizer, []), dist_info.rank, world,
+                            args.keep_last)
             print0(f"saved checkpoint {ckpt_dir} step {step + 1}")
     last_eval = evaluate(num_steps)
     if dist_info.is_master:

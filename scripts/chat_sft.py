@@ -13,8 +13,8 @@ import os
 
 import torch
 
-from nanochat.checkpoint import (build_model, checkpoint_dir, find_model_tag, last_step, load_checkpoint,
-                                 save_checkpoint)
+from nanochat.checkpoint import (build_model, checkpoint_dir, find_model_tag, load_checkpoint, load_for_resume,
+                                 load_latest, read_optimizer_states, save_checkpoint)
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.flops import device_peak_flops
 from nanochat.sft_data import SFTLoader
@@ -57,11 +57,11 @@ def sft_learning_rates(base_args: dict, overrides: dict, frac: float) -> dict:
     return rates
 
 
-def warm_start(optimizer, base_state: dict) -> None:
+def warm_start(optimizer, base_state: dict | list[dict]) -> None:
     """The base run's optimizer moments (Muon momentum, AdamW first and second moments), with this run's groups'
-    learning rates, weight decay and betas kept."""
+    learning rates, weight decay and betas kept. A list holds the base run's per-rank shards (re-sharded here)."""
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(base_state)
+    optimizer.load_state_dicts(base_state if isinstance(base_state, list) else [base_state])
     for group, settings in zip(optimizer.param_groups, fresh):
         group.update(settings)
 
@@ -137,6 +137,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-metrics-max-problems", type=int, default=100)
     p.add_argument("--save-every", type=int, default=-1)
     p.add_argument("--resume-from-step", default=None, help="a step or 'latest' of this SFT run")
+    p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
     p.add_argument("--device-type", default="")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
     p.add_argument("--run", default="", help="wandb run name (default: off)")
@@ -158,10 +159,10 @@ def main(argv=None) -> None:
         print0(note)
     model_tag = args.model_tag or find_model_tag("base")
     base_dir = checkpoint_dir("base", model_tag)
-    base_step = args.step if args.step is not None else last_step(base_dir)
-    if base_step is None:
+    base = load_checkpoint(base_dir, args.step, device) if args.step is not None else load_latest(base_dir, device)
+    if base is None:
         raise UserError(f"no base checkpoint in {base_dir}: run `python -m scripts.base_train` first")
-    base = load_checkpoint(base_dir, base_step, device, rank=0)
+    base_step = base["step"]
     hp = base["meta"]["hyperparams"]
     model = build_model(base["meta"]["model_config"], device, base["model"])
     del base["model"]  # the weights now live in the model: no second copy on the device for the whole run
@@ -177,9 +178,9 @@ def main(argv=None) -> None:
     frac = args.init_lr_frac
     lrs = sft_learning_rates(base["meta"].get("args") or {}, vars(args), frac)
     optimizer = model.setup_optimizer(**lrs, weight_decay=0.0, smear_lr=0.2 * frac)
-    if base["rank_state"] is not None:
-        warm_start(optimizer, base["rank_state"]["optimizer"])
-    base["rank_state"] = None  # loaded into the optimizer; drop the checkpoint's copy of the moments
+    base_states = read_optimizer_states(base_dir, base_step, device, dist_info.rank, world)
+    if base_states is not None:
+        warm_start(optimizer, base_states)
     # Compiled like base_train: every micro-batch is (B, T), conversations packed and padded to the row, so one
     # graph serves the whole run (with dynamic=False a new shape would mean a recompile).
     use_compile = args.compile == "on" or (args.compile == "auto" and compute.device_type == "cuda")
@@ -201,11 +202,11 @@ def main(argv=None) -> None:
     curves = {"train_loss": [], "val_loss": []}
     start = 0
     if args.resume_from_step is not None:
-        step = last_step(ckpt_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
-        if step is not None:
-            ckpt = load_checkpoint(ckpt_dir, step, device, rank=dist_info.rank)
+        ckpt = load_for_resume(ckpt_dir, args.resume_from_step, device, dist_info.rank, world)
+        if ckpt is not None:
+            step = ckpt["step"]
             model.load_state_dict(ckpt["model"])
-            restore_training_state(ckpt["rank_state"], optimizer, loaders, progress)
+            restore_training_state(ckpt["rank_states"], optimizer, loaders, progress, dist_info.rank)
             curves, start = ckpt["meta"]["curves"], step
             print0(f"resumed SFT from step {step}")
     progress.start_step = start
@@ -235,7 +236,7 @@ def main(argv=None) -> None:
         rank_state = training_state(optimizer, loaders, progress)
         meta = {"model_config": base["meta"]["model_config"], "hyperparams": hp, "args": vars(args),
                 "model_tag": model_tag, "base_step": base_step, "curves": curves}
-        save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world)
+        save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world, args.keep_last)
         print0(f"saved checkpoint {ckpt_dir} step {step}")
 
     def epoch_progress() -> float:

@@ -1,4 +1,5 @@
-"""Run by test_optim.py under torchrun (and alone): a few optimizer steps on a fixed batch, weights saved to argv[1]."""
+"""Run by test_optim.py under torchrun (and alone): a few optimizer steps on a fixed batch (with a binding grad clip);
+rank 0 saves the weights to argv[1], every rank its optimizer state dict to argv[1] + ".rank<r>"."""
 
 import sys
 
@@ -23,10 +24,12 @@ def main(out: str) -> None:
     for _ in range(3):
         loss = model(mine[:, :-1], mine[:, 1:])
         loss.backward()
+        optimizer.clip_grad_norm_(0.5)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
+    torch.save(optimizer.state_dict(), f"{out}.rank{rank}")
     if distributed:
         dist.barrier()
         dist.destroy_process_group()

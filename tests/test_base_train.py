@@ -1,14 +1,17 @@
-"""base_train end to end on real mirror text: the loss falls, resume is exact, 2 processes equal 1."""
+"""base_train end to end on real mirror text: the loss falls, resume is exact, 2 processes equal 1, and the faults of a
+long multi-process run (SIGKILL, a lost rank file, two nodes without a shared filesystem) lose nothing."""
 
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from nanochat.checkpoint import checkpoint_dir, load_checkpoint
+from nanochat.checkpoint import MARKER, checkpoint_dir, last_step, load_checkpoint, step_dir
 
 TRAIN = ["--depth=2", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=4", "--total-batch-size=512",
          "--eval-tokens=512", "--sample-every=-1", "--model-tag=t2", "--warmup-steps=2"]
@@ -23,13 +26,17 @@ def train_env(mirror, base_dir, tiny_tokenizer):
     return env
 
 
-def run(env, *args, torchrun: bool = False):
-    command = [sys.executable, "-m", "scripts.base_train", *TRAIN, *args]
-    if torchrun:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-                   "scripts.base_train", *TRAIN, *args]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def command(*args, torchrun: bool = False) -> list[str]:
+    return [*(TORCHRUN if torchrun else [sys.executable]), "-m", "scripts.base_train", *TRAIN, *args]
+
+
+def run(env, *args, torchrun: bool = False, check: bool = True):
+    proc = subprocess.run(command(*args, torchrun=torchrun), env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -91,3 +98,66 @@ def test_dry_run_prints_the_derivation_without_inputs(base_dir):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "model_dim                1,280" in proc.stdout and "total_batch_size" in proc.stdout
+
+
+def test_a_two_process_run_killed_by_sigkill_resumes_to_the_same_losses_bit_for_bit(train_env, base_dir):
+    args = ["--num-iterations=12", "--save-every=3", "--eval-every=-1"]
+    run(train_env, *args, torchrun=True)
+    full = losses(base_dir, 12)
+    shutil.rmtree(checkpoint_dir("base", "t2"))
+    proc = subprocess.Popen(command(*args, torchrun=True), env=train_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    for line in proc.stdout:
+        if "saved checkpoint" in line:  # the first save is marked: kill torchrun and both workers at once
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and last_step(checkpoint_dir("base", "t2")) < 12
+    resumed = run(train_env, *args, "--resume-from-step=latest", torchrun=True)
+    assert "resumed from" in resumed.stdout
+    assert losses(base_dir, 12) == full
+
+
+def test_a_checkpoint_missing_a_rank_file_is_never_resumed_from(train_env, base_dir):
+    args = ["--num-iterations=4", "--save-every=2", "--eval-every=-1"]
+    run(train_env, *args, torchrun=True)
+    full = losses(base_dir, 4)
+    (step_dir(checkpoint_dir("base", "t2"), 4) / "rank1.pt").unlink()
+    proc = run(train_env, *args, "--resume-from-step=latest", torchrun=True)
+    assert "rank1.pt is missing" in proc.stderr and "step 2" in proc.stdout.split("resumed from")[1].splitlines()[0]
+    assert losses(base_dir, 4) == full
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_their_own_disks_each_save_a_complete_checkpoint(train_env, base_dir, tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:  # each "node" has its own copy of the tokenizer and data, and no view of the other's disk
+        shutil.copytree(base_dir, node)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={i}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                               "scripts.base_train", *TRAIN, "--num-iterations=2", "--eval-every=-1"],
+                              env=dict(train_env, NANOCHAT_BASE_DIR=str(node)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i, node in enumerate(nodes)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    for i, node in enumerate(nodes):
+        folder = node / "base_checkpoints" / "t2" / "step_000002"
+        assert sorted(f.name for f in folder.iterdir()) == sorted([MARKER, "meta.json", "model.safetensors",
+                                                                   f"rank{i}.pt"])
+        ckpt = load_checkpoint(folder.parent, 2, rank=i, world_size=2)
+        assert ckpt["meta"]["world_size"] == 2 and len(ckpt["rank_states"]) == 1
+    # one process cannot re-shard from node 0's folder alone: one line saying what to do
+    env0 = dict(train_env, NANOCHAT_BASE_DIR=str(nodes[0]))
+    proc = run(env0, "--num-iterations=3", "--eval-every=-1", "--resume-from-step=latest", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "resume with 2 processes" in proc.stderr
+    # with node 1's rank file copied over, it re-shards the optimizer state and continues
+    shutil.copy(nodes[1] / "base_checkpoints/t2/step_000002/rank1.pt", nodes[0] / "base_checkpoints/t2/step_000002")
+    proc = run(env0, "--num-iterations=3", "--eval-every=-1", "--resume-from-step=latest")
+    assert "re-sharded the training state of 2 processes for 1" in proc.stdout and "resumed from" in proc.stdout
+    assert last_step(nodes[0] / "base_checkpoints" / "t2") == 3

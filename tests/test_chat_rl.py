@@ -1,13 +1,16 @@
-"""RL: a rollout with a real tool call in the loop, masks that keep forced tokens out of the update, and the script."""
+"""RL: a rollout with a real tool call in the loop, masks that keep forced tokens out of the update, the script and
+its exact resume."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import torch
 
 from conftest import make_tiny_model
+from nanochat.checkpoint import checkpoint_dir, load_checkpoint, step_dir
 from nanochat.engine import Engine
 from nanochat.grpo import policy_gradient_loss, rollout_batch
 from scripts.chat_rl import rollout
@@ -65,3 +68,21 @@ def test_chat_rl_script_runs_a_step_and_saves(mirror, tiny_checkpoint, base_dir)
     assert (base_dir / "chatrl_checkpoints" / "d2" / "step_000002" / "model.safetensors").exists()
     section = json.loads((base_dir / "report" / "d2" / "chat-rl.json").read_text())
     assert "GSM8K pass@1" in section["data"][0]
+
+
+def test_chat_rl_resumes_its_full_state_exactly(mirror, tiny_checkpoint, base_dir):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_MIRROR=str(mirror), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "scripts.chat_rl", "--num-steps=2", "--examples-per-step=2", "--num-samples=2",
+            "--max-new-tokens=8", "--eval-every=-1", "--eval-examples=1", "--eval-k=1", "--init-lr-frac=1",
+            "--save-every=1"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rl_dir = checkpoint_dir("rl", "d2")
+    full = load_checkpoint(rl_dir, 2)["model"]
+    assert "optimizer" in load_checkpoint(rl_dir, 1, rank=0)["rank_states"][0]
+    shutil.rmtree(step_dir(rl_dir, 2))
+    proc = subprocess.run(args + ["--resume-from-step=latest"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed RL from step 1" in proc.stdout
+    resumed = load_checkpoint(rl_dir, 2)["model"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)

@@ -1,4 +1,4 @@
-"""Muon + AdamW: orthogonalisation, agreement with a plain reference, state round trip, torchrun equality."""
+"""Muon + AdamW: orthogonalisation, agreement with a plain reference, state round trip, sharding under torchrun."""
 
 import copy
 import subprocess
@@ -8,7 +8,9 @@ from pathlib import Path
 import torch
 
 from conftest import make_tiny_model
-from nanochat.optim import MuonAdamW, normalize_neurons, orthogonalize, POLAR_EXPRESS
+from nanochat.optim import (MuonAdamW, normalize_neurons, normalize_neurons_stack, orthogonalize, orthogonalize_stack,
+                            POLAR_EXPRESS)
+from nanochat.optim_shard import merge_state_dicts, plan_shards, shard_state_dict, state_bytes
 
 
 def test_orthogonalize_pushes_singular_values_towards_one():
@@ -156,7 +158,11 @@ def test_state_dict_round_trip_continues_identically():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_process_torchrun_update_equals_one_process(tmp_path):
+def state_elements(state_dict: dict) -> int:
+    return sum(v.numel() for entry in state_dict["state"].values() for v in entry.values() if torch.is_tensor(v))
+
+
+def test_two_process_torchrun_update_equals_one_process_and_each_rank_holds_half_the_state(tmp_path):
     worker = Path(__file__).with_name("optim_worker.py")
     single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one.pt")], capture_output=True, text=True,
                             timeout=120)
@@ -171,3 +177,58 @@ def test_two_process_torchrun_update_equals_one_process(tmp_path):
         # ~1e-5: allow that on single entries, far below the learning rates (0.01-0.05) a real fault would show.
         diff = (one[k] - two[k]).abs()
         assert diff.max() < 1e-4 and diff.mean() < 1e-7, (k, diff.max(), diff.mean())
+    whole = torch.load(tmp_path / "one.pt.rank0")
+    shards = [torch.load(tmp_path / f"two.pt.rank{r}") for r in range(2)]
+    for shard in shards:  # each rank keeps about half of the state (a few padding elements more)
+        assert shard["world_size"] == 2
+        assert 0.45 < state_elements(shard) / state_elements(whole) < 0.55
+    model = make_tiny_model(300)
+    merged = merge_state_dicts(model.setup_optimizer().param_groups, shards)
+    assert merged["state"].keys() == whole["state"].keys()
+    for index, entry in whole["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                assert torch.allclose(merged["state"][index][key], value, atol=1e-5), (index, key)
+
+
+def test_stacked_newton_schulz_matches_one_matrix_at_a_time():
+    torch.manual_seed(0)
+    for shape in [(3, 32, 96), (2, 96, 32)]:
+        g = torch.randn(shape)
+        stacked = orthogonalize_stack(g)
+        for i in range(shape[0]):
+            assert torch.allclose(stacked[i], orthogonalize(g[i]), atol=1e-5)
+        second = torch.zeros(shape[0], *((shape[1], 1) if shape[1] >= shape[2] else (1, shape[2])))
+        normalized = normalize_neurons_stack(stacked, second, 0.9)
+        for i in range(shape[0]):
+            assert torch.allclose(normalized[i], normalize_neurons(stacked[i], second[i].clone() * 0, 0.9), atol=1e-5)
+
+
+def test_state_re_shards_to_any_world_size_and_back():
+    model = make_tiny_model(300)
+    opt = model.setup_optimizer()
+    torch.manual_seed(2)
+    for _ in range(2):
+        x = torch.randint(0, 300, (2, 17))
+        model(x[:, :-1], x[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad()
+    whole = opt.state_dict()
+    for world in (2, 3, 8):
+        shards = [dict(shard_state_dict(opt.param_groups, whole, r, world), world_size=world) for r in range(world)]
+        back = merge_state_dicts(opt.param_groups, shards)
+        for index, entry in whole["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(back["state"][index][key], value) if torch.is_tensor(value) else \
+                    back["state"][index][key] == value
+
+
+def test_d20_on_eight_ranks_keeps_at_most_a_sixth_of_the_state_per_rank():
+    from nanochat.gpt import GPT, GPTConfig
+    with torch.device("meta"):  # shapes only: the speedrun's d20
+        model = GPT(GPTConfig(sequence_len=2048, vocab_size=32768, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280))
+    groups = model.setup_optimizer().param_groups
+    one, eight = state_bytes(groups, 1), state_bytes(groups, 8)
+    assert eight["state_bytes_per_rank"] <= one["state_bytes_per_rank"] / 6
+    plan = plan_shards(groups, 8)
+    assert sum(len(b.indices) for b in plan.muon) == sum(len(g["params"]) for g in groups if g["kind"] == "muon")

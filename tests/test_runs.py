@@ -20,6 +20,10 @@ def test_speedrun_dry_run_checks_every_stage(base_dir):
     assert "model_dim                1,280" in out  # d20
     assert "dry run: arguments and derived hyper-parameters are valid" in out
     assert "chat_sft dry run" in out and "chat_rl dry run: 467 steps" in out
+    for stage in ("scripts.base_train", "scripts.chat_sft", "scripts.chat_rl"):  # every training stage resumes
+        line = next(line for line in out.splitlines() if line.startswith(f"+ python -m {stage} "))
+        assert "--save-every=" in line and "--resume-from-step=latest" in line and "--keep-last=2" in line
+    assert not (base_dir / "stages").exists()  # a dry run marks no stage as done
 
 
 def test_readme_opens_with_the_two_commands():
