@@ -41,6 +41,26 @@ def _mirror() -> str:
     return os.environ.get("NANOCHAT_MIRROR", "").rstrip("/")
 
 
+def offline() -> bool:
+    """True when the real sources are replaced by a mirror (NANOCHAT_MIRROR) or the Hub is off (HF_HUB_OFFLINE=1):
+    callers then use their offline stand-ins for what the mirror lacks."""
+    return bool(_mirror()) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes")
+
+
+def has(repo: str, path: str) -> bool:
+    """Whether a Hugging Face dataset file can be had without asking the network: cached already, or in a local
+    mirror. Online without a mirror every file is assumed to exist (a missing one fails with its own message)."""
+    rel = f"hf/datasets/{repo}/{path}"
+    if (get_base_dir() / rel).exists():
+        return True
+    mirror = _mirror()
+    if not mirror:
+        return not offline()
+    if mirror.startswith(("http://", "https://")):
+        return False
+    return (Path(mirror) / rel).exists()
+
+
 def hf_file(repo: str, path: str) -> Path:
     """A file of a Hugging Face dataset repo, cached at <base>/hf/datasets/<repo>/<path>."""
     rel = f"hf/datasets/{repo}/{path}"

@@ -21,6 +21,12 @@ SPECIAL_TOKENS = [
     "<|output_start|>", "<|output_end|>",   # the tool's output, written into the context (not by the model)
 ]
 
+# The tool markup inside an assistant turn: each token switches the part that the following tokens belong to.
+TOOL_MARKUP = {"<|python_start|>": "python", "<|python_end|>": "text",
+               "<|output_start|>": "python_output", "<|output_end|>": "text"}
+# Either ends an assistant reply: its own end token, or <|bos|> (a model that forgot the chat format).
+STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
+
 # GPT-4's split pattern with numbers split in groups of 1-2 digits instead of 1-3 (better for small vocabularies).
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -70,9 +76,13 @@ class Tokenizer:
         path = Path(directory) / "tokenizer.pkl"
         if not path.exists():
             raise UserError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
-        with open(path, "rb") as f:
-            state = pickle.load(f)
-        return cls(state["mergeable_ranks"], state["pattern"])
+        try:
+            with open(path, "rb") as f:
+                state = _DataOnlyUnpickler(f).load()
+            return cls(state["mergeable_ranks"], state["pattern"])
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{path} is not a nanochat tokenizer ({e}): retrain it with `python -m scripts.tok_train`")
+
 
     # --- vocabulary --------------------------------------------------------------------------------------------------
 
@@ -88,8 +98,13 @@ class Tokenizer:
     def encode_special(self, name: str) -> int:
         return self.enc.encode_single_token(name)
 
-    def id_to_token(self, token_id: int) -> str:
-        return self.enc.decode([token_id])
+    def tool_markup(self) -> dict[int, str]:
+        """Token id → the part it opens ('python', 'python_output') or returns to ('text'); see TOOL_MARKUP."""
+        return {self.encode_special(name): part for name, part in TOOL_MARKUP.items()}
+
+    def stop_tokens(self) -> set[int]:
+        """The ids that end an assistant reply (generation stops there; RL does not train on them)."""
+        return {self.encode_special(name) for name in STOP_TOKENS}
 
     def token_bytes(self) -> torch.Tensor:
         """Number of UTF-8 bytes of each token, from its raw bytes (0 for special tokens); used for bits per byte.
@@ -124,9 +139,6 @@ class Tokenizer:
             if tail is not None:
                 ids.append(tail)
         return batch
-
-    def __call__(self, text, *args, **kwargs):
-        return self.encode(text, *args, **kwargs)
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
@@ -181,6 +193,22 @@ class Tokenizer:
             add(special["<|assistant_end|>"], 1)
         return ids[:max_tokens], mask[:max_tokens]
 
+    def parse_assistant(self, tokens: list[int]) -> str | list[dict]:
+        """The inverse of rendering an assistant turn: its tokens (without <|assistant_start|> and the stop token)
+        as message content, plain text or, when it called the tool, parts that render back to the same tokens."""
+        markup = self.tool_markup()
+        parts, kind, run = [], "text", []
+        for token in [*tokens, None]:
+            if token is None or token in markup:
+                if run:
+                    parts.append({"type": kind, "text": self.decode(run)})
+                kind, run = markup.get(token, kind), []
+            else:
+                run.append(token)
+        if all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
+
     def render_for_completion(self, conversation: dict) -> list[int]:
         """Render a conversation whose last message is the user's, ending in <|assistant_start|> for generation.
 
@@ -193,6 +221,14 @@ class Tokenizer:
             raise UserError("render_for_completion needs a conversation that ends with a user message")
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=1 << 30)
         return ids + [self.encode_special("<|assistant_start|>")]
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """tokenizer.pkl holds a dict of bytes, ints and a str, which need no class: refusing every class means a
+    tampered file cannot run code when it is loaded."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it names the class {module}.{name}, which a tokenizer file never holds")
 
 
 def _merge_system_message(conversation: dict) -> list[dict]:

@@ -56,25 +56,6 @@ class Printer:
         self.close_part()
 
 
-def assistant_parts(tokenizer, tokens: list[int]) -> str | list[dict]:
-    """The reply as conversation content: plain text, or parts when it called the tool (so the next turn renders
-    the same tokens the model saw)."""
-    special = tokenizer.encode_special
-    switch = {special("<|python_start|>"): "python", special("<|python_end|>"): "text",
-              special("<|output_start|>"): "python_output", special("<|output_end|>"): "text"}
-    parts, kind, run = [], "text", []
-    for token in tokens + [None]:
-        if token is None or token in switch:
-            if run:
-                parts.append({"type": kind, "text": tokenizer.decode(run)})
-            kind, run = switch.get(token, kind), []
-        else:
-            run.append(token)
-    if all(p["type"] == "text" for p in parts):
-        return "".join(p["text"] for p in parts) or "…"
-    return parts
-
-
 def reply(engine: Engine, prompt: list[int], args, printer: Printer) -> list[int]:
     """Stream the model's answer to the prompt; returns its tokens (without the stop token). Ctrl-C stops it."""
     tokens = []
@@ -147,7 +128,7 @@ def main(argv=None) -> None:
         messages.append({"role": "user", "content": text})
         print("\nAssistant: ", end="", flush=True)
         tokens = reply(engine, make_prompt(tokenizer, source, messages), args, printer)
-        messages.append({"role": "assistant", "content": assistant_parts(tokenizer, tokens)})
+        messages.append({"role": "assistant", "content": tokenizer.parse_assistant(tokens)})
 
 
 def make_prompt(tokenizer, source: str, messages: list[dict]) -> list[int]:

@@ -60,21 +60,6 @@ def test_bad_sampling_flags_are_a_one_line_error(base_dir):
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "--max-tokens" in proc.stderr
 
 
-def test_a_reply_with_a_tool_call_goes_back_into_history_as_parts(tiny_tokenizer):
-    from scripts.chat_cli import assistant_parts
-    tok = tiny_tokenizer
-    tokens = (tok.encode("Let me see.") + [tok.encode_special("<|python_start|>")] + tok.encode("6*7")
-              + [tok.encode_special("<|python_end|>"), tok.encode_special("<|output_start|>")] + tok.encode("42")
-              + [tok.encode_special("<|output_end|>")] + tok.encode("It is 42."))
-    parts = assistant_parts(tok, tokens)
-    assert parts == [{"type": "text", "text": "Let me see."}, {"type": "python", "text": "6*7"},
-                     {"type": "python_output", "text": "42"}, {"type": "text", "text": "It is 42."}]
-    rendered, _ = tok.render_conversation({"messages": [{"role": "user", "content": "q"},
-                                                        {"role": "assistant", "content": parts}]})
-    assert rendered[-len(tokens) - 1:-1] == tokens  # the next turn sees exactly what the model wrote
-    assert assistant_parts(tok, tok.encode("plain")) == "plain"
-
-
 def test_a_reply_cut_inside_a_tool_call_does_not_leave_the_terminal_coloured(tiny_tokenizer):
     import io
     from contextlib import redirect_stdout

@@ -178,3 +178,15 @@ def test_concurrent_processes_download_once(server, base_dir, mirror):
     assert len({queue.get() for _ in procs}) == 1
     assert len(server.requests) == 1
     assert_identical(cached(base_dir), mirror)
+
+
+def test_offline_and_has_answer_from_the_mirror_without_the_network(mirror, base_dir, monkeypatch):
+    from nanochat.download import has, offline
+    monkeypatch.setenv("NANOCHAT_MIRROR", str(mirror))
+    assert offline() and has(REPO, SHARD)
+    assert not has("HuggingFaceTB/smol-smoltalk", "data/train-00000-of-00004.parquet")
+    monkeypatch.delenv("NANOCHAT_MIRROR")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert offline() and not has(REPO, SHARD)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert not offline() and has(REPO, SHARD)  # online: assumed there, and fetched when asked

@@ -71,6 +71,36 @@ def test_token_bytes_count_raw_bytes_and_zero_for_specials(tiny_tokenizer):
         assert counts[rank] == len(token)
 
 
+def test_a_tokenizer_file_naming_a_class_is_refused_not_run(tiny_tokenizer, tmp_path):
+    import os
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    tiny_tokenizer.save(tmp_path)
+    (tmp_path / "tokenizer.pkl").write_bytes(pickle.dumps({"mergeable_ranks": Exploit(), "pattern": "x"}))
+    with pytest.raises(UserError, match="not a nanochat tokenizer.*tok_train"):
+        Tokenizer.from_directory(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_parse_assistant_inverts_rendering_with_tool_calls(tiny_tokenizer):
+    tok = tiny_tokenizer
+    tokens = (tok.encode("Let me see.") + [tok.encode_special("<|python_start|>")] + tok.encode("6*7")
+              + [tok.encode_special("<|python_end|>"), tok.encode_special("<|output_start|>")] + tok.encode("42")
+              + [tok.encode_special("<|output_end|>")] + tok.encode("It is 42."))
+    parts = tok.parse_assistant(tokens)
+    assert parts == [{"type": "text", "text": "Let me see."}, {"type": "python", "text": "6*7"},
+                     {"type": "python_output", "text": "42"}, {"type": "text", "text": "It is 42."}]
+    rendered, _ = tok.render_conversation({"messages": [{"role": "user", "content": "q"},
+                                                        {"role": "assistant", "content": parts}]})
+    assert rendered[-len(tokens) - 1:-1] == tokens  # the next turn sees exactly what the model wrote
+    assert tok.parse_assistant(tok.encode("plain")) == "plain"
+    assert tok.parse_assistant([]) == ""
+    assert tok.stop_tokens() == {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+
+
 def test_loading_a_missing_tokenizer_names_the_command(tmp_path):
     with pytest.raises(UserError, match="scripts.tok_train"):
         Tokenizer.from_directory(tmp_path)
