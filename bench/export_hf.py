@@ -46,7 +46,7 @@ def main() -> None:
     torch.manual_seed(0)
     config = GPTConfig(sequence_len=512, vocab_size=args.vocab_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
                        window_pattern="SSL")
-    model = build_model(asdict(config), "cpu").eval()
+    model = build_model(config, "cpu").eval()
     with torch.no_grad():  # zero-initialised projections would hide most of the network from the comparison
         for name, w in model.named_parameters():
             if name.endswith("c_proj.weight"):

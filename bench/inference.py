@@ -72,7 +72,7 @@ def make(depth: int, vocab: int, seq: int, device: str = "cpu", head_dim: int = 
     width, heads = model_shape(depth, head_dim=head_dim)
     config = GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=width)
     torch.manual_seed(0)
-    model = build_model(asdict(config), device).eval()
+    model = build_model(config, device).eval()
     with torch.no_grad():
         for token in Vocab(vocab).special.values():
             model.lm_head.weight[token] = 0.0
@@ -243,7 +243,7 @@ def load(args, device: torch.device):
     if args.source:
         from nanochat.checkpoint import load_model
         model, tokenizer, meta = load_model(args.source, device, args.model_tag, args.step)
-        yield f"{args.source}/{meta.get('model_tag', args.model_tag)}", model, tokenizer
+        yield f"{args.source}/{meta.model_tag}", model, tokenizer
         return
     for depth in args.depth:
         log(f"d{depth}: building")

@@ -37,7 +37,7 @@ def make_model(depth: int, vocab: int, seq: int, window_pattern: str, device: st
     config = GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=width,
                        window_pattern=window_pattern)
     torch.manual_seed(0)
-    return build_model(vars(config), device)
+    return build_model(config, device)
 
 
 def saved_bytes(depth: int, dtype: str, vocab: int, seq: int, batch: int, window_pattern: str, device: str) -> dict:

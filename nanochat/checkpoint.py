@@ -20,22 +20,64 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanochat.common import UserError, get_base_dir
+from nanochat.common import UserError, get_base_dir, print0
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.scaling import Hyperparams
+from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+PARENT_PHASE = {"sft": "base", "rl": "sft"}
+MAKER = {"base": "python -m scripts.base_train", "sft": "python -m scripts.chat_sft", "rl": "python -m scripts.chat_rl"}
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 MARKER = "COMPLETE"
 
 
 class CheckpointError(UserError):
     """A checkpoint folder that cannot be used: unmarked, missing a file, or corrupt (the message says which)."""
+
+
+@dataclass
+class CheckpointMeta:
+    """meta.json: what a step folder holds and where it came from. `parent_*` name the checkpoint a stage started
+    from (SFT: a base step; RL: an SFT step); `provenance` is what save_checkpoint adds (git commit, torch version,
+    processes) plus what the stage records about its inputs (dataset, crop fraction)."""
+    phase: str
+    model_tag: str
+    model_config: GPTConfig
+    hyperparams: Hyperparams
+    step: int = 0
+    parent_phase: str | None = None
+    parent_step: int | None = None
+    curves: dict = field(default_factory=dict)
+    args: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, phase: str | None = None) -> "CheckpointMeta":
+        """Also reads the meta.json of checkpoints written before this schema (flat keys, base_step / sft_step)."""
+        phase = d.get("phase") or phase or "base"
+        config = GPTConfig(**d["model_config"])
+        args = d.get("args") or {}
+        tag = d.get("model_tag") or args.get("model_tag") or f"d{config.n_layer}"
+        provenance = dict(d.get("provenance") or {})
+        for key in ("git_commit", "torch_version", "world_size", "dataset", "crop_fraction"):
+            if key in d:
+                provenance[key] = d[key]
+        parent_step = d.get("parent_step", d.get("base_step", d.get("sft_step")))
+        return cls(phase=phase, model_tag=tag, model_config=config, hyperparams=Hyperparams.from_dict(d["hyperparams"]),
+                   step=d.get("step", 0), parent_phase=d.get("parent_phase") or (PARENT_PHASE.get(phase)
+                                                                                 if parent_step is not None else None),
+                   parent_step=parent_step, curves=d.get("curves") or {}, args=args, provenance=provenance)
 
 
 def checkpoint_root(phase: str) -> Path:
@@ -111,8 +153,8 @@ def _barrier(distributed: bool) -> None:
         dist.barrier()
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, meta: dict, rank_state: dict | None = None,
-                    rank: int = 0, world_size: int = 1, keep_last: int = 0) -> Path:
+def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, meta: CheckpointMeta,
+                    rank_state: dict | None = None, rank: int = 0, world_size: int = 1, keep_last: int = 0) -> Path:
     """Write step_<step>/. Every process calls this with its own rank_state (optimizer shard, loaders, RNG); the first
     process of each node (LOCAL_RANK 0) also writes the weights and meta, so every node holds a loadable copy."""
     import torch.distributed as dist
@@ -127,8 +169,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module, meta: dic
     written = []
     if leader:
         write_atomic(final / "model.safetensors", lambda tmp: save_file(model_state_dict(model), str(tmp)))
-        meta = dict(meta, step=step, git_commit=git_commit(), torch_version=torch.__version__, world_size=world_size)
-        write_atomic(final / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str)))
+        meta.step = step
+        meta.provenance.update(git_commit=git_commit(), torch_version=torch.__version__, world_size=world_size)
+        record = meta.to_dict()
+        write_atomic(final / "meta.json", lambda tmp: tmp.write_text(json.dumps(record, indent=2, default=str)))
         written += ["model.safetensors", "meta.json"]
     if rank_state is not None:
         write_atomic(final / f"rank{rank}.pt", lambda tmp: torch.save(rank_state, tmp))
@@ -289,9 +333,8 @@ def read_optimizer_states(ckpt_dir: Path, step: int, device: torch.device | str,
     return [state["optimizer"] for state in read_rank_states(path, world_size, rank, device)]
 
 
-def build_model(model_config: dict, device: torch.device | str, state: dict | None = None) -> GPT:
-    """A GPT from a saved config: built on the meta device, materialised on `device`, weights loaded or init."""
-    config = GPTConfig(**model_config)
+def build_model(config: GPTConfig, device: torch.device | str, state: dict | None = None) -> GPT:
+    """A GPT built on the meta device, materialised on `device`, with `state`'s weights or freshly initialised."""
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -302,34 +345,96 @@ def build_model(model_config: dict, device: torch.device | str, state: dict | No
 
 
 def find_model_tag(phase: str) -> str:
-    """The default model: the deepest tag (d20 over d12), the most recently written among equals."""
+    """The default model: the deepest (n_layer of its newest meta.json: d20 over d12), the most recent among equals."""
     root = checkpoint_root(phase)
     tags = [p for p in root.iterdir() if p.is_dir() and list_steps(p)] if root.is_dir() else []
     if not tags:
-        maker = {"base": "python -m scripts.base_train", "sft": "python -m scripts.chat_sft",
-                 "rl": "python -m scripts.chat_rl"}[phase]
-        raise UserError(f"no {phase} checkpoints in {root}: create one with `{maker}`")
+        raise UserError(f"no {phase} checkpoints in {root}: create one with `{MAKER[phase]}`")
 
     def key(p: Path):
-        m = re.match(r"^d(\d+)", p.name)
-        return (int(m.group(1)) if m else -1, p.stat().st_mtime)
+        try:
+            depth = json.loads((step_dir(p, last_step(p)) / "meta.json").read_text())["model_config"]["n_layer"]
+        except (OSError, ValueError, KeyError, TypeError):
+            depth = -1  # unreadable: never the default over a readable one
+        return depth, p.stat().st_mtime
     return max(tags, key=key).name
 
 
-def load_model(phase: str, device: torch.device | str = "cpu", model_tag: str | None = None,
-               step: int | None = None):
-    """(model in eval mode, tokenizer, meta) of a saved checkpoint; defaults: the largest tag, its newest complete
-    step that loads. Reads safetensors and JSON only, so a downloaded checkpoint cannot run code."""
-    from nanochat.tokenizer import get_tokenizer
+@dataclass
+class Stage:
+    """A loaded checkpoint of one phase: the model (on its device, train mode) and its meta."""
+    model: GPT
+    meta: CheckpointMeta
+    ckpt_dir: Path
+
+    @property
+    def step(self) -> int:
+        return self.meta.step
+
+
+def load_stage(phase: str, model_tag: str | None = None, step: int | None = None,
+               device: torch.device | str = "cpu") -> Stage:
+    """The checkpoint a stage starts from or a front end serves: `step` of `model_tag` (defaults: the deepest tag,
+    its newest complete step that loads). Reads safetensors and JSON only, so a downloaded checkpoint cannot run
+    code."""
     model_tag = model_tag or find_model_tag(phase)
     ckpt_dir = checkpoint_dir(phase, model_tag)
     ckpt = load_checkpoint(ckpt_dir, step, device) if step is not None else load_latest(ckpt_dir, device)
     if ckpt is None:
-        raise UserError(f"no complete checkpoint in {ckpt_dir}")
-    model = build_model(ckpt["meta"]["model_config"], device, ckpt["model"])
-    model.eval()
+        raise UserError(f"no complete {phase} checkpoint in {ckpt_dir}: create one with `{MAKER[phase]}`")
+    meta = CheckpointMeta.from_dict(ckpt["meta"], phase)
+    meta.model_tag, meta.step = model_tag, ckpt["step"]
+    return Stage(build_model(meta.model_config, device, ckpt.pop("model")), meta, ckpt_dir)
+
+
+def resume(ckpt_dir: Path, requested: str | int | None, model: GPT, device: torch.device | str, rank: int,
+           world_size: int, restore: Callable[[list[dict]], None]) -> CheckpointMeta | None:
+    """Continue a run from its own checkpoint: `requested` is a step, 'latest' or None (a fresh start). Loads the
+    weights into `model`, hands this rank's training states to `restore` (optimizer, loaders, progress, RNG) and
+    returns the checkpoint's meta; None when there is nothing to resume from. A checkpoint of another model shape
+    is refused."""
+    if requested is None:
+        return None
+    ckpt = load_for_resume(ckpt_dir, requested, device, rank, world_size)
+    if ckpt is None:
+        print0(f"no complete checkpoint in {ckpt_dir} to resume from: starting fresh")
+        return None
+    meta = CheckpointMeta.from_dict(ckpt["meta"])
+    meta.step = ckpt["step"]
+    if meta.model_config != model.config:
+        raise UserError(f"checkpoint {ckpt_dir} step {meta.step} has a different model config: use another "
+                        "--model-tag or the same flags")
+    model.load_state_dict(ckpt["model"])
+    restore(ckpt["rank_states"])
+    return meta
+
+
+def load_model(phase: str, device: torch.device | str = "cpu", model_tag: str | None = None,
+               step: int | None = None) -> tuple[GPT, Tokenizer, CheckpointMeta]:
+    """(model in eval mode, tokenizer, meta) of a saved checkpoint for inference (see load_stage), with the
+    tokenizer checked against the model's vocabulary."""
+    stage = load_stage(phase, model_tag, step, device)
+    model = stage.model.eval()
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise UserError(f"the tokenizer in {get_base_dir() / 'tokenizer'} has {tokenizer.get_vocab_size()} tokens but "
-                        f"the {phase} model {model_tag} was trained with {model.config.vocab_size}: retrain one of them")
-    return model, tokenizer, ckpt["meta"]
+                        f"the {phase} model {stage.meta.model_tag} was trained with {model.config.vocab_size}: "
+                        "retrain one of them")
+    return model, tokenizer, stage.meta
+
+
+def load_chat_model(source: str | None, device: torch.device | str, model_tag: str | None = None,
+                    step: int | None = None, dry_run: bool = False):
+    """(model, tokenizer, meta) of the requested phase, or of the most trained one available: rl, then sft, then
+    base (with none, base's error names the first command to run). A dry run without a model only warns and gets
+    None."""
+    error = None
+    for phase in [source] if source else ["rl", "sft", "base"]:
+        try:
+            return load_model(phase, device, model_tag, step)
+        except UserError as e:
+            error = e
+    if not dry_run:
+        raise error
+    print0(f"warning (dry run): {error}")
+    return None

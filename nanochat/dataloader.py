@@ -138,3 +138,16 @@ class PackedLoader:
         self.docs = {doc_id: list(doc) for doc_id, doc in state["buffer"]}
         self.lengths = sorted((len(doc), doc_id) for doc_id, doc in self.docs.items())
         self._prefetch = None
+
+
+def stream_ids(rank: int, world_size: int, accum: int) -> list[int]:
+    """The global data streams of process `rank`'s `accum` micro-batches: world_size × accum streams in all, process
+    r reading r·accum … r·accum + accum − 1, so a step's data does not depend on how it is split over processes and
+    gradient accumulation (and a checkpoint's streams can be handed to another number of processes)."""
+    return [rank * accum + i for i in range(accum)]
+
+
+def micro_batch_loaders(make_loader, rank: int, world_size: int, accum: int) -> list:
+    """One loader per micro-batch of this process: `make_loader(rank=stream, world_size=streams)` for each of its
+    streams (see stream_ids)."""
+    return [make_loader(rank=stream, world_size=world_size * accum) for stream in stream_ids(rank, world_size, accum)]

@@ -61,6 +61,14 @@ def has(repo: str, path: str) -> bool:
     return (Path(mirror) / rel).exists()
 
 
+def external_file_if_available(mirror_path: str) -> Path | None:
+    """A mirror-only file (no online home, e.g. the offline stand-ins' data) when the mirror has it, else None."""
+    mirror = _mirror()
+    if not mirror or mirror.startswith(("http://", "https://")) or not (Path(mirror) / "files" / mirror_path).exists():
+        return None
+    return external_file(mirror_path, "")
+
+
 def hf_file(repo: str, path: str) -> Path:
     """A file of a Hugging Face dataset repo, cached at <base>/hf/datasets/<repo>/<path>."""
     rel = f"hf/datasets/{repo}/{path}"

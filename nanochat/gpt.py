@@ -72,6 +72,32 @@ class GPTConfig:
     def has_value_embedding(self, layer: int) -> bool:
         return layer % 2 == (self.n_layer - 1) % 2
 
+    # --- sizes and FLOPs in closed form (no model needed; GPT.num_params counts the real tensors) -------------------
+
+    def param_counts(self) -> dict[str, int]:
+        V, C, kv = self.padded_vocab_size, self.n_embd, self.n_kv_head * self.head_dim
+        ve_layers = sum(self.has_value_embedding(i) for i in range(self.n_layer))
+        attention = 2 * C * self.n_head * self.head_dim + 2 * C * kv  # q and proj, k and v
+        mlp = 8 * C * C
+        gates = ve_layers * VE_GATE_CHANNELS * self.n_kv_head
+        counts = {"wte": V * C, "value_embeds": ve_layers * V * kv, "lm_head": V * C,
+                  "transformer_matrices": self.n_layer * (attention + mlp) + gates,
+                  "scalars": 2 * self.n_layer,
+                  "smear_backout": (SMEAR_GATE_CHANNELS + 1) * self.smear + self.backout}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def num_scaling_params(self) -> int:
+        """Parameters that scaling laws count: transformer matrices + LM head (not the embedding tables)."""
+        counts = self.param_counts()
+        return counts["transformer_matrices"] + counts["lm_head"]
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token: 6 per matmul weight + the attention scores and values of each layer."""
+        T, h, d = self.sequence_len, self.n_head, self.head_dim
+        attention = sum(12 * h * d * min(w, T) for w in self.window_sizes())
+        return 6 * self.num_scaling_params() + attention
+
 
 def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))  # in x's dtype; the kernels reduce in fp32
@@ -300,17 +326,10 @@ class GPT(nn.Module):
         return counts
 
     def num_scaling_params(self) -> int:
-        """Parameters that scaling laws count: transformer matrices + LM head (not the embedding tables)."""
-        n = self.num_params()
-        return n["transformer_matrices"] + n["lm_head"]
+        return self.config.num_scaling_params()
 
     def estimate_flops(self) -> float:
-        """Training FLOPs per token: 6 per matmul weight + the attention scores and values of each layer."""
-        n = self.num_params()
-        matmul = n["transformer_matrices"] + n["lm_head"]
-        T, h, d = self.config.sequence_len, self.config.n_head, self.config.head_dim
-        attn = sum(12 * h * d * min(w, T) for w in self.windows)
-        return 6 * matmul + attn
+        return self.config.estimate_flops()
 
     def smear_backout_parameters(self) -> list[nn.Parameter]:
         params = []

@@ -1,4 +1,5 @@
-"""The maths of simplified GRPO: group-relative advantages and a token-level policy-gradient loss.
+"""Simplified GRPO: rollouts of a question through the engine, group-relative advantages and a token-level
+policy-gradient loss.
 
 No critic, no KL term, no ratio clipping (on-policy, one update per batch of samples): each question's samples are
 compared with each other, advantage = reward − the group's mean reward (optionally / its std), and the loss pushes up
@@ -54,3 +55,31 @@ def policy_gradient_loss(logits: torch.Tensor, targets: torch.Tensor, advantages
 def pass_at_k(correct: list[bool], k: int) -> float:
     """1 if any of the first k samples of a question is correct (samples are independent draws)."""
     return float(any(correct[:k]))
+
+
+def completion_text(tokenizer, sequence: list[int], prompt_len: int, stops: set[int]) -> str:
+    return tokenizer.decode([t for t in sequence[prompt_len:] if t not in stops])
+
+
+def rollout(engine, tokenizer, task, index: int, num_samples: int, max_new_tokens: int, temperature: float,
+            top_k: int, seed: int) -> dict:
+    """`num_samples` completions of question `index` of `task` (one prefill), each rewarded by the task."""
+    conv = task[index]
+    prompt = tokenizer.render_for_completion(conv)
+    sequences, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                             temperature=temperature, top_k=top_k, seed=seed)
+    texts = [completion_text(tokenizer, s, len(prompt), engine.tools.stops) for s in sequences]
+    rewards = torch.tensor([task.reward(conv, t) for t in texts])
+    return {"sequences": sequences, "masks": masks, "rewards": rewards, "prompt_len": len(prompt)}
+
+
+@torch.no_grad()
+def evaluate_pass_at_k(engine, tokenizer, task, indices, k: int, max_new_tokens: int, top_k: int) -> dict:
+    """pass@1 and pass@k over the questions `indices`, k samples each at temperature 1."""
+    p1, pk = [], []
+    for i in indices:
+        r = rollout(engine, tokenizer, task, i, k, max_new_tokens, 1.0, top_k, seed=10_000 + i)
+        correct = [bool(x) for x in r["rewards"]]
+        p1.append(sum(correct) / len(correct))
+        pk.append(pass_at_k(correct, k))
+    return {"pass@1": sum(p1) / max(1, len(p1)), f"pass@{k}": sum(pk) / max(1, len(pk))}

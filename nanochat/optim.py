@@ -134,7 +134,7 @@ def neuron_stat_shape(p: torch.Tensor) -> tuple[int, int]:
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups carry `kind` ('muon' or 'adamw'), `lr`, `weight_decay`, and `momentum` or `betas`.
 
-    The training loop schedules `lr`, `momentum` and `weight_decay` by writing them into param_groups each step.
+    The training loops set `lr`, `momentum` and `weight_decay` each step through `apply_schedule`.
     """
 
     def __init__(self, param_groups: list[dict], eps: float = 1e-10, ns_dtype: torch.dtype | None = None,
@@ -154,9 +154,14 @@ class MuonAdamW(torch.optim.Optimizer):
         return torch.bfloat16 if p.is_cuda else torch.float32
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, grad_clip: float = 0.0):
+        """One update from the gradients of this process's backward passes. Under torchrun the gradients are
+        averaged over processes here (callers never reduce them); `grad_clip` > 0 first clips the averaged
+        gradient's global norm to it."""
+        if grad_clip > 0:
+            self.clip_grad_norm_(grad_clip)
         if self.world_size() > 1:
-            from nanochat.optim_shard import sharded_step
+            from nanochat.optim_shard import sharded_step  # a cycle: optim_shard builds on this module's updates
             sharded_step(self)
             return
         for group in self.param_groups:
@@ -179,6 +184,25 @@ class MuonAdamW(torch.optim.Optimizer):
                     update = normalize_neurons(update, state["second_moment"], self.neuron_beta2)
                 muon_apply(p, update, lr, wd)
 
+    def apply_schedule(self, lr: float, momentum: float | None = None, weight_decay: float | None = None) -> None:
+        """This step's settings: every group's rate = its initial rate × `lr`; Muon's momentum = `momentum` and its
+        weight decay = its initial decay × `weight_decay`, where given (nanochat.scaling's *_schedule functions)."""
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * lr
+            if group["kind"] == "muon":
+                if momentum is not None:
+                    group["momentum"] = momentum
+                if weight_decay is not None:
+                    group["weight_decay"] = group["initial_weight_decay"] * weight_decay
+
+    def warm_start(self, states: list[dict]) -> None:
+        """Another run's moments (Muon momentum, AdamW first and second moments; every rank's shard, re-sharded for
+        this run) with this run's learning rates, weight decay and betas kept."""
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        self.load_state_dicts(states)
+        for group, kept in zip(self.param_groups, settings):
+            group.update(kept)
+
     @staticmethod
     def world_size() -> int:
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -187,7 +211,7 @@ class MuonAdamW(torch.optim.Optimizer):
         """Clip the averaged gradient's global norm under torchrun (on the reduce-scattered shards, so step() does not
         reduce again); a single process clips its own gradients. Returns the norm before clipping."""
         if self.world_size() > 1:
-            from nanochat.optim_shard import clip_sharded_grad_norm_
+            from nanochat.optim_shard import clip_sharded_grad_norm_  # a cycle, as in step()
             return clip_sharded_grad_norm_(self, max_norm)
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -207,7 +231,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def load_state_dicts(self, states: list[dict]) -> None:
         """Load the state dicts of every rank (in rank order) of a run with any world size, re-sharded for this
         one."""
-        from nanochat.optim_shard import merge_state_dicts, shard_state_dict
+        from nanochat.optim_shard import merge_state_dicts, shard_state_dict  # a cycle, as in step()
         world = self.world_size()
         if len(states) == 1 and states[0].get("world_size", 1) == world:
             return self.load_state_dict(states[0])

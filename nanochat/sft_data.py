@@ -13,7 +13,48 @@ from bisect import bisect_right, insort
 
 import torch
 
+from nanochat import download
 from nanochat.common import UserError
+from tasks.arc import ARC
+from tasks.chat import HHRLHF, CustomJSON, SmolTalk
+from tasks.common import TaskMixture
+from tasks.gsm8k import GSM8K
+from tasks.mmlu import MMLU
+from tasks.spelling import SimpleSpelling, SpellingBee
+
+SMOLTALK_FILE = ("HuggingFaceTB/smol-smoltalk", SmolTalk.FILES["train"][0])
+DOLLY_FILE = "chat/dolly-hhrlhf-1k.jsonl"
+
+
+def smoltalk_offline() -> bool:
+    """Offline without SmolTalk (the mirror lacks it): the chat data is then the stand-in."""
+    return download.offline() and not download.has(*SMOLTALK_FILE)
+
+
+def sft_mixture(custom_json: list[str], spelling_size: int, simple_spelling_size: int, mmlu_epochs: int = 3,
+                gsm8k_epochs: int = 4) -> tuple[TaskMixture, list[str]]:
+    """The SFT task mixture and the stand-ins it uses (each a line the caller announces): offline without SmolTalk,
+    HH-RLHF conversations (+ the mirror's Dolly/HH-RLHF JSONL) for the chat data and ARC train + MMLU dev for MMLU's
+    auxiliary_train."""
+    notes = []
+    if smoltalk_offline():
+        dolly = download.external_file_if_available(DOLLY_FILE)
+        chat = [HHRLHF("harmless-base", "test")] + ([CustomJSON(str(dolly))] if dolly else [])
+        mmlu = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), MMLU("all", "dev")]
+        notes.append("offline: SmolTalk → HH-RLHF conversations" + (" + Dolly/HH-RLHF JSONL" if dolly else ""))
+        notes.append("offline: MMLU auxiliary_train → ARC-Easy/Challenge train + MMLU dev")
+    else:
+        chat = [SmolTalk("train")]
+        mmlu = [MMLU("auxiliary_train")]
+    gsm8k = GSM8K("main", "train")
+    tasks = chat + mmlu * mmlu_epochs + [gsm8k] * gsm8k_epochs + [SpellingBee(spelling_size, "train"),
+                                                                  SimpleSpelling(simple_spelling_size, "train")]
+    tasks += [CustomJSON(path) for path in custom_json]
+    return TaskMixture(tasks), notes
+
+
+def sft_validation() -> TaskMixture:
+    return TaskMixture([GSM8K("main", "test", stop=200), MMLU("all", "validation", stop=200)])
 
 
 class SFTLoader:

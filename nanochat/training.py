@@ -1,10 +1,15 @@
-"""Pieces the training scripts share: progress lines, RNG state, greedy samples, a model from hyper-parameters."""
+"""What the three training loops (base_train, chat_sft, chat_rl) share: one optimizer step over micro-batches, the
+progress line, the training state a checkpoint keeps (and its restore, re-sharded for another number of processes),
+and greedy samples for a look at the model during pretraining."""
 
 import time
 
 import torch
 
-from nanochat.common import print0
+from nanochat.common import UserError, print0, synchronize
+from nanochat.dataloader import stream_ids
+from nanochat.decode import DecodePolicy
+from nanochat.engine import Engine
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -63,8 +68,9 @@ class Progress:
 
 
 def train_step(model, optimizer, streams, autocast, grad_clip: float = 0.0) -> float:
-    """One optimizer step: a micro-batch from each stream (gradient accumulation), optional clipping of the global
-    gradient norm, the update. Returns the mean loss over every micro-batch of every process."""
+    """One optimizer step: a micro-batch from each stream (gradient accumulation), then the update, which averages
+    the gradients over processes and clips their global norm (optimizer.step). Returns the mean loss over every
+    micro-batch of every process."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     loss_sum = None
     for stream in streams:
@@ -77,12 +83,7 @@ def train_step(model, optimizer, streams, autocast, grad_clip: float = 0.0) -> f
     if distributed:
         torch.distributed.all_reduce(loss_sum)
         world = torch.distributed.get_world_size()
-    if grad_clip > 0:
-        if distributed:  # the averaged gradient's norm, from the reduce-scattered shards that step() then uses
-            optimizer.clip_grad_norm_(grad_clip)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    optimizer.step(grad_clip=grad_clip)
     optimizer.zero_grad(set_to_none=True)
     return loss_sum.item() / (len(streams) * world)
 
@@ -103,16 +104,15 @@ def restore_training_state(states: list[dict], optimizer, loaders, progress=None
         for loader, loader_state in zip(loaders, own["loaders"]):
             loader.load_state_dict(loader_state)
     else:
-        from nanochat.common import UserError, print0
         optimizer.load_state_dicts([state["optimizer"] for state in states])
-        # stream i of old rank r was global stream r·accum + i; this rank's loaders are streams rank·accum' + i
+        # the old ranks' loaders, in rank order, are the global streams in order (see dataloader.stream_ids)
         streams = [loader_state for state in states for loader_state in state["loaders"]]
         if loaders and len(streams) != len(loaders) * optimizer.world_size():
             raise UserError(f"the checkpoint has {len(streams)} data streams and this run "
                             f"{len(loaders) * optimizer.world_size()}: keep --device-batch-size × processes × "
                             "accumulation the same to resume on another number of processes")
-        for i, loader in enumerate(loaders):
-            loader.load_state_dict(streams[rank * len(loaders) + i])
+        for loader, stream in zip(loaders, stream_ids(rank, optimizer.world_size(), len(loaders))):
+            loader.load_state_dict(streams[stream])
         own = states[rank] if rank < len(states) else states[0]
         print0(f"re-sharded the training state of {len(states)} processes for {optimizer.world_size()}")
     if progress is not None and own["progress"] is not None:
@@ -134,30 +134,15 @@ def set_rng_state(state: dict) -> None:
 
 
 @torch.no_grad()
-def greedy_complete(model, tokenizer, prompt: str, max_tokens: int, device, autocast) -> str:
-    """Greedy continuation with the KV cache (for progress samples; the chat Engine does the real serving)."""
-    from nanochat.kv_cache import KVCache
-    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-    c = model.config
-    cache = KVCache(1, c.n_layer, c.n_kv_head, c.head_dim, len(ids) + max_tokens, device,
-                    next(model.parameters()).dtype)
-    out = []
-    x = torch.tensor([ids], device=device)
-    for _ in range(max_tokens):
-        with autocast():
-            logits = model(x, kv_cache=cache, last_only=True)
-        token = int(logits[0, -1].argmax())
-        if token == tokenizer.get_bos_token_id():
-            break
-        out.append(token)
-        x = torch.tensor([[token]], device=device)
-    return tokenizer.decode(out)
-
-
-def print_samples(model, tokenizer, device, autocast, max_tokens: int = 16) -> list[str]:
+def print_samples(model, tokenizer, max_tokens: int = 16) -> list[str]:
+    """Greedy continuations of SAMPLE_PROMPTS through the engine, in the model's own dtype and eager (no copy of
+    the weights, nothing compiled in the middle of a training run)."""
+    engine = Engine(model, tokenizer, use_tools=False, dtype=next(model.parameters()).dtype, policy=DecodePolicy())
     samples = []
     for prompt in SAMPLE_PROMPTS:
-        text = prompt + greedy_complete(model, tokenizer, prompt, max_tokens, device, autocast)
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        (sequence,), _ = engine.generate_batch(ids, 1, max_tokens=max_tokens, temperature=0.0)
+        text = prompt + tokenizer.decode([t for t in sequence[len(ids):] if t not in engine.tools.stops])
         samples.append(text)
         print0(f"  sample: {text!r}")
     return samples
@@ -168,12 +153,10 @@ class Timer:
         self.device_type = device_type
 
     def __enter__(self):
-        from nanochat.common import synchronize
         synchronize(self.device_type)
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        from nanochat.common import synchronize
         synchronize(self.device_type)
         self.dt = time.perf_counter() - self.t0

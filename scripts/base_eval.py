@@ -33,7 +33,7 @@ def main(argv=None) -> None:
         print0(f"base_eval dry run: would evaluate {sorted(wanted)} of base model {args.model_tag or '(largest)'}")
         return
     model, tokenizer, meta = load_model("base", compute.device, args.model_tag, args.step)
-    tag, step = meta["args"]["model_tag"] or f"d{meta['args']['depth']}", meta["step"]
+    tag, step = meta.model_tag, meta.step
     print0(f"base_eval: {tag} step {step}")
     results = {"model_tag": tag, "step": step}
     if "bpb" in wanted:
@@ -41,7 +41,7 @@ def main(argv=None) -> None:
         T, B, world = model.config.sequence_len, args.device_batch_size, compute.dist.world_size
         steps = max(1, args.bpb_tokens // (B * T * world))
         for split in ("train", "val"):
-            loader = PackedLoader(tokenizer, B, T, split, compute.device, meta.get("dataset") or default_dataset(),
+            loader = PackedLoader(tokenizer, B, T, split, compute.device, meta.provenance.get("dataset") or default_dataset(),
                                   rank=compute.dist.rank, world_size=world, buffer_docs=100, seed=1234)
             bpb = evaluate_bpb(model, iter(loader), steps, token_bytes, autocast=compute.autocast)
             results[f"{split}_bpb"] = bpb
@@ -57,7 +57,7 @@ def main(argv=None) -> None:
             results["CORE missing tasks"] = ", ".join(core["missing"])
     samples = []
     if "sample" in wanted and compute.dist.is_master:
-        samples = print_samples(model, tokenizer, compute.device, compute.autocast)
+        samples = print_samples(model, tokenizer)
     if compute.dist.is_master:
         from nanochat.report import get_report
         get_report().log("Base model evaluation", [results, {"max_per_task": args.max_per_task},

@@ -9,14 +9,17 @@ import math
 
 import torch
 
-from nanochat.checkpoint import build_model, checkpoint_dir, load_for_resume, save_checkpoint
+from nanochat.checkpoint import CheckpointMeta, build_model, checkpoint_dir, resume, save_checkpoint
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
-from nanochat.dataloader import PackedLoader
+from nanochat.core_eval import evaluate_core
+from nanochat.dataloader import PackedLoader, micro_batch_loaders
 from nanochat.dataset import default_dataset, list_shards
 from nanochat.flops import device_peak_flops
+from nanochat.fp8 import enable_fp8_training, fp8_unavailable_reason
 from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.scaling import derive_hparams, lr_multiplier, muon_momentum, weight_decay_multiplier
+from nanochat.report import get_report
+from nanochat.scaling import Overrides, derive_hparams, pretraining_schedule
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import Progress, Timer, print_samples, restore_training_state, train_step, training_state
 
@@ -24,10 +27,10 @@ from nanochat.training import Progress, Timer, print_samples, restore_training_s
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Pretrain a base GPT; every size and rate follows from --depth.")
     p.add_argument("--depth", type=int, default=20, help="number of transformer layers: the one dial")
-    p.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth × aspect ratio (rounded)")
+    p.add_argument("--aspect-ratio", type=int, default=64, help="n_embd = depth × aspect ratio (rounded)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: = query heads)")
-    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--max-seq-len", dest="sequence_len", type=int, default=2048, help="context length in tokens")
     p.add_argument("--window-pattern", default="L", help="per-layer attention windows, e.g. SSSL (S = 1/4 context)")
     p.add_argument("--smear", action=argparse.BooleanOptionalAction, default=GPTConfig.smear,
                    help="mix a gated share of the previous token's embedding into each position")
@@ -85,31 +88,15 @@ def main(argv=None) -> None:
         print0(f"warning (dry run): {e}")
         tokenizer, vocab_size = None, 32768
 
-    # --- the one dial ----------------------------------------------------------------------------------------------
-    hp_kwargs = dict(vocab_size=vocab_size, world_size=dist_info.world_size, aspect_ratio=args.aspect_ratio,
-                     head_dim=args.head_dim, n_kv_head=args.n_kv_head, max_seq_len=args.max_seq_len,
-                     window_pattern=args.window_pattern, device_batch_size=args.device_batch_size,
-                     total_batch_size=args.total_batch_size, num_iterations=args.num_iterations,
-                     target_param_data_ratio=args.target_param_data_ratio, embedding_lr=args.embedding_lr,
-                     unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, scalar_lr=args.scalar_lr,
-                     weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
-                     warmdown_ratio=args.warmdown_ratio, final_lr_frac=args.final_lr_frac)
-    hp = derive_hparams(args.depth, **hp_kwargs)
-    config = GPTConfig(sequence_len=hp.max_seq_len, vocab_size=vocab_size, n_layer=hp.depth, n_head=hp.n_head,
-                       n_kv_head=hp.n_kv_head, n_embd=hp.model_dim, window_pattern=hp.window_pattern, smear=args.smear,
-                       backout=args.backout)
-    if args.target_flops is not None:
-        with torch.device("meta"):
-            from nanochat.gpt import GPT
-            flops = GPT(config).estimate_flops()
-        hp = derive_hparams(args.depth, target_flops=args.target_flops, flops_per_token=flops,
-                            **{**hp_kwargs, "num_iterations": None})
+    # --- the one dial ---------------------------------------------------------------------------------------------
+    hp = derive_hparams(args.depth, Overrides.from_namespace(args), vocab_size=vocab_size,
+                        world_size=dist_info.world_size)
+    config = hp.model_config()
     model_tag = args.model_tag or f"d{args.depth}"
     print0(f"base_train {model_tag} on {dataset}: {dist_info.world_size} process(es) on {compute.device_type}, "
            f"compute dtype {str(compute.dtype).removeprefix('torch.')}")
     print0(hp.describe())
     if args.fp8:
-        from nanochat.fp8 import fp8_unavailable_reason
         if (reason := fp8_unavailable_reason()) is not None:
             raise UserError(reason)
     if args.dry_run:
@@ -117,9 +104,8 @@ def main(argv=None) -> None:
         return
 
     # --- model, optimizer, data ---------------------------------------------------------------------------------------
-    model = build_model(vars(config), device)
+    model = build_model(config, device)
     if args.fp8:
-        from nanochat.fp8 import enable_fp8_training
         print0(f"fp8: {enable_fp8_training(model)} linear layers of the blocks train with fp8 matmuls (torchao)")
     n = model.num_params()
     flops_per_token = model.estimate_flops()
@@ -130,63 +116,48 @@ def main(argv=None) -> None:
     use_compile = args.compile == "on" or (args.compile == "auto" and compute.device_type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 
-    # One loader per micro-batch stream: process `rank` with `accum` micro-steps reads streams rank*accum + i of
-    # world*accum, so the data of a step does not depend on how it is split over processes and accumulation.
-    accum, world = hp.grad_accum_steps, dist_info.world_size
-    loaders = [PackedLoader(tokenizer, hp.device_batch_size, hp.max_seq_len, "train", device, dataset,
-                            rank=dist_info.rank * accum + i, world_size=world * accum, seed=args.seed)
-               for i in range(accum)]
+    world = dist_info.world_size
+    loaders = micro_batch_loaders(lambda **shard: PackedLoader(tokenizer, hp.device_batch_size, hp.sequence_len,
+                                                               "train", device, dataset, seed=args.seed, **shard),
+                                  dist_info.rank, world, hp.grad_accum_steps)
     ckpt_dir = checkpoint_dir("base", model_tag)
     progress = Progress(hp.num_iterations, hp.total_batch_size, flops_per_token,
                         device_peak_flops(compute.device_type, compute.dtype) * world)
     curves = {"train_loss": [], "val_bpb": []}
     start_step = 0
 
-    resume = args.resume_from_step
-    if resume is not None:
-        ckpt = load_for_resume(ckpt_dir, resume, device, dist_info.rank, world)
-        if ckpt is not None:
-            step = ckpt["step"]
-            if ckpt["meta"]["model_config"] != vars(config):
-                raise UserError(f"checkpoint {ckpt_dir} step {step} has a different model config: use another "
-                                "--model-tag or the same flags")
-            model.load_state_dict(ckpt["model"])
-            restore_training_state(ckpt["rank_states"], optimizer, loaders, progress, dist_info.rank)
-            curves = ckpt["meta"]["curves"]
-            start_step = step
-            print0(f"resumed from {ckpt_dir} step {step}")
-        else:
-            print0(f"no complete checkpoint in {ckpt_dir} to resume from: starting fresh")
+    resumed = resume(ckpt_dir, args.resume_from_step, model, device, dist_info.rank, world,
+                     lambda states: restore_training_state(states, optimizer, loaders, progress, dist_info.rank))
+    if resumed is not None:
+        curves, start_step = resumed.curves, resumed.step
+        print0(f"resumed from {ckpt_dir} step {start_step}")
     progress.start_step = start_step
     streams = [iter(loader) for loader in loaders]
     wandb = get_wandb(args.run, "nanochat", hp.to_dict(), dist_info.is_master)
 
     def val_bpb() -> float:
         model.eval()
-        val = PackedLoader(tokenizer, hp.device_batch_size, hp.max_seq_len, "val", device, dataset,
+        val = PackedLoader(tokenizer, hp.device_batch_size, hp.sequence_len, "val", device, dataset,
                            rank=dist_info.rank, world_size=world, buffer_docs=100)
-        steps = max(1, args.eval_tokens // (hp.device_batch_size * hp.max_seq_len * world))
+        steps = max(1, args.eval_tokens // (hp.device_batch_size * hp.sequence_len * world))
         bpb = evaluate_bpb(model, iter(val), steps, token_bytes, autocast=compute.autocast)
         model.train()
         return bpb
 
     def save(step: int) -> None:
         rank_state = training_state(optimizer, loaders, progress)
-        meta = {"model_config": vars(config), "hyperparams": hp.to_dict(), "args": vars(args), "curves": curves,
-                "dataset": dataset, "crop_fraction": loaders[0].stats["crop_fraction"]}
+        meta = CheckpointMeta(phase="base", model_tag=model_tag, model_config=config, hyperparams=hp, curves=curves,
+                              args=vars(args), provenance={"dataset": dataset,
+                                                           "crop_fraction": loaders[0].stats["crop_fraction"]})
         path = save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world, args.keep_last)
         print0(f"saved checkpoint {path}")
 
     # --- the loop --------------------------------------------------------------------------------------------------------
     last_bpb = None
     for step in range(start_step, hp.num_iterations):
-        lrm = lr_multiplier(step, hp.num_iterations, hp.warmup_steps, hp.warmdown_ratio, hp.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step, hp.num_iterations, hp.warmdown_ratio)
-                group["weight_decay"] = group["initial_weight_decay"] * weight_decay_multiplier(
-                    step, hp.num_iterations)
+        schedule = pretraining_schedule(hp, step)
+        optimizer.apply_schedule(**schedule)
+        lrm = schedule["lr"]
         with Timer(compute.device_type) as timer:
             loss_value = train_step(train_model, optimizer, streams, compute.autocast, args.grad_clip)
         if not math.isfinite(loss_value):
@@ -202,10 +173,9 @@ def main(argv=None) -> None:
         wandb.log({"step": step + 1, "loss": loss_value, "lrm": lrm, "val_bpb": last_bpb})
         if args.sample_every > 0 and (step + 1) % args.sample_every == 0 and dist_info.is_master:
             model.eval()
-            print_samples(model, tokenizer, device, compute.autocast)
+            print_samples(model, tokenizer)
             model.train()
         if args.core_metric_every > 0 and (step + 1) % args.core_metric_every == 0:
-            from nanochat.core_eval import evaluate_core
             model.eval()
             core = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task,
                                  autocast=compute.autocast)
@@ -216,11 +186,10 @@ def main(argv=None) -> None:
 
     # --- report ----------------------------------------------------------------------------------------------------------
     if dist_info.is_master:
-        from nanochat.report import get_report
         samples = []
         if tokenizer is not None:
             model.eval()
-            samples = print_samples(model, tokenizer, device, compute.autocast)
+            samples = print_samples(model, tokenizer)
         summary = {"model_tag": model_tag, "dataset": dataset, "parameters": n["total"],
                    "scaling_params": hp.scaling_params, "flops_per_token": flops_per_token,
                    "steps": hp.num_iterations, "tokens": hp.num_iterations * hp.total_batch_size,

@@ -8,52 +8,11 @@
 import argparse
 import sys
 
-from nanochat.checkpoint import load_model
+from nanochat.checkpoint import load_chat_model
 from nanochat.common import UserError, compute_init, print0, run_cli
-from nanochat.engine import Engine, TextStream
+from nanochat.engine import Engine
 from nanochat.execution import allow_unsafe_python_tool, python_tool_banner
-
-PART_STYLE = {  # part → (colour on a terminal, plain-text opening, closing)
-    "python": ("\033[36m", "[python] ", " [/python]"),
-    "python_output": ("\033[33m", "[output] ", " [/output]"),
-}
-RESET = "\033[0m"
-
-
-class Printer:
-    """Streams tokens as text; tool calls and tool outputs are shown in their own colour and brackets."""
-
-    def __init__(self, tokenizer, color: bool):
-        self.tokenizer, self.color = tokenizer, color
-        special = tokenizer.encode_special
-        self.opens = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output"}
-        self.closes = {special("<|python_end|>"), special("<|output_end|>")}
-        self.text = TextStream(tokenizer)
-        self.part = "text"
-
-    def feed(self, token: int) -> None:
-        if token in self.opens:
-            self.close_part()
-            self.part = self.opens[token]
-            colour, opening, _ = PART_STYLE[self.part]
-            sys.stdout.write(colour if self.color else opening)
-        elif token in self.closes:
-            self.close_part()
-        else:
-            sys.stdout.write(self.text.push(token))
-        sys.stdout.flush()
-
-    def close_part(self) -> None:
-        """Write out held text and end a tool part, if one is open (never leave the terminal coloured)."""
-        sys.stdout.write(self.text.flush())
-        if self.part != "text":
-            sys.stdout.write(RESET if self.color else PART_STYLE[self.part][2])
-            self.part = "text"
-        sys.stdout.flush()
-
-    def flush(self) -> None:
-        """At the end of a reply."""
-        self.close_part()
+from nanochat.terminal import Printer, make_prompt
 
 
 def reply(engine: Engine, prompt: list[int], args, printer: Printer) -> list[int]:
@@ -95,13 +54,14 @@ def main(argv=None) -> None:
     if args.unsafe_python_tool:
         allow_unsafe_python_tool()
     compute = compute_init(args.device_type)
-    loaded = load_or_warn(args, compute.device)
+    loaded = load_chat_model(args.source, compute.device, args.model_tag, args.step, dry_run=args.dry_run)
     print0(python_tool_banner(), file=sys.stderr)  # stderr: -p output stays clean for pipes
     if loaded is None:
         return
-    model, tokenizer, meta, source = loaded
+    model, tokenizer, meta = loaded
+    source, described = meta.phase, f"{meta.phase} model {meta.model_tag} step {meta.step}"
     if args.dry_run:
-        print0(f"chat_cli dry run: {describe(meta, source)} loads")
+        print0(f"chat_cli dry run: {described} loads")
         return
     engine = Engine(model, tokenizer, compute.autocast)
     printer = Printer(tokenizer, color=sys.stdout.isatty())
@@ -109,7 +69,7 @@ def main(argv=None) -> None:
         reply(engine, make_prompt(tokenizer, source, [{"role": "user", "content": args.prompt}]), args, printer)
         return
     mode = "each line is continued as plain text" if source == "base" else "multi-turn chat"
-    print(f"nanochat: {describe(meta, source)}, {mode}. Type 'clear' to start over, 'quit' to exit.")
+    print(f"nanochat: {described}, {mode}. Type 'clear' to start over, 'quit' to exit.")
     messages = []
     while True:
         try:
@@ -129,46 +89,6 @@ def main(argv=None) -> None:
         print("\nAssistant: ", end="", flush=True)
         tokens = reply(engine, make_prompt(tokenizer, source, messages), args, printer)
         messages.append({"role": "assistant", "content": tokenizer.parse_assistant(tokens)})
-
-
-def make_prompt(tokenizer, source: str, messages: list[dict]) -> list[int]:
-    """A chat model gets the conversation in its chat format; a base model, which never saw that format, just
-    continues the last user text."""
-    if source == "base":
-        return tokenizer.encode(messages[-1]["content"], prepend="<|bos|>")
-    return tokenizer.render_for_completion({"messages": messages})
-
-
-def model_tag(meta: dict) -> str:
-    return meta.get("model_tag") or meta.get("args", {}).get("model_tag") or "model"
-
-
-def describe(meta: dict, source: str) -> str:
-    return f"{source} model {model_tag(meta)} step {meta.get('step')}"
-
-
-def load_chat_model(source: str | None, device, model_tag: str | None, step: int | None):
-    """The requested checkpoints, or the most trained ones available: rl, then sft, then base."""
-    candidates = [source] if source else ["rl", "sft", "base"]
-    error = None
-    for phase in candidates:
-        try:
-            model, tokenizer, meta = load_model(phase, device, model_tag, step)
-            return model, tokenizer, meta, phase
-        except UserError as e:
-            error = e  # with no source this ends as base's error, naming the first command to run
-    raise error
-
-
-def load_or_warn(args, device):
-    """load_chat_model for the flags in `args`; a dry run without a model yet only warns and gets None."""
-    try:
-        return load_chat_model(args.source, device, args.model_tag, args.step)
-    except UserError as e:
-        if not args.dry_run:
-            raise
-        print0(f"warning (dry run): {e}")
-        return None
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main(argv=None) -> None:
     if compute.dist.is_master:
         from nanochat.report import get_report
         get_report().log(f"Chat evaluation {args.source}",
-                         [{"model_tag": meta.get("model_tag") or meta["args"].get("model_tag"), "step": meta["step"],
+                         [{"model_tag": meta.model_tag, "step": meta.step,
                            "max_problems": args.max_problems, "num_samples": args.num_samples,
                            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}, results])
 

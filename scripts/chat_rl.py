@@ -15,42 +15,17 @@ import time
 
 import torch
 
-from nanochat.checkpoint import (build_model, checkpoint_dir, find_model_tag, load_checkpoint, load_for_resume,
-                                 load_latest, save_checkpoint)
+from nanochat.checkpoint import CheckpointMeta, checkpoint_dir, load_stage, resume, save_checkpoint
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.engine import Engine
 from nanochat.execution import python_tool_banner
-from nanochat.grpo import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
+from nanochat.grpo import evaluate_pass_at_k, group_advantages, policy_gradient_loss, rollout, rollout_batch
 from nanochat.loss_eval import accumulator_dtype
+from nanochat.report import get_report
+from nanochat.scaling import rl_schedule
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import restore_training_state, training_state
 from tasks.gsm8k import GSM8K
-
-
-def completion_text(tokenizer, sequence: list[int], prompt_len: int, stops: set[int]) -> str:
-    return tokenizer.decode([t for t in sequence[prompt_len:] if t not in stops])
-
-
-def rollout(engine: Engine, tokenizer, task, index: int, num_samples: int, max_new_tokens: int, temperature: float,
-            top_k: int, seed: int) -> dict:
-    conv = task[index]
-    prompt = tokenizer.render_for_completion(conv)
-    sequences, masks = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                             temperature=temperature, top_k=top_k, seed=seed)
-    texts = [completion_text(tokenizer, s, len(prompt), engine.tools.stops) for s in sequences]
-    rewards = torch.tensor([task.reward(conv, t) for t in texts])
-    return {"sequences": sequences, "masks": masks, "rewards": rewards, "prompt_len": len(prompt)}
-
-
-@torch.no_grad()
-def evaluate_pass_at_k(engine, tokenizer, task, indices, k: int, max_new_tokens: int, top_k: int) -> dict:
-    p1, pk = [], []
-    for i in indices:
-        r = rollout(engine, tokenizer, task, i, k, max_new_tokens, 1.0, top_k, seed=10_000 + i)
-        correct = [bool(x) for x in r["rewards"]]
-        p1.append(sum(correct) / len(correct))
-        pk.append(pass_at_k(correct, k))
-    return {"pass@1": sum(p1) / max(1, len(p1)), f"pass@{k}": sum(pk) / max(1, len(pk))}
 
 
 def main(argv=None) -> None:
@@ -91,14 +66,8 @@ def main(argv=None) -> None:
     train, test = GSM8K("main", "train"), GSM8K("main", "test")
     num_steps = args.num_steps or len(train) // args.examples_per_step
 
-    model_tag = args.model_tag or find_model_tag("sft")
-    sft_dir = checkpoint_dir("sft", model_tag)
-    sft = load_checkpoint(sft_dir, args.step, device) if args.step is not None else load_latest(sft_dir, device)
-    if sft is None:
-        raise UserError(f"no SFT checkpoint in {sft_dir}: run `python -m scripts.chat_sft` first")
-    sft_step = sft["step"]
-    hp = sft["meta"]["hyperparams"]
-    model = build_model(sft["meta"]["model_config"], device, sft["model"])
+    sft = load_stage("sft", args.model_tag, args.step, device)
+    model, model_tag, sft_step = sft.model, sft.meta.model_tag, sft.step
     tokenizer = get_tokenizer()
     frac = args.init_lr_frac
     optimizer = model.setup_optimizer(embedding_lr=args.embedding_lr * frac, unembedding_lr=args.unembedding_lr * frac,
@@ -115,13 +84,12 @@ def main(argv=None) -> None:
     curves = {"mean_reward": [], "pass@1": []}
     eval_indices = list(range(dist_info.rank, min(args.eval_examples, len(test)), world))
     start = 0
-    if args.resume_from_step is not None:  # weights, optimizer, curves and RNG; rollout seeds follow from the step
-        ckpt = load_for_resume(ckpt_dir, args.resume_from_step, device, dist_info.rank, world)
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            restore_training_state(ckpt["rank_states"], optimizer, [], None, dist_info.rank)
-            curves, start = ckpt["meta"]["curves"], ckpt["step"]
-            print0(f"resumed RL from step {start}")
+    # weights, optimizer, curves and RNG; rollout seeds follow from the step
+    resumed = resume(ckpt_dir, args.resume_from_step, model, device, dist_info.rank, world,
+                     lambda states: restore_training_state(states, optimizer, [], None, dist_info.rank))
+    if resumed is not None:
+        curves, start = resumed.curves, resumed.step
+        print0(f"resumed RL from step {start}")
 
     def evaluate(step: int) -> dict:
         model.eval()
@@ -141,9 +109,9 @@ def main(argv=None) -> None:
     for step in range(start, num_steps):
         if args.eval_every > 0 and step % args.eval_every == 0:
             last_eval = evaluate(step)
-        lrm = 1.0 - step / num_steps
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
+        schedule = rl_schedule(step, num_steps)
+        optimizer.apply_schedule(**schedule)
+        lrm = schedule["lr"]
         # --- rollouts (no grad), then one update -----------------------------------------------------------------
         t0 = time.time()
         model.eval()
@@ -180,14 +148,14 @@ def main(argv=None) -> None:
         wandb.log({"step": step + 1, "reward": mean_reward, "completion_length": mean_len})
         last = step + 1 == num_steps
         if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
-            meta = {"model_config": sft["meta"]["model_config"], "hyperparams": hp, "args": vars(args),
-                    "model_tag": model_tag, "sft_step": sft_step, "curves": curves}
+            meta = CheckpointMeta(phase="rl", model_tag=model_tag, model_config=model.config,
+                                  hyperparams=sft.meta.hyperparams, parent_phase="sft", parent_step=sft_step,
+                                  curves=curves, args=vars(args))
             save_checkpoint(ckpt_dir, step + 1, model, meta, training_state(optimizer, []), dist_info.rank, world,
                             args.keep_last)
             print0(f"saved checkpoint {ckpt_dir} step {step + 1}")
     last_eval = evaluate(num_steps)
     if dist_info.is_master:
-        from nanochat.report import get_report
         get_report().log("Chat RL", [{"model_tag": model_tag, "sft_step": sft_step, "steps": num_steps,
                                       "examples_per_step": args.examples_per_step, "num_samples": args.num_samples,
                                       "final_mean_reward": curves["mean_reward"][-1][2] if curves["mean_reward"] else None,

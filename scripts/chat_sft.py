@@ -9,104 +9,20 @@ Dolly/HH-RLHF JSONL, and MMLU's auxiliary_train is replaced by ARC train + MMLU 
 
 import argparse
 import math
-import os
 
 import torch
 
-from nanochat.checkpoint import (build_model, checkpoint_dir, find_model_tag, load_checkpoint, load_for_resume,
-                                 load_latest, read_optimizer_states, save_checkpoint)
+from nanochat.chat_eval import run_chat_eval
+from nanochat.checkpoint import (CheckpointMeta, checkpoint_dir, load_stage, read_optimizer_states, resume,
+                                 save_checkpoint)
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
+from nanochat.dataloader import micro_batch_loaders
 from nanochat.flops import device_peak_flops
-from nanochat.sft_data import SFTLoader
+from nanochat.report import get_report
+from nanochat.scaling import finetune_rates, sft_schedule
+from nanochat.sft_data import SFTLoader, sft_mixture, sft_validation, smoltalk_offline
 from nanochat.tokenizer import get_tokenizer
 from nanochat.training import Progress, Timer, restore_training_state, train_step, training_state
-
-
-# The base run's rates before any batch scaling: what a user passes to base_train, or its defaults here.
-BASE_RATES = {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02, "scalar_lr": 0.5}
-
-
-def sft_lr_multiplier(progress: float, warmup_ratio: float = 0.0, warmdown_ratio: float = 0.5,
-                      final_lr_frac: float = 0.0) -> float:
-    """On progress through the epoch (0 → 1): linear warmup, flat, then linear warmdown to final_lr_frac; never
-    negative, and flat-or-falling after the warmup whatever the flags."""
-    progress = min(max(progress, 0.0), 1.0)
-    if progress < warmup_ratio:
-        return (progress + 1e-8) / warmup_ratio
-    if warmdown_ratio <= 0 or progress <= 1.0 - warmdown_ratio:
-        return 1.0
-    decay = (progress - (1.0 - warmdown_ratio)) / warmdown_ratio
-    return (1 - decay) + decay * final_lr_frac
-
-
-def sft_muon_momentum(step: int) -> float:
-    """0.85 → 0.95 over the first 300 steps, then flat."""
-    frac = min(step / 300, 1.0)
-    return 0.85 + 0.10 * frac
-
-
-def sft_learning_rates(base_args: dict, overrides: dict, frac: float) -> dict:
-    """Each rate: the SFT flag if given, else the base run's flag if given, else BASE_RATES; then × frac. The base
-    run's batch scaling is not inherited: SFT runs at its own batch with the user's rates."""
-    rates = {}
-    for name, default in BASE_RATES.items():
-        value = overrides.get(name)
-        if value is None:
-            value = base_args.get(name)
-        rates[name] = (default if value is None else value) * frac
-    return rates
-
-
-def warm_start(optimizer, base_state: dict | list[dict]) -> None:
-    """The base run's optimizer moments (Muon momentum, AdamW first and second moments), with this run's groups'
-    learning rates, weight decay and betas kept. A list holds the base run's per-rank shards (re-sharded here)."""
-    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dicts(base_state if isinstance(base_state, list) else [base_state])
-    for group, settings in zip(optimizer.param_groups, fresh):
-        group.update(settings)
-
-
-def offline_mode() -> bool:
-    mirror = os.environ.get("NANOCHAT_MIRROR", "")
-    if not mirror:
-        return False
-    if mirror.startswith("http"):
-        return True
-    return not os.path.isdir(os.path.join(mirror, "hf/datasets/HuggingFaceTB/smol-smoltalk"))
-
-
-def build_mixture(custom_json: list[str], spelling_size: int, simple_spelling_size: int, mmlu_epochs: int = 3,
-                  gsm8k_epochs: int = 4):
-    """The SFT task mixture and the list of stand-ins used (announced by the caller)."""
-    from tasks.arc import ARC
-    from tasks.chat import HHRLHF, CustomJSON, SmolTalk
-    from tasks.common import TaskMixture
-    from tasks.gsm8k import GSM8K
-    from tasks.mmlu import MMLU
-    from tasks.spelling import SimpleSpelling, SpellingBee
-    notes = []
-    if offline_mode():
-        mirror = os.environ["NANOCHAT_MIRROR"]
-        dolly = os.path.join(mirror, "files/chat/dolly-hhrlhf-1k.jsonl")
-        chat = [HHRLHF("harmless-base", "test")] + ([CustomJSON(dolly)] if os.path.exists(dolly) else [])
-        mmlu = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), MMLU("all", "dev")]
-        notes.append("offline: SmolTalk → HH-RLHF conversations" + (" + Dolly/HH-RLHF JSONL" if len(chat) > 1 else ""))
-        notes.append("offline: MMLU auxiliary_train → ARC-Easy/Challenge train + MMLU dev")
-    else:
-        chat = [SmolTalk("train")]
-        mmlu = [MMLU("auxiliary_train")]
-    gsm8k = GSM8K("main", "train")
-    tasks = chat + mmlu * mmlu_epochs + [gsm8k] * gsm8k_epochs + [SpellingBee(spelling_size, "train"),
-                                                                  SimpleSpelling(simple_spelling_size, "train")]
-    tasks += [CustomJSON(path) for path in custom_json]
-    return TaskMixture(tasks), notes
-
-
-def build_validation():
-    from tasks.common import TaskMixture
-    from tasks.gsm8k import GSM8K
-    from tasks.mmlu import MMLU
-    return TaskMixture([GSM8K("main", "test", stop=200), MMLU("all", "validation", stop=200)])
 
 
 def main(argv=None) -> None:
@@ -148,47 +64,40 @@ def main(argv=None) -> None:
 
     # --- the base model and its recipe ---------------------------------------------------------------------------
     if args.dry_run:
-        chat = "HH-RLHF + Dolly JSONL (offline)" if offline_mode() else "SmolTalk"
+        chat = "HH-RLHF + Dolly JSONL (offline)" if smoltalk_offline() else "SmolTalk"
         print0(f"chat_sft dry run: mixture of {chat}, MMLU ×{args.mmlu_epochs}, GSM8K ×{args.gsm8k_epochs}, "
                f"SpellingBee ({args.spelling_size:,}), SimpleSpelling ({args.simple_spelling_size:,}), "
                f"{len(args.custom_json)} custom JSONL; not training")
         return
-    mixture, notes = build_mixture(args.custom_json, args.spelling_size, args.simple_spelling_size, args.mmlu_epochs,
-                                   args.gsm8k_epochs)
+    mixture, notes = sft_mixture(args.custom_json, args.spelling_size, args.simple_spelling_size, args.mmlu_epochs,
+                                 args.gsm8k_epochs)
     for note in notes:
         print0(note)
-    model_tag = args.model_tag or find_model_tag("base")
-    base_dir = checkpoint_dir("base", model_tag)
-    base = load_checkpoint(base_dir, args.step, device) if args.step is not None else load_latest(base_dir, device)
-    if base is None:
-        raise UserError(f"no base checkpoint in {base_dir}: run `python -m scripts.base_train` first")
-    base_step = base["step"]
-    hp = base["meta"]["hyperparams"]
-    model = build_model(base["meta"]["model_config"], device, base["model"])
-    del base["model"]  # the weights now live in the model: no second copy on the device for the whole run
+    base = load_stage("base", args.model_tag, args.step, device)
+    model, base_meta, base_step = base.model, base.meta, base.step
+    model_tag, hp = base_meta.model_tag, base_meta.hyperparams
     tokenizer = get_tokenizer()
-    T = args.max_seq_len or hp["max_seq_len"]
-    B = args.device_batch_size or hp["device_batch_size"]
+    T = args.max_seq_len or hp.sequence_len
+    B = args.device_batch_size or hp.device_batch_size
     world = dist_info.world_size
-    total = args.total_batch_size or hp["total_batch_size"]
+    total = args.total_batch_size or hp.total_batch_size
     if total % (B * T * world):
         raise UserError(f"--total-batch-size={total} is not a multiple of {B}×{T}×{world}: change it or "
                         "--device-batch-size")
     accum = total // (B * T * world)
     frac = args.init_lr_frac
-    lrs = sft_learning_rates(base["meta"].get("args") or {}, vars(args), frac)
+    lrs = finetune_rates(base_meta.args, vars(args), frac)
     optimizer = model.setup_optimizer(**lrs, weight_decay=0.0, smear_lr=0.2 * frac)
-    base_states = read_optimizer_states(base_dir, base_step, device, dist_info.rank, world)
+    base_states = read_optimizer_states(base.ckpt_dir, base_step, device, dist_info.rank, world)
     if base_states is not None:
-        warm_start(optimizer, base_states)
+        optimizer.warm_start(base_states)
     # Compiled like base_train: every micro-batch is (B, T), conversations packed and padded to the row, so one
     # graph serves the whole run (with dynamic=False a new shape would mean a recompile).
     use_compile = args.compile == "on" or (args.compile == "auto" and compute.device_type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     epochs = None if args.num_iterations else args.num_epochs
-    loaders = [SFTLoader(mixture, tokenizer, B, T, device, rank=dist_info.rank * accum + i, world_size=world * accum,
-                         epochs=epochs)
-               for i in range(accum)]
+    loaders = micro_batch_loaders(lambda **shard: SFTLoader(mixture, tokenizer, B, T, device, epochs=epochs, **shard),
+                                  dist_info.rank, world, accum)
     # the step count of an epoch is only known at its end; until then the progress line shows an estimate
     num_iterations = args.num_iterations or math.ceil(len(mixture) * args.num_epochs / (B * world * accum * 2))
     print0(f"chat_sft {model_tag}: from base step {base_step}; {len(mixture):,} conversations; "
@@ -201,14 +110,11 @@ def main(argv=None) -> None:
                         device_peak_flops(compute.device_type, compute.dtype) * world)
     curves = {"train_loss": [], "val_loss": []}
     start = 0
-    if args.resume_from_step is not None:
-        ckpt = load_for_resume(ckpt_dir, args.resume_from_step, device, dist_info.rank, world)
-        if ckpt is not None:
-            step = ckpt["step"]
-            model.load_state_dict(ckpt["model"])
-            restore_training_state(ckpt["rank_states"], optimizer, loaders, progress, dist_info.rank)
-            curves, start = ckpt["meta"]["curves"], step
-            print0(f"resumed SFT from step {step}")
+    resumed = resume(ckpt_dir, args.resume_from_step, model, device, dist_info.rank, world,
+                     lambda states: restore_training_state(states, optimizer, loaders, progress, dist_info.rank))
+    if resumed is not None:
+        curves, start = resumed.curves, resumed.step
+        print0(f"resumed SFT from step {start}")
     progress.start_step = start
     streams = [iter(loader) for loader in loaders]
     wandb = get_wandb(args.run, "nanochat-sft", vars(args), dist_info.is_master)
@@ -216,7 +122,7 @@ def main(argv=None) -> None:
     @torch.no_grad()
     def val_loss() -> float:
         model.eval()
-        val = SFTLoader(build_validation(), tokenizer, B, T, device, rank=dist_info.rank, world_size=world)
+        val = SFTLoader(sft_validation(), tokenizer, B, T, device, rank=dist_info.rank, world_size=world)
         # float64 sums, except on MPS, which has no float64 (float32 holds these sums to ~1e-7 relative)
         acc_dtype = torch.float32 if device.type == "mps" else torch.float64
         total_loss = torch.zeros(2, dtype=acc_dtype, device=device)
@@ -234,8 +140,8 @@ def main(argv=None) -> None:
 
     def save(step: int) -> None:
         rank_state = training_state(optimizer, loaders, progress)
-        meta = {"model_config": base["meta"]["model_config"], "hyperparams": hp, "args": vars(args),
-                "model_tag": model_tag, "base_step": base_step, "curves": curves}
+        meta = CheckpointMeta(phase="sft", model_tag=model_tag, model_config=model.config, hyperparams=hp,
+                              parent_phase="base", parent_step=base_step, curves=curves, args=vars(args))
         save_checkpoint(ckpt_dir, step, model, meta, rank_state, dist_info.rank, world, args.keep_last)
         print0(f"saved checkpoint {ckpt_dir} step {step}")
 
@@ -258,12 +164,10 @@ def main(argv=None) -> None:
     done = epoch_progress()
     step = start
     while (step < num_iterations) if args.num_iterations else (done < args.num_epochs):
-        lrm = sft_lr_multiplier(step / num_iterations if args.num_iterations else done / args.num_epochs,
+        schedule = sft_schedule(step / num_iterations if args.num_iterations else done / args.num_epochs, step,
                                 args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = sft_muon_momentum(step)
+        optimizer.apply_schedule(**schedule)
+        lrm = schedule["lr"]
         with Timer(compute.device_type) as timer:
             loss_value = train_step(train_model, optimizer, streams, compute.autocast)
         if not math.isfinite(loss_value):
@@ -283,7 +187,6 @@ def main(argv=None) -> None:
         print0(progress.line(step, loss_value, lrm, timer.dt, extra))
         wandb.log({"step": step + 1, "loss": loss_value, "lrm": lrm, "val_loss": last_val})
         if args.eval_metrics_every > 0 and (step + 1) % args.eval_metrics_every == 0:
-            from nanochat.chat_eval import run_chat_eval
             model.eval()
             for name in ("ARC-Easy", "MMLU"):
                 acc = run_chat_eval(name, model, tokenizer, max_problems=args.eval_metrics_max_problems,
@@ -300,7 +203,6 @@ def main(argv=None) -> None:
     print0(f"SFT done after {step} steps ({'--num-iterations' if args.num_iterations else f'{args.num_epochs} epoch(s)'}"
            f"): {int(trained.item()):,} conversations packed of {len(mixture):,} in the mixture")
     if dist_info.is_master:
-        from nanochat.report import get_report
         get_report().log("Chat SFT", [{"model_tag": model_tag, "base_step": base_step, "steps": step,
                                        "conversations": len(mixture), "conversations_trained": int(trained.item()),
                                        "val_loss_before": first_val,

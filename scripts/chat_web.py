@@ -15,11 +15,13 @@ import os
 
 import torch
 
+import uvicorn
+
+from nanochat.checkpoint import load_chat_model
 from nanochat.common import UserError, autocast_ctx, autodetect_device_type, get_compute_dtype, print0, run_cli
 from nanochat.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.scheduler import BatchScheduler
 from nanochat.server import CLIENT_LIMIT, LIMITS, create_app
-from scripts.chat_cli import load_or_warn, model_tag
 
 
 def main(argv=None) -> None:
@@ -69,11 +71,11 @@ def main(argv=None) -> None:
     dtype = get_compute_dtype(device_type)
     workers, tokenizer, name = [], None, "nanochat"
     for device in devices:  # one model copy and one scheduler thread per device
-        loaded = load_or_warn(args, device)
+        loaded = load_chat_model(args.source, device, args.model_tag, args.step, dry_run=args.dry_run)
         if loaded is None:
             return
-        model, tokenizer, meta, source = loaded
-        name = f"nanochat-{model_tag(meta)}-{source}"
+        model, tokenizer, meta = loaded
+        name = f"nanochat-{meta.model_tag}-{meta.phase}"
         workers.append(BatchScheduler(model, tokenizer, slots=args.slots,
                                       autocast=lambda: autocast_ctx(device_type, dtype)))
     if args.dry_run:
@@ -84,7 +86,6 @@ def main(argv=None) -> None:
     app = create_app(workers, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
                                                 "max_tokens": args.max_tokens},
                      api_key=args.api_key, client_limit=args.client_limit)
-    import uvicorn
     shown = f"[{args.host}]" if ":" in args.host else args.host
     where = "" if loopback else " (every interface)" if args.host in ("0.0.0.0", "::") else " (reachable from the network)"
     print0(f"serving {name} on http://{shown}:{args.port}{where} with {len(workers)} worker(s) × {args.slots} slots"

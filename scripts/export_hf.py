@@ -45,15 +45,15 @@ def main(argv=None) -> None:
         check_representable(json.loads(meta_path.read_text())["model_config"])
     model, tokenizer, meta = load_model(args.source, "cpu", model_tag, step)
     if args.dry_run:
-        print(f"export_hf dry run: {args.source} model {model_tag} step {meta['step']} can be exported to {args.out}")
+        print(f"export_hf dry run: {args.source} model {model_tag} step {meta.step} can be exported to {args.out}")
         return
     dtype = DTYPES[args.dtype] if args.dtype else get_compute_dtype(autodetect_device_type())
     if dtype not in DTYPES.values():
         raise UserError(f"the compute dtype here is {dtype}, which the export does not write: pass --dtype bf16|fp32")
-    card = model_card(model, get_report(model_tag).sections(), args.source, model_tag, meta["step"])
+    card = model_card(model, get_report(model_tag).sections(), args.source, model_tag, meta.step)
     with torch.no_grad():
         result = write_export(args.out, model, tokenizer, card, dtype)
-    print(json.dumps({"source": args.source, "model_tag": model_tag, "step": meta["step"], **result}, indent=2))
+    print(json.dumps({"source": args.source, "model_tag": model_tag, "step": meta.step, **result}, indent=2))
 
 
 if __name__ == "__main__":

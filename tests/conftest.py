@@ -74,10 +74,9 @@ def tiny_config(vocab_size: int, sequence_len: int = 128, window_pattern: str = 
 def make_tiny_model(vocab_size: int, seed: int = 0, **kwargs):
     """A freshly initialised tiny GPT whose zero-initialised projections are perturbed, so outputs depend on input."""
     import torch
-    from dataclasses import asdict
     from nanochat.checkpoint import build_model
     torch.manual_seed(seed)
-    model = build_model(asdict(tiny_config(vocab_size, **kwargs)), "cpu")
+    model = build_model(tiny_config(vocab_size, **kwargs), "cpu")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("c_proj.weight"):
@@ -85,18 +84,22 @@ def make_tiny_model(vocab_size: int, seed: int = 0, **kwargs):
     return model
 
 
+def tiny_meta(model, phase: str = "base", **fields):
+    """The CheckpointMeta of a tiny model (its hyper-parameters derived as base_train would for d2)."""
+    from nanochat.checkpoint import CheckpointMeta
+    from nanochat.scaling import Overrides, derive_hparams
+    hp = derive_hparams(2, Overrides(head_dim=32, sequence_len=128, device_batch_size=4, total_batch_size=512,
+                                     num_iterations=10), vocab_size=model.config.vocab_size)
+    return CheckpointMeta(phase=phase, model_tag=TINY_TAG, model_config=model.config, hyperparams=hp,
+                          **{"args": {"model_tag": TINY_TAG}, **fields})
+
+
 @pytest.fixture
 def tiny_checkpoint(base_dir, tiny_tokenizer):
     """A tiny model saved as base, sft and rl checkpoints (tag d2, step 1) next to the tiny tokenizer."""
-    from dataclasses import asdict
     from nanochat.checkpoint import checkpoint_dir, save_checkpoint
-    from nanochat.scaling import derive_hparams
     tiny_tokenizer.save(base_dir / "tokenizer")
     model = make_tiny_model(tiny_tokenizer.get_vocab_size())
-    hp = derive_hparams(2, vocab_size=tiny_tokenizer.get_vocab_size(), head_dim=32, max_seq_len=128,
-                        device_batch_size=4, total_batch_size=512, num_iterations=10)
-    meta = {"model_config": asdict(model.config), "hyperparams": hp.to_dict(), "args": {"model_tag": TINY_TAG},
-            "model_tag": TINY_TAG, "curves": {}}
     for phase in ("base", "sft", "rl"):
-        save_checkpoint(checkpoint_dir(phase, TINY_TAG), 1, model, meta)
+        save_checkpoint(checkpoint_dir(phase, TINY_TAG), 1, model, tiny_meta(model, phase))
     return model

@@ -97,7 +97,7 @@ def test_dry_run_prints_the_derivation_without_inputs(base_dir):
     proc = subprocess.run([sys.executable, "-m", "scripts.base_train", "--depth=20", "--dry-run"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "model_dim                1,280" in proc.stdout and "total_batch_size" in proc.stdout
+    assert "n_embd                   1,280" in proc.stdout and "total_batch_size" in proc.stdout
 
 
 def test_a_two_process_run_killed_by_sigkill_resumes_to_the_same_losses_bit_for_bit(train_env, base_dir):
@@ -151,7 +151,7 @@ def test_two_nodes_with_their_own_disks_each_save_a_complete_checkpoint(train_en
         assert sorted(f.name for f in folder.iterdir()) == sorted([MARKER, "meta.json", "model.safetensors",
                                                                    f"rank{i}.pt"])
         ckpt = load_checkpoint(folder.parent, 2, rank=i, world_size=2)
-        assert ckpt["meta"]["world_size"] == 2 and len(ckpt["rank_states"]) == 1
+        assert ckpt["meta"]["provenance"]["world_size"] == 2 and len(ckpt["rank_states"]) == 1
     # one process cannot re-shard from node 0's folder alone: one line saying what to do
     env0 = dict(train_env, NANOCHAT_BASE_DIR=str(nodes[0]))
     proc = run(env0, "--num-iterations=3", "--eval-every=-1", "--resume-from-step=latest", check=False)

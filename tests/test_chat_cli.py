@@ -26,7 +26,7 @@ def test_interactive_session_with_clear_and_quit(tiny_checkpoint, base_dir):
 def test_tool_markers_are_shown_distinctly(tiny_tokenizer):
     import io
     from contextlib import redirect_stdout
-    from scripts.chat_cli import Printer
+    from nanochat.terminal import Printer
     out = io.StringIO()
     printer = Printer(tiny_tokenizer, color=False)
     with redirect_stdout(out):
@@ -63,7 +63,7 @@ def test_bad_sampling_flags_are_a_one_line_error(base_dir):
 def test_a_reply_cut_inside_a_tool_call_does_not_leave_the_terminal_coloured(tiny_tokenizer):
     import io
     from contextlib import redirect_stdout
-    from scripts.chat_cli import RESET, Printer
+    from nanochat.terminal import RESET, Printer
     out = io.StringIO()
     printer = Printer(tiny_tokenizer, color=True)
     with redirect_stdout(out):

@@ -13,7 +13,7 @@ from conftest import make_tiny_model
 from nanochat.checkpoint import checkpoint_dir, load_checkpoint, step_dir
 from nanochat.engine import Engine
 from nanochat.grpo import policy_gradient_loss, rollout_batch
-from scripts.chat_rl import rollout
+from nanochat.grpo import rollout
 from tasks.gsm8k import GSM8K
 
 

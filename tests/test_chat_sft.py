@@ -8,10 +8,11 @@ import sys
 import pytest
 import torch
 
-from nanochat.checkpoint import checkpoint_dir, load_checkpoint, build_model
-from nanochat.sft_data import SFTLoader
 from conftest import make_tiny_model
-from scripts.chat_sft import sft_learning_rates, sft_lr_multiplier, sft_muon_momentum, warm_start
+from nanochat.checkpoint import build_model, checkpoint_dir, load_checkpoint
+from nanochat.gpt import GPTConfig
+from nanochat.scaling import finetune_rates, sft_lr_multiplier, sft_muon_momentum, sft_schedule
+from nanochat.sft_data import SFTLoader, sft_mixture
 
 TOOL_CONVERSATION = {"messages": [
     {"role": "user", "content": "What is 6*7?"},
@@ -77,9 +78,19 @@ def test_muon_momentum_warms_from_0_85_to_0_95_over_300_steps():
     assert sft_muon_momentum(300) == sft_muon_momentum(5000) == pytest.approx(0.95)
 
 
+def test_apply_schedule_sets_every_group_from_its_initial_rate():
+    model = make_tiny_model(300)
+    optimizer = model.setup_optimizer(weight_decay=0.1)
+    optimizer.apply_schedule(**sft_schedule(0.9, 150, 0.0, 0.5, 0.0))
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["initial_lr"] * 0.2)
+        if group["kind"] == "muon":
+            assert group["momentum"] == pytest.approx(0.90) and group["weight_decay"] == 0.1
+
+
 def test_learning_rates_are_the_base_runs_flags_or_defaults_times_the_fraction():
     base_args = {"embedding_lr": None, "unembedding_lr": None, "matrix_lr": 0.03, "scalar_lr": None}
-    lrs = sft_learning_rates(base_args, {"scalar_lr": 1.0}, 0.8)
+    lrs = finetune_rates(base_args, {"scalar_lr": 1.0}, 0.8)
     assert lrs == pytest.approx({"embedding_lr": 0.24, "unembedding_lr": 0.0032, "matrix_lr": 0.024,
                                  "scalar_lr": 0.8})
 
@@ -92,7 +103,7 @@ def test_warm_start_takes_the_base_moments_but_keeps_this_runs_rates():
     sft = make_tiny_model(V)
     sft_opt = sft.setup_optimizer(embedding_lr=0.24, matrix_lr=0.016, weight_decay=0.0)
     wanted = [(g["lr"], g["weight_decay"]) for g in sft_opt.param_groups]
-    warm_start(sft_opt, base_opt.state_dict())
+    sft_opt.warm_start([base_opt.state_dict()])
     assert [(g["lr"], g["weight_decay"]) for g in sft_opt.param_groups] == wanted
     muon = next(p for p in sft.blocks.parameters())
     base_muon = next(p for p in base.blocks.parameters())
@@ -144,18 +155,17 @@ def supervised_loss(model, batches):
         return sum(model(x, y).item() for x, y in batches) / len(batches)
 
 
-def test_tiny_sft_lowers_the_loss_on_its_training_conversations(sft_env, base_dir, tiny_tokenizer):
+def test_tiny_sft_lowers_the_loss_on_its_training_conversations(sft_env, base_dir, tiny_tokenizer, monkeypatch):
     proc = run_sft(sft_env, "--num-iterations=12")
     assert "offline: SmolTalk → HH-RLHF" in proc.stdout.splitlines()[0]
-    from scripts.chat_sft import build_mixture
-    os.environ["NANOCHAT_MIRROR"] = sft_env["NANOCHAT_MIRROR"]
-    mixture, _ = build_mixture([], 200, 200)
+    monkeypatch.setenv("NANOCHAT_MIRROR", sft_env["NANOCHAT_MIRROR"])
+    mixture, _ = sft_mixture([], 200, 200)
     loader = iter(SFTLoader(mixture, tiny_tokenizer, 4, 128))
     batches = [next(loader) for _ in range(12)]
     base = load_checkpoint(checkpoint_dir("base", "d2"), 1)
     sft = load_checkpoint(checkpoint_dir("sft", "d2"), 12)
-    before = supervised_loss(build_model(base["meta"]["model_config"], "cpu", base["model"]), batches)
-    after = supervised_loss(build_model(sft["meta"]["model_config"], "cpu", sft["model"]), batches)
+    before = supervised_loss(build_model(GPTConfig(**base["meta"]["model_config"]), "cpu", base["model"]), batches)
+    after = supervised_loss(build_model(GPTConfig(**sft["meta"]["model_config"]), "cpu", sft["model"]), batches)
     assert after < before - 0.3
     assert (base_dir / "report" / "d2" / "chat-sft.json").exists()
 
@@ -165,7 +175,7 @@ def test_sft_without_num_iterations_stops_after_one_counted_epoch(sft_env, base_
     from tasks.common import TaskMixture
     for key in ("NANOCHAT_BASE_DIR", "NANOCHAT_MIRROR"):
         monkeypatch.setenv(key, sft_env[key])
-    monkeypatch.setattr(chat_sft, "build_mixture", lambda *args: (TaskMixture([Numbered(30)]), []))
+    monkeypatch.setattr(chat_sft, "sft_mixture", lambda *args: (TaskMixture([Numbered(30)]), []))
     chat_sft.main(["--eval-every=-1", "--eval-steps=1"])  # the base run's batch: 4 rows of 128 tokens
     out = capsys.readouterr().out
     assert "SFT done after" in out and "30 conversations packed of 30" in out

@@ -6,24 +6,26 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_model
-from nanochat.checkpoint import (MARKER, checkpoint_dir, last_step, list_steps, load_checkpoint, load_for_resume,
+from conftest import make_tiny_model, tiny_meta
+from nanochat.checkpoint import (MARKER, CheckpointMeta, checkpoint_dir, last_step, list_steps, load_checkpoint, load_for_resume,
                                  load_model, model_state_dict, save_checkpoint, step_dir)
 from nanochat.common import UserError
 
 
 def save_steps(directory, model, steps, rank_state=None):
     for step in steps:
-        save_checkpoint(directory, step, model, {"model_config": vars(model.config), "curves": {}},
+        save_checkpoint(directory, step, model, tiny_meta(model),
                         rank_state if rank_state is not None else {"opt": torch.full((3,), float(step))})
 
 
 def test_round_trip_restores_weights_meta_and_rank_state(base_dir):
     model = make_tiny_model(300)
     directory = checkpoint_dir("base", "d2")
-    save_checkpoint(directory, 5, model, {"model_config": vars(model.config), "note": "hi"}, {"opt": torch.ones(3)})
+    save_checkpoint(directory, 5, model, tiny_meta(model, curves={"note": "hi"}), {"opt": torch.ones(3)})
     ckpt = load_checkpoint(directory, 5, rank=0)
-    assert ckpt["meta"]["note"] == "hi" and ckpt["meta"]["step"] == 5 and "git_commit" in ckpt["meta"]
+    meta = CheckpointMeta.from_dict(ckpt["meta"])
+    assert meta.curves["note"] == "hi" and meta.step == 5 and "git_commit" in meta.provenance
+    assert meta.model_config == model.config and meta.hyperparams == tiny_meta(model).hyperparams
     assert torch.equal(ckpt["rank_states"][0]["opt"], torch.ones(3))
     for k, v in model_state_dict(model).items():
         assert torch.equal(ckpt["model"][k], v)
@@ -71,7 +73,7 @@ def test_a_damaged_latest_step_falls_back_to_the_previous_one_with_one_line(tiny
     else:
         (path / MARKER).unlink()
     model, _, meta = load_model("sft", "cpu")
-    assert meta["step"] == 1
+    assert meta.step == 1
     err = capsys.readouterr().err.strip()
     if damage == "drop marker":
         assert err == ""  # an unmarked folder is simply not a checkpoint
@@ -111,7 +113,7 @@ def test_inference_loads_a_checkpoint_with_a_malicious_optimizer_file_without_ru
     marker["files"]["rank0.pt"] = (path / "rank0.pt").stat().st_size
     (path / MARKER).write_text(json.dumps(marker))
     model, _, meta = load_model("sft", "cpu")
-    assert meta["step"] == 1 and not sentinel.exists()
+    assert meta.step == 1 and not sentinel.exists()
     with pytest.raises(UserError, match="rank0.pt is corrupt"):  # resuming training refuses it too (weights_only)
         load_for_resume(directory, 1, "cpu", rank=0, world_size=1)
     assert not sentinel.exists()
@@ -133,10 +135,46 @@ def test_resuming_on_another_world_size_without_every_rank_file_says_what_to_do(
 
 def test_load_model_defaults_to_the_last_step_and_checks_the_tokenizer(tiny_checkpoint, base_dir):
     model, tokenizer, meta = load_model("sft", "cpu")
-    assert meta["step"] == 1 and not model.training
+    assert meta.step == 1 and not model.training
     assert tokenizer.get_vocab_size() == model.config.vocab_size
 
 
 def test_missing_checkpoints_name_the_command_that_makes_them(base_dir):
     with pytest.raises(UserError, match="scripts.chat_sft"):
         load_model("sft", "cpu")
+
+
+def test_keep_last_deletes_only_older_complete_steps(base_dir):
+    model = make_tiny_model(300)
+    directory = checkpoint_dir("base", "d2")
+    for step in (1, 2, 3):
+        save_checkpoint(directory, step, model, tiny_meta(model), keep_last=2)
+    assert list_steps(directory) == [2, 3] and not step_dir(directory, 1).exists()
+
+
+def test_meta_of_a_checkpoint_before_the_schema_still_loads(tiny_checkpoint, base_dir):
+    from nanochat.scaling import LEGACY_NAMES
+    path = step_dir(checkpoint_dir("sft", "d2"), 1)
+    meta = json.loads((path / "meta.json").read_text())
+    old = {"model_config": meta["model_config"], "args": {"model_tag": None, "depth": 2}, "step": 1, "base_step": 7,
+           "git_commit": "abc", "curves": {"train_loss": []},
+           "hyperparams": {{v: k for k, v in LEGACY_NAMES.items()}.get(k, k): v for k, v in meta["hyperparams"].items()
+                           if k not in ("smear", "backout")}}
+    assert "max_seq_len" in old["hyperparams"]
+    loaded = CheckpointMeta.from_dict(old, "sft")
+    assert (loaded.model_tag, loaded.parent_phase, loaded.parent_step) == ("d2", "base", 7)
+    assert loaded.hyperparams.sequence_len == 128 and loaded.provenance["git_commit"] == "abc"
+
+
+def test_load_stage_and_resume_give_one_way_to_start(tiny_checkpoint, base_dir):
+    from nanochat.checkpoint import load_stage, resume
+    stage = load_stage("base", device="cpu")
+    assert stage.meta.model_tag == "d2" and stage.step == 1 and stage.model.training
+    restored = []
+    assert resume(stage.ckpt_dir, None, stage.model, "cpu", 0, 1, restored.append) is None  # a fresh start
+    other = make_tiny_model(300)
+    save_steps(checkpoint_dir("base", "d3"), other, [4])
+    meta = resume(checkpoint_dir("base", "d3"), "latest", other, "cpu", 0, 1, restored.append)
+    assert meta.step == 4 and restored[0][0]["opt"][0] == 4.0
+    with pytest.raises(UserError, match="different model config"):
+        resume(checkpoint_dir("base", "d3"), "latest", stage.model, "cpu", 0, 1, restored.append)

@@ -28,7 +28,7 @@ def test_fp8_converts_the_block_matrices_and_a_step_lowers_the_loss():
     from nanochat.fp8 import enable_fp8_training
     from nanochat.gpt import GPTConfig
     config = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
-    model = build_model(vars(config), "cuda")
+    model = build_model(config, "cuda")
     assert enable_fp8_training(model) == 2 * 6  # q, k, v, proj, fc, mlp proj per block; the 12-wide gate stays
     optimizer = model.setup_optimizer()
     x = torch.randint(0, 512, (4, 128), device="cuda")

@@ -17,7 +17,7 @@ def test_speedrun_dry_run_checks_every_stage(base_dir):
     for stage in ("scripts.base_train", "scripts.base_eval", "scripts.chat_sft", "scripts.chat_eval",
                   "scripts.chat_rl"):
         assert f"+ python -m {stage} --dry-run" in out
-    assert "model_dim                1,280" in out  # d20
+    assert "n_embd                   1,280" in out  # d20
     assert "dry run: arguments and derived hyper-parameters are valid" in out
     assert "chat_sft dry run" in out and "chat_rl dry run: 467 steps" in out
     for stage in ("scripts.base_train", "scripts.chat_sft", "scripts.chat_rl"):  # every training stage resumes

@@ -5,7 +5,7 @@ import pytest
 
 from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.scaling import (derive_hparams, lr_multiplier, model_shape, muon_momentum, scaling_params,
+from nanochat.scaling import (Hyperparams, Overrides, derive_hparams, lr_multiplier, model_shape, muon_momentum,
                               weight_decay_multiplier)
 
 
@@ -20,11 +20,23 @@ def test_small_cpu_models_use_a_smaller_head_dim():
     assert model_shape(4) == (256, 2)
 
 
-def test_closed_form_scaling_params_equal_the_model_count():
-    for depth, n_kv in [(2, 1), (3, 3), (4, 2)]:
+def test_closed_form_counts_of_the_config_equal_the_model_tensors():
+    for depth, n_kv, smear, backout in [(2, 1, False, False), (3, 3, True, False), (4, 2, True, True)]:
         width, heads = model_shape(depth, head_dim=64)
-        model = GPT(GPTConfig(n_layer=depth, n_embd=width, n_head=heads, n_kv_head=n_kv, vocab_size=1000))
-        assert scaling_params(depth, width, heads, n_kv, 1000) == model.num_scaling_params()
+        config = GPTConfig(n_layer=depth, n_embd=width, n_head=heads, n_kv_head=n_kv, vocab_size=1000, smear=smear,
+                           backout=backout)
+        model = GPT(config)
+        assert config.param_counts() == model.num_params()
+        assert config.num_scaling_params() == sum(p.numel() for p in model.blocks.parameters()) + 1024 * width
+
+
+def test_hyperparams_give_the_model_config_and_round_trip_through_a_dict():
+    hp = derive_hparams(4, Overrides(head_dim=64, sequence_len=512, window_pattern="SL", smear=True))
+    config = hp.model_config()
+    assert (config.n_layer, config.n_embd, config.n_head, config.sequence_len) == (4, 256, 4, 512)
+    assert config.window_pattern == "SL" and config.smear and not config.backout
+    assert Hyperparams.from_dict(hp.to_dict()) == hp
+    assert hp.scaling_params == config.num_scaling_params()
 
 
 def test_reference_depth_gets_the_reference_batch_and_rates():
@@ -36,16 +48,17 @@ def test_reference_depth_gets_the_reference_batch_and_rates():
 
 
 def test_bigger_models_get_bigger_batches_and_scaled_rates():
-    d20, d26 = derive_hparams(20, device_batch_size=16), derive_hparams(26, device_batch_size=16)
+    d20, d26 = derive_hparams(20, Overrides(device_batch_size=16)), derive_hparams(26, Overrides(device_batch_size=16))
     assert d20.total_batch_size == 2 ** 20 and d26.total_batch_size == 2 ** 20
     assert d20.matrix_lr == pytest.approx(0.02 * (2 ** 20 / 2 ** 19) ** 0.5)
     assert d20.grad_accum_steps == 2 ** 20 // (16 * 2048)
 
 
 def test_every_flag_overrides_its_derived_value():
-    hp = derive_hparams(4, head_dim=64, max_seq_len=512, device_batch_size=16, total_batch_size=8192,
-                        num_iterations=60, matrix_lr=0.03, embedding_lr=0.2, unembedding_lr=0.004, scalar_lr=0.1,
-                        weight_decay=0.0, warmup_steps=5, warmdown_ratio=0.5, final_lr_frac=0.1)
+    hp = derive_hparams(4, Overrides(head_dim=64, sequence_len=512, device_batch_size=16, total_batch_size=8192,
+                                     num_iterations=60, matrix_lr=0.03, embedding_lr=0.2, unembedding_lr=0.004,
+                                     scalar_lr=0.1, weight_decay=0.0, warmup_steps=5, warmdown_ratio=0.5,
+                                     final_lr_frac=0.1))
     assert (hp.total_batch_size, hp.num_iterations, hp.grad_accum_steps) == (8192, 60, 1)
     assert (hp.matrix_lr, hp.embedding_lr, hp.unembedding_lr, hp.scalar_lr, hp.weight_decay) == (0.03, 0.2, 0.004,
                                                                                                  0.1, 0.0)
@@ -53,21 +66,22 @@ def test_every_flag_overrides_its_derived_value():
     assert "(flag)" in hp.describe()
 
 
-def test_target_flops_sets_the_step_count():
-    hp = derive_hparams(4, head_dim=64, total_batch_size=2 ** 16, target_flops=1e15, flops_per_token=1e8)
-    assert hp.num_iterations == round(1e15 / (1e8 * 2 ** 16))
+def test_target_flops_sets_the_step_count_from_the_closed_form_flops():
+    hp = derive_hparams(4, Overrides(head_dim=64, total_batch_size=2 ** 16, target_flops=1e15))
+    flops = GPT(hp.model_config()).estimate_flops()
+    assert hp.num_iterations == round(1e15 / (flops * 2 ** 16)) and hp.sources["num_iterations"] == "target_flops"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(depth=0), "at least 1"),
-    (dict(depth=4, head_dim=63), "even"),
-    (dict(depth=4, head_dim=64, n_kv_head=3), "must divide"),
-    (dict(depth=4, total_batch_size=1000, device_batch_size=4, max_seq_len=128), "not a multiple"),
-    (dict(depth=4, window_pattern="SXL"), "window-pattern"),
+@pytest.mark.parametrize("depth, kwargs, message", [
+    (0, dict(), "at least 1"),
+    (4, dict(head_dim=63), "even"),
+    (4, dict(head_dim=64, n_kv_head=3), "must divide"),
+    (4, dict(total_batch_size=1000, device_batch_size=4, sequence_len=128), "not a multiple"),
+    (4, dict(window_pattern="SXL"), "window-pattern"),
 ])
-def test_bad_input_is_refused_before_any_work(kwargs, message):
+def test_bad_input_is_refused_before_any_work(depth, kwargs, message):
     with pytest.raises(UserError, match=message):
-        derive_hparams(**kwargs)
+        derive_hparams(depth, Overrides(**kwargs))
 
 
 def test_lr_schedule_warms_up_stays_flat_then_decays_to_the_final_fraction():
