@@ -157,7 +157,7 @@ def get_wandb(run_name: str, project: str, config: dict, is_master: bool):
     if not run_name or run_name == "dummy" or not is_master:
         return DummyWandb()
     try:
-        import wandb
+        import wandb  # optional: only --run needs it
     except ImportError as e:
         raise UserError("--run is set but wandb is not installed: pip install wandb (or drop --run)") from e
     return wandb.init(project=project, name=run_name, config=config)
