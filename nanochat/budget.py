@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat.common import UserError, run_cli
+from nanochat.common import UserError, dtype_name, get_compute_dtype, run_cli
 from nanochat.flops import measure_cpu_matmul_peak
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import get_report
@@ -211,7 +211,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Size runs/cpu.sh to a time budget on this machine.")
     p.add_argument("--minutes", type=float, default=15.0, help="target time of the whole pipeline after setup")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
-                   help="compute dtype (default: $NANOCHAT_DTYPE, else fp32)")
+                   help="compute dtype (default: the CPU's compute dtype, $NANOCHAT_DTYPE else fp32)")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=512)
@@ -224,7 +224,7 @@ def main(argv=None) -> None:
     if args.minutes <= 0:
         raise UserError(f"--minutes={args.minutes}: the time budget must be positive (TIME_BUDGET_MIN)")
     overrides = parse_overrides(args.set)
-    dtype = args.dtype or os.environ.get("NANOCHAT_DTYPE", "").strip().lower() or "fp32"
+    dtype = args.dtype or dtype_name(get_compute_dtype("cpu"))
     if dtype not in ("fp32", "bf16"):
         raise UserError(f"compute dtype {dtype!r}: runs/cpu.sh plans for fp32 or bf16 (NANOCHAT_DTYPE)")
     plan_file = Path(args.plan_file) if args.plan_file else None

@@ -61,6 +61,11 @@ def get_compute_dtype(device_type: str) -> torch.dtype:
     return torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a compute dtype, as `NANOCHAT_DTYPE` and the --dtype flags spell it: bf16, fp16, fp32."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
 def autocast_ctx(device_type: str, dtype: torch.dtype):
     """Autocast to `dtype` for matmuls, or nothing when computing in fp32."""
     if dtype == torch.float32 or device_type == "mps":
