@@ -25,9 +25,9 @@ from dataclasses import asdict
 import torch
 
 from nanochat.checkpoint import build_model
-from nanochat.common import autodetect_device_type
+from nanochat.common import autodetect_device_type, get_compute_dtype
 from nanochat.decode import DecodePolicy
-from nanochat.engine import Engine, inference_dtype
+from nanochat.engine import Engine
 from nanochat.flops import device_peak_flops
 from nanochat.gpt import GPTConfig
 from nanochat.scaling import model_shape
@@ -274,7 +274,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or autodetect_device_type())
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else inference_dtype(device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else get_compute_dtype(device.type)
     auto = DecodePolicy.for_device(device)
     policy = DecodePolicy(compile=auto.compile if args.compile == "auto" else args.compile == "on",
                           graph=auto.graph if args.graph == "auto" else args.graph == "on")

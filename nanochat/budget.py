@@ -19,6 +19,14 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
+from nanochat.common import UserError, dtype_name, get_compute_dtype, run_cli
+from nanochat.flops import measure_cpu_matmul_peak
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.report import get_report
+from nanochat.scaling import model_shape
+
 REFERENCE_CPU = "2-core Intel Xeon (AVX512-BF16/AMX)"
 REFERENCE_FP32_FLOPS = 300e9  # its 1024² fp32 matmul speed (nanochat.flops.measure_cpu_matmul_peak)
 TRAIN_MFU = {"fp32": 0.33, "bf16": 0.20}  # compiled d4 step, vocab 8192, over the probe (estimate: from bench.train
@@ -171,22 +179,16 @@ def plan_pipeline(machine: Machine, work: Workload, budget_s: float, overrides: 
 # The command line: measure, plan, print (human lines on stderr, KEY=VALUE lines on stdout for the shell to eval)
 
 def measure_machine(dtype: str) -> Machine:
-    import torch
-    from nanochat.flops import measure_cpu_matmul_peak
     fp32 = measure_cpu_matmul_peak(torch.float32)
     compute = fp32 if dtype == "fp32" else measure_cpu_matmul_peak(torch.bfloat16)
     return Machine(fp32_flops=fp32, compute_flops=compute, dtype=dtype)
 
 
 def gpu_visible() -> bool:
-    import torch
     return torch.cuda.is_available()
 
 
 def model_workload(depth: int, vocab_size: int, seq_len: int, device_batch: int) -> Workload:
-    import torch
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.scaling import model_shape
     width, heads = model_shape(depth, head_dim=64)
     config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=heads, n_kv_head=heads,
                        n_embd=width)
@@ -196,7 +198,6 @@ def model_workload(depth: int, vocab_size: int, seq_len: int, device_batch: int)
 
 
 def parse_overrides(items: list[str]) -> dict[str, int]:
-    from nanochat.common import UserError
     out = {}
     for item in items:
         key, _, value = item.partition("=")
@@ -210,7 +211,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Size runs/cpu.sh to a time budget on this machine.")
     p.add_argument("--minutes", type=float, default=15.0, help="target time of the whole pipeline after setup")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
-                   help="compute dtype (default: $NANOCHAT_DTYPE, else fp32)")
+                   help="compute dtype (default: the CPU's compute dtype, $NANOCHAT_DTYPE else fp32)")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=512)
@@ -220,11 +221,10 @@ def main(argv=None) -> None:
                                                      "their step counts)")
     p.add_argument("--report", action="store_true", help="record the plan in the report card")
     args = p.parse_args(argv)
-    from nanochat.common import UserError
     if args.minutes <= 0:
         raise UserError(f"--minutes={args.minutes}: the time budget must be positive (TIME_BUDGET_MIN)")
     overrides = parse_overrides(args.set)
-    dtype = args.dtype or os.environ.get("NANOCHAT_DTYPE", "").strip().lower() or "fp32"
+    dtype = args.dtype or dtype_name(get_compute_dtype("cpu"))
     if dtype not in ("fp32", "bf16"):
         raise UserError(f"compute dtype {dtype!r}: runs/cpu.sh plans for fp32 or bf16 (NANOCHAT_DTYPE)")
     plan_file = Path(args.plan_file) if args.plan_file else None
@@ -251,7 +251,6 @@ def main(argv=None) -> None:
             tmp.write_text(json.dumps(record, indent=2))
             os.replace(tmp, plan_file)
     if args.report:
-        from nanochat.report import get_report
         get_report().log("Pipeline plan", report_rows(record))
     print("\n".join(f"{k}={v}" for k, v in record["knobs"].items()))
 
@@ -267,5 +266,4 @@ def report_rows(record: dict) -> list[dict]:
             {f"expected_{k}_s": round(v) for k, v in record["stage_s"].items()}]
 
 if __name__ == "__main__":
-    from nanochat.common import run_cli
     run_cli(main)

@@ -1,7 +1,7 @@
 """Things every stage needs: where files live, which device and dtype to compute in, and torchrun's process group."""
 
 import os
-import random
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +39,6 @@ def autodetect_device_type() -> str:
     return "cpu"
 
 
-def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 matmuls beat fp32 ~2x."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
 
@@ -58,7 +48,8 @@ def get_compute_dtype(device_type: str) -> torch.dtype:
     it from the embedding to the logits (see nanochat/gpt.py); master weights always stay fp32, the loss is fp32.
 
     bf16 on CUDA SM80+ (Ampere, Hopper); fp32 elsewhere. `NANOCHAT_DTYPE=bf16|fp16|fp32` overrides, e.g. bf16 on a
-    CPU with AVX512-BF16 (see `cpu_supports_bf16`), which roughly doubles matmul throughput there.
+    CPU with AVX512-BF16 or AMX (runs/cpu.sh sets it where /proc/cpuinfo lists them), which roughly doubles matmul
+    throughput there.
     """
     forced = os.environ.get("NANOCHAT_DTYPE", "").strip().lower()
     if forced:
@@ -68,6 +59,11 @@ def get_compute_dtype(device_type: str) -> torch.dtype:
     if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
         return torch.bfloat16
     return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a compute dtype, as `NANOCHAT_DTYPE` and the --dtype flags spell it: bf16, fp16, fp32."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
 
 
 def autocast_ctx(device_type: str, dtype: torch.dtype):
@@ -82,13 +78,6 @@ def synchronize(device_type: str) -> None:
         torch.cuda.synchronize()
     elif device_type == "mps":
         torch.mps.synchronize()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,7 +162,7 @@ def get_wandb(run_name: str, project: str, config: dict, is_master: bool):
     if not run_name or run_name == "dummy" or not is_master:
         return DummyWandb()
     try:
-        import wandb
+        import wandb  # optional: only --run needs it
     except ImportError as e:
         raise UserError("--run is set but wandb is not installed: pip install wandb (or drop --run)") from e
     return wandb.init(project=project, name=run_name, config=config)
@@ -181,7 +170,6 @@ def get_wandb(run_name: str, project: str, config: dict, is_master: bool):
 
 def run_cli(main) -> None:
     """Run a script's main(); a UserError becomes one clear line on stderr and exit code 1, not a traceback."""
-    import sys
     try:
         main()
     except UserError as e:

@@ -11,10 +11,9 @@ missing (the offline mirror lacks squad) the result is labelled "CORE over K/22 
 
 import csv
 import json
-import os
 import random
 import sys
-import zipfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,8 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import UserError, get_base_dir, print0
-from nanochat.download import external_file
+from nanochat.common import UserError, print0
+from nanochat.download import zip_member
 from nanochat.loss_eval import accumulator_dtype
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -31,18 +30,9 @@ NUM_CORE_TASKS = 22
 
 
 def bundle_file(rel: str) -> Path:
-    """A file of the eval bundle: from the mirror's unpacked eval_bundle/, or the real zip, extracted once."""
-    if os.environ.get("NANOCHAT_MIRROR"):
-        return external_file(f"eval_bundle/{rel}", BUNDLE_URL)
-    root = get_base_dir() / "eval_bundle"
-    if not (root / "core.yaml").exists():
-        archive = external_file("eval_bundle.zip", BUNDLE_URL)
-        with zipfile.ZipFile(archive) as z:
-            z.extractall(get_base_dir())
-    path = root / rel
-    if not path.exists():
-        raise UserError(f"{path} is not in the eval bundle")
-    return path
+    """A file of the eval bundle (a mirror's unpacked copy, or the real zip extracted once); a UserError (a
+    DownloadError) when the bundle lacks it."""
+    return zip_member("eval_bundle", BUNDLE_URL, rel)
 
 
 def load_tasks() -> tuple[list[dict], dict[str, float], list[str]]:
@@ -182,7 +172,6 @@ def score_item(model, tokenizer, task_type: str, prompts: list[str], device, max
 
 def evaluate_task(model, tokenizer, task: dict, device, max_per_task: int = -1, autocast=None) -> float:
     """Accuracy on one task, items split over ranks."""
-    from contextlib import nullcontext
     autocast = autocast or nullcontext
     data = prepare_items(task["items"], max_per_task)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

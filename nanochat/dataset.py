@@ -41,11 +41,14 @@ def dataset_dir(dataset: str) -> Path:
     return get_base_dir() / "hf" / "datasets" / dataset
 
 
-def num_shards(dataset: str) -> int:
-    """How many shards the dataset has in all (the last one is the validation shard)."""
+def num_shards(dataset: str, given: int | None = None) -> int:
+    """How many shards the dataset has in all (the last one is the validation shard): from a local dataset's
+    manifest, else `given` (--num-shards), else `NANOCHAT_NUM_SHARDS` (for a Hub dataset we know no count of)."""
     manifest = dataset_dir(dataset) / "dataset.json"
     if manifest.exists():
         return json.loads(manifest.read_text())["num_shards"]
+    if given:
+        return given
     if os.environ.get("NANOCHAT_NUM_SHARDS"):
         return int(os.environ["NANOCHAT_NUM_SHARDS"])
     if dataset in KNOWN_SHARD_COUNTS:
@@ -54,10 +57,11 @@ def num_shards(dataset: str) -> int:
                     "so the last shard can be used for validation")
 
 
-def download_shards(n: int, dataset: str | None = None, workers: int = 4) -> list[Path]:
-    """Fetch the first n training shards and the validation shard, in parallel; returns their paths."""
+def download_shards(n: int, dataset: str | None = None, workers: int = 4, total: int | None = None) -> list[Path]:
+    """Fetch the first n training shards and the validation shard, in parallel; returns their paths. `total`: the
+    dataset's shard count when `num_shards` cannot know it."""
     dataset = dataset or default_dataset()
-    total = num_shards(dataset)
+    total = num_shards(dataset, total)
     n = min(n, total - 1)
     indices = list(range(n)) + [total - 1]
     if dataset.startswith("local/"):
@@ -106,7 +110,8 @@ def iter_texts(split: str, dataset: str | None = None, rank: int = 0, world_size
 # Your own text as shards
 
 def _read_documents(path: Path) -> list[str]:
-    """A .txt file is one document per blank-line-separated block of `--split-on` (default: the whole file)."""
+    """A .txt file is one document (the whole file); a .jsonl file one per line's 'text' field; a .parquet file one
+    per row of its 'text' column."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
         return [path.read_text(encoding="utf-8", errors="replace")]
@@ -162,20 +167,19 @@ def main() -> None:
     parser.add_argument("--dataset", default=None, help="Hub dataset repo of parquet shards (default: "
                         "$NANOCHAT_DATASET or karpathy/fineweb-edu-100b-shuffle)")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--num-shards", type=int, default=None, help="total shards of an unknown dataset")
+    parser.add_argument("--num-shards", type=int, default=None,
+                        help="total shards of a dataset we know no count of (default: $NANOCHAT_NUM_SHARDS)")
     parser.add_argument("--from-text", nargs="+", type=Path, default=None, help=".txt/.jsonl/.parquet files")
     parser.add_argument("--name", default="mytext", help="name of the local dataset made by --from-text")
     parser.add_argument("--docs-per-shard", type=int, default=50_000)
     args = parser.parse_args()
-    if args.num_shards:
-        os.environ["NANOCHAT_NUM_SHARDS"] = str(args.num_shards)
     if args.from_text:
         folder = shards_from_text(args.from_text, args.name, args.docs_per_shard)
         print(f"wrote {num_shards('local/' + args.name)} shards to {folder}; train on them with "
               f"--dataset local/{args.name} (or NANOCHAT_DATASET=local/{args.name})")
         return
     dataset = args.dataset or default_dataset()
-    paths = download_shards(args.num_files, dataset, args.num_workers)
+    paths = download_shards(args.num_files, dataset, args.num_workers, args.num_shards)
     print(f"{len(paths)} shards of {dataset} ready in {dataset_dir(dataset)} (validation: {paths[-1].name})")
 
 

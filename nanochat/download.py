@@ -1,10 +1,17 @@
 """The one place files come from the network: Hugging Face datasets and a few other files, or an offline mirror.
 
-`NANOCHAT_MIRROR` (a directory or an http:// base URL) replaces the real sources; its layout is the mirror's:
-`hf/datasets/<repo>/<path>` for Hub datasets, `files/<path>` for the rest. Downloads land in the cache under
-the base dir only after they verified (size, parquet footer, gzip stream, JSON lines), via a temp file and an atomic
-rename; partial downloads resume with HTTP Range; 5xx, resets and stalls are retried with backoff; a file lock
-makes concurrent ranks download once.
+The environment it reads (nothing else in nanochat interprets these; callers ask `offline()` and `has()`):
+- `NANOCHAT_MIRROR` (a directory or an http:// base URL) replaces the real sources; its layout is the mirror's:
+  `hf/datasets/<repo>/<path>` for Hub datasets, `files/<path>` for the rest (zips unpacked, see `zip_member`).
+- `HF_ENDPOINT`: the Hub's base URL (default https://huggingface.co).
+- `HF_TOKEN`: sent as `Authorization: Bearer` to the Hub endpoint only, never to a mirror, the Hub's CDN or any
+  other host (for gated or private datasets).
+- `HF_HUB_OFFLINE=1`: no network at all; a file neither cached nor in a mirror fails at once.
+- `NANOCHAT_DOWNLOAD_RETRIES`, `NANOCHAT_DOWNLOAD_TIMEOUT` (seconds per read).
+
+Downloads land in the cache under the base dir only after they verified (size, parquet footer, gzip stream, JSON
+lines), via a temp file and an atomic rename; partial downloads resume with HTTP Range; 5xx, resets and stalls are
+retried with backoff; a file lock makes concurrent ranks download once.
 """
 
 import gzip
@@ -17,7 +24,9 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import pyarrow.parquet as pq
 from filelock import FileLock
 
 from nanochat.common import UserError, get_base_dir
@@ -41,10 +50,20 @@ def _mirror() -> str:
     return os.environ.get("NANOCHAT_MIRROR", "").rstrip("/")
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes")
+
+
+def _hub_endpoint() -> str:
+    # NANOCHAT_HF_ENDPOINT: the name this setting had before HF_ENDPOINT was honoured
+    endpoint = os.environ.get("HF_ENDPOINT") or os.environ.get("NANOCHAT_HF_ENDPOINT") or "https://huggingface.co"
+    return endpoint.rstrip("/")
+
+
 def offline() -> bool:
     """True when the real sources are replaced by a mirror (NANOCHAT_MIRROR) or the Hub is off (HF_HUB_OFFLINE=1):
     callers then use their offline stand-ins for what the mirror lacks."""
-    return bool(_mirror()) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes")
+    return bool(_mirror()) or _hub_offline()
 
 
 def has(repo: str, path: str) -> bool:
@@ -72,8 +91,8 @@ def external_file_if_available(mirror_path: str) -> Path | None:
 def hf_file(repo: str, path: str) -> Path:
     """A file of a Hugging Face dataset repo, cached at <base>/hf/datasets/<repo>/<path>."""
     rel = f"hf/datasets/{repo}/{path}"
-    endpoint = os.environ.get("NANOCHAT_HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    return _fetch(rel, f"{endpoint}/datasets/{repo}/resolve/main/{path}")
+    token = os.environ.get("HF_TOKEN", "").strip()
+    return _fetch(rel, f"{_hub_endpoint()}/datasets/{repo}/resolve/main/{path}", token)
 
 
 def external_file(mirror_path: str, url: str) -> Path:
@@ -81,20 +100,41 @@ def external_file(mirror_path: str, url: str) -> Path:
     return _fetch(f"files/{mirror_path}", url)
 
 
-def _fetch(rel: str, url: str) -> Path:
+def zip_member(archive: str, url: str, member: str) -> Path:
+    """A file of a zip on the web whose members sit under `<archive>/` (the eval bundle): <base>/<archive>/<member>,
+    the zip fetched once (as files/<archive>.zip) and extracted. A mirror holds the zip unpacked, so there the
+    member alone is fetched, from files/<archive>/<member>."""
+    if _mirror():
+        return external_file(f"{archive}/{member}", url)
+    path = get_base_dir() / archive / member
+    if not path.exists():
+        with zipfile.ZipFile(external_file(f"{archive}.zip", url)) as z:
+            z.extractall(get_base_dir())
+    if not path.exists():
+        raise DownloadError(f"{archive}/{member} is not in {url}")
+    return path
+
+
+def _fetch(rel: str, url: str, token: str = "") -> Path:
+    """The cached file at <base>/<rel>: copied from the mirror, fetched from the mirror's URL, or fetched from
+    `url` (with `token` as bearer, only there)."""
     dest = get_base_dir() / rel
     if dest.exists():
         return dest
+    mirror = _mirror()
+    if not mirror and _hub_offline():
+        raise DownloadError(f"{rel} is not cached and HF_HUB_OFFLINE=1 forbids downloading it: unset HF_HUB_OFFLINE, "
+                            "or set NANOCHAT_MIRROR=/path/to/mirror to read a local copy")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest) + ".lock"):
         if dest.exists():  # another rank finished it while we waited for the lock
             return dest
-        mirror = _mirror()
         if mirror and not mirror.startswith(("http://", "https://")):
             _copy_local(Path(mirror) / rel, dest)
+        elif mirror:
+            _download(f"{mirror}/{rel}", dest, rel)
         else:
-            source = f"{mirror}/{rel}" if mirror else url
-            _download(source, dest, rel)
+            _download(url, dest, rel, token)
     return dest
 
 
@@ -108,14 +148,14 @@ def _copy_local(src: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def _download(url: str, dest: Path, rel: str) -> None:
+def _download(url: str, dest: Path, rel: str, token: str = "") -> None:
     part = dest.with_name(dest.name + ".part")
     last_error = ""
     for attempt in range(_retries()):
         if attempt:
             time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))
         try:
-            expected = _download_once(url, part)
+            expected = _download_once(url, part, token)
         except urllib.error.HTTPError as e:
             if e.code in (404, 401, 403):
                 raise DownloadError(_missing_message(rel, url, f"HTTP {e.code}")) from None
@@ -145,13 +185,28 @@ class _Truncated(OSError):
     pass
 
 
-def _download_once(url: str, part: Path) -> int | None:
+class _SameHostAuth(urllib.request.HTTPRedirectHandler):
+    """Follows redirects, carrying the Authorization header only while they stay on the same scheme and host
+    (urllib would forward it anywhere; the Hub redirects file downloads to its CDN, which must not see the token)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        auth = req.unredirected_hdrs.get("Authorization")
+        if new is not None and auth and urlsplit(newurl)[:2] == urlsplit(req.full_url)[:2]:
+            new.add_unredirected_header("Authorization", auth)
+        return new
+
+
+def _download_once(url: str, part: Path, token: str = "") -> int | None:
     """Fetch url into part, resuming from its current size; returns the expected total size when known."""
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
     if have:
         request.add_header("Range", f"bytes={have}-")
-    with urllib.request.urlopen(request, timeout=_timeout()) as response:
+    if token:
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
+    opener = urllib.request.build_opener(_SameHostAuth)
+    with opener.open(request, timeout=_timeout()) as response:
         if have and response.status != 206:  # the server ignored the Range: start over
             have = 0
         length = response.headers.get("Content-Length")
@@ -181,7 +236,6 @@ def _verify_or_discard(path: Path, source: str, expected_size: int | None) -> No
             raise ValueError(f"size {size} != expected {expected_size}")
         name = path.name.removesuffix(".part").removesuffix(".tmp")
         if name.endswith(".parquet"):
-            import pyarrow.parquet as pq
             pq.ParquetFile(path).metadata  # reads the footer
         elif name.endswith(".gz"):
             with gzip.open(path, "rb") as f:

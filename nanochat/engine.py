@@ -71,7 +71,7 @@ class ToolStateMachine:
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.stops = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+        self.stops = tokenizer.stop_tokens()
         self.use_tools, self.tool_timeout = use_tools, tool_timeout
 
     def initial_state(self, prompt: list[int]) -> SequenceState:
@@ -130,13 +130,6 @@ class ToolStateMachine:
 # ---------------------------------------------------------------------------------------------------------------------
 # Inference weights
 
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """The dtype inference weights and the KV cache are cast to, once: the compute dtype (bf16 on CUDA SM80+; on
-    CPUs fp32, or bf16 where `NANOCHAT_DTYPE=bf16` asks for it, as runs/cpu.sh does on CPUs with AVX512-BF16/AMX:
-    with the weights cast once rather than under autocast at every step, bf16 decodes faster there, DEVELOPERS.md)."""
-    return get_compute_dtype(device.type)
-
-
 def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """The model itself when its parameters are already `dtype`, else a copy with every floating parameter cast
     once (buffers such as the rotary tables stay fp32; the model casts them where it uses them)."""
@@ -158,17 +151,20 @@ class Engine:
     """Sampling from one model for one prompt at a time (evaluation, RL rollouts, the CLI); the server's many
     concurrent requests go through `nanochat.scheduler.BatchScheduler` instead.
 
-    The model's weights are read in `inference_dtype` (a copy cast once when the model is in another dtype: RL
-    trains the fp32 model between rollouts, and the copy follows it, see `_refresh_weights`). Nothing runs under
-    autocast, so `autocast` is accepted from callers and not used. The KV cache, the decode buffers and their
-    CUDA graphs live as long as the engine and grow when a call needs more samples or a longer context.
+    The engine runs on the model's device. Its weights and KV cache are in `dtype`, the caller's compute dtype
+    (`compute.dtype` from `compute_init`; when not given, the same default, `common.get_compute_dtype`): a copy
+    of the weights cast once when the model is in another dtype (RL trains the fp32 model between rollouts, and
+    the copy follows it, see `_refresh_weights`). Cast once rather than under autocast at every step, bf16 decodes
+    faster on CPUs too (DEVELOPERS.md). Nothing runs under autocast, so `autocast` is accepted from callers and
+    not used. The KV cache, the decode buffers and their CUDA graphs live as long as the engine and grow when a
+    call needs more samples or a longer context.
     """
 
     def __init__(self, model, tokenizer, autocast: Callable = nullcontext, use_tools: bool = True,
                  dtype: torch.dtype | None = None, policy: DecodePolicy | None = None):
         self.source, self.tokenizer = model, tokenizer
         device = next(model.parameters()).device
-        self.dtype = dtype or inference_dtype(device)
+        self.dtype = dtype or get_compute_dtype(device.type)
         self.model = cast_for_inference(model, self.dtype)
         self._versions = self._source_versions()
         self.policy = policy or DecodePolicy.for_device(device)

@@ -15,6 +15,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.gpt import GPT, ROPE_BASE, SMEAR_GATE_CHANNELS, SOFTCAP, VE_GATE_CHANNELS
+from nanochat.hf_tokenizer import build_hf_fast_tokenizer
 
 # The GPTConfig fields the exported model code implements; a checkpoint with any other field (a newer architecture)
 # cannot be represented and is refused rather than exported with a silent difference.
@@ -61,6 +62,7 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 def load_hf_code():
     """The exported model classes, imported from nanochat/hf_code as a package (so save_pretrained copies them)."""
+    # optional: these and transformers come with the hf extra, which only the export needs
     from nanochat.hf_code.configuration_nanochat import NanoChatGPTConfig
     from nanochat.hf_code.modeling_nanochat import NanoChatGPTForCausalLM
     return NanoChatGPTConfig, NanoChatGPTForCausalLM
@@ -98,8 +100,7 @@ def write_export(out_dir: Path, model: GPT, tokenizer, card: str, dtype: torch.d
     """Write the folder atomically (built as OUT.tmp, then renamed over OUT): weights in `dtype`, config,
     generation config, tokenizer files with the chat template, the model code and the model card.
     `model` is on the CPU, in fp32: the export is checked against it before anything is written."""
-    from transformers import GenerationConfig
-    from nanochat.hf_tokenizer import build_hf_fast_tokenizer
+    from transformers import GenerationConfig  # optional: the hf extra, only the export needs it
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
         raise UserError(f"{out_dir} exists and is not a Hugging Face export: choose an empty or new --out")

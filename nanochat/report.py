@@ -21,6 +21,9 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
+
+from nanochat.checkpoint import git_commit
 from nanochat.common import get_base_dir
 
 STAGE_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model evaluation",
@@ -151,7 +154,7 @@ class Report:
                 for s in sections}
 
     def _plot(self, sections: list[dict]) -> dict[str, list[Path]]:
-        import matplotlib
+        import matplotlib  # heavy: only the plots need it, not every stage that logs to the report
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         made: dict[str, list[Path]] = {}
@@ -208,8 +211,6 @@ def summary_table(sections: list[dict]) -> list[str]:
 
 
 def system_info() -> list[str]:
-    import torch
-    from nanochat.checkpoint import git_commit
     info = [f"- Platform: {platform.platform()}", f"- Python: {platform.python_version()}, torch {torch.__version__}",
             f"- CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             f"- git commit: {git_commit()}"]

@@ -73,6 +73,7 @@ class BatchScheduler:
     One thread runs the loop: admit waiting requests into free slots, prefill at most `prefill_chunk` prompt
     tokens (so a long prompt never stalls the others for long), then one decode step for every ready slot
     together. Tool calls run on a small thread pool while their slot waits; everyone else keeps decoding.
+    The model's device and `dtype` (the caller's compute dtype, `compute.dtype`) are used as `Engine` uses them.
     """
 
     def __init__(self, model, tokenizer, slots: int = 8, max_seq_len: int | None = None,

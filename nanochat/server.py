@@ -12,7 +12,7 @@ import os
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -51,6 +51,7 @@ class StopText:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
 
 class ClientLimiter:
     """Concurrent generations per client address. Runs on the event loop thread only, so it needs no lock."""
@@ -118,6 +119,139 @@ def sse(payload) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
+def failure(reason: str) -> str | None:
+    """The error message of an abnormal finish, else None."""
+    if reason.startswith("error"):
+        return "generation failed: " + reason.removeprefix("error: ")
+    if reason == "shutdown":
+        return "the server is shutting down"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# From the scheduler's token events to response chunks
+
+class UIStream:
+    """The web page's stream of one reply (POST /chat/completions): {"part": "text"|"python"|"python_output",
+    "delta": str} events (a new part starts with an empty delta), then {"done": true, "finish_reason", "usage"};
+    {"error": str} before it on a failure."""
+
+    def __init__(self, tokenizer, prompt_tokens: int):
+        self.tokenizer, self.prompt_tokens = tokenizer, prompt_tokens
+        self.stops, self.part_after = tokenizer.stop_tokens(), tokenizer.tool_markup()
+
+    async def stream(self, events: AsyncIterator[tuple[int, tuple]]) -> AsyncIterator[str]:
+        part, text, generated = "text", TextStream(self.tokenizer), 0
+        async for _, event in events:
+            if event[0] == "done":
+                if tail := text.flush():
+                    yield sse({"part": part, "delta": tail})
+                if message := failure(event[1]):
+                    yield sse({"error": message})
+                usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": generated}
+                yield sse({"done": True, "finish_reason": event[1], "usage": usage})
+                return
+            token = event[1]
+            generated += 1
+            if token in self.stops:
+                continue
+            if token in self.part_after:
+                if tail := text.flush():
+                    yield sse({"part": part, "delta": tail})
+                part = self.part_after[token]
+                yield sse({"part": part, "delta": ""})
+            elif delta := text.push(token):
+                yield sse({"part": part, "delta": delta})
+
+
+class OpenAIChoices:
+    """OpenAI's chat completions (POST /v1/chat/completions) for the n choices of one request: a stream of
+    chat.completion.chunk events, or one chat.completion. Tool calls and outputs appear inline in the content as
+    the model's own <|python_start|>…<|python_end|><|output_start|>…<|output_end|> markup. A choice that reaches one
+    of the `stop` strings is cut before it and cancelled (finish_reason "stop")."""
+
+    def __init__(self, tokenizer, requests: list[Request], params: dict, prompt_tokens: int, model_name: str):
+        self.tokenizer, self.requests, self.prompt_tokens = tokenizer, requests, prompt_tokens
+        self.stop, self.include_usage = params["stop"], params["include_usage"]
+        self.stops = tokenizer.stop_tokens()
+        self.head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+                     "model": params["model"] or model_name}
+        n = len(requests)
+        self.texts, self.cutters = [TextStream(tokenizer) for _ in range(n)], [StopText(self.stop) for _ in range(n)]
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def finish_reason(self, index: int, reason: str) -> str:
+        return "length" if reason == "length" and not self.cutters[index].stopped else "stop"
+
+    def text_of(self, index: int, token: int) -> str:
+        """The choice's next visible text, cancelling the choice once it reaches a stop string."""
+        cutter = self.cutters[index]
+        if token in self.stops or cutter.stopped:
+            return ""
+        out = cutter.push(self.texts[index].push(token))
+        if cutter.stopped:
+            self.requests[index].cancel()
+        return out
+
+    def tail_of(self, index: int) -> str:
+        out = self.cutters[index].push(self.texts[index].flush())
+        return out + self.cutters[index].flush()
+
+    def chunk(self, index: int, delta: dict, finish: str | None) -> str:
+        return sse({**self.head, "object": "chat.completion.chunk",
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+
+    async def stream(self, events: AsyncIterator[tuple[int, tuple]]) -> AsyncIterator[str]:
+        n = len(self.requests)
+        generated, finished = [0] * n, 0
+        for index in range(n):
+            yield self.chunk(index, {"role": "assistant", "content": ""}, None)
+        async for index, event in events:
+            if event[0] == "done":
+                finished += 1
+                if tail := self.tail_of(index):
+                    yield self.chunk(index, {"content": tail}, None)
+                if not self.cutters[index].stopped and (message := failure(event[1])):
+                    yield sse({"error": {"message": message, "type": "server_error", "param": None}})
+                yield self.chunk(index, {}, self.finish_reason(index, event[1]))
+                continue
+            generated[index] += 1
+            if delta := self.text_of(index, event[1]):
+                yield self.chunk(index, {"content": delta}, None)
+        if finished == n:
+            if self.include_usage:  # OpenAI sends this choice-less chunk only when asked to
+                yield sse({**self.head, "object": "chat.completion.chunk", "choices": [],
+                           "usage": self.usage(sum(generated))})
+            yield sse("[DONE]")
+
+    async def complete(self, events: AsyncIterator[tuple[int, tuple]]) -> dict | Response:
+        n = len(self.requests)
+        tokens, reasons = [[] for _ in range(n)], [None] * n
+        async for index, event in events:
+            if event[0] == "done":
+                reasons[index] = "stop" if self.cutters[index].stopped else event[1]
+            elif not self.cutters[index].stopped:
+                tokens[index].append(event[1])
+                if self.stop:
+                    self.text_of(index, event[1])
+        if any(r is None for r in reasons):  # the client went away: nobody to answer
+            return Response(status_code=499)
+        if message := next(filter(None, map(failure, reasons)), None):
+            return JSONResponse(status_code=500 if "failed" in message else 503, content={
+                "error": {"message": message, "type": "server_error", "param": None}})
+        choices = [{"index": i, "finish_reason": self.finish_reason(i, reasons[i]),
+                    "message": {"role": "assistant", "content": self.content(ts)}} for i, ts in enumerate(tokens)]
+        return {**self.head, "object": "chat.completion", "choices": choices,
+                "usage": self.usage(sum(len(ts) for ts in tokens))}
+
+    def content(self, tokens: list[int]) -> str:
+        text = self.tokenizer.decode([t for t in tokens if t not in self.stops])
+        return text[:min([i for i in (text.find(s) for s in self.stop) if i >= 0], default=len(text))]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The app
 
@@ -132,10 +266,6 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
     ui = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
     started = time.time()
     turn = itertools.count()
-    special = tokenizer.encode_special
-    part_after = {special("<|python_start|>"): "python", special("<|python_end|>"): "text",
-                  special("<|output_start|>"): "python_output", special("<|output_end|>"): "text"}
-    stops = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
     def pick_worker() -> BatchScheduler:
         def load(w):
@@ -175,14 +305,6 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
             raise BadRequest(str(e), "messages") from None
         return requests, queue, len(tokens)
 
-    def failure(reason: str) -> str | None:
-        """The error message of an abnormal finish, else None."""
-        if reason.startswith("error"):
-            return "generation failed: " + reason.removeprefix("error: ")
-        if reason == "shutdown":
-            return "the server is shutting down"
-        return None
-
     @app.exception_handler(BadRequest)
     async def bad_request(_, exc: BadRequest):
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
@@ -220,120 +342,23 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
 
     @app.post("/chat/completions")
     async def ui_chat(http: HTTPRequest):
-        """The UI's stream: {"part": "text"|"python"|"python_output", "delta": str} events (a new part starts with
-        an empty delta), then {"done": true, "finish_reason", "usage"}; {"error": str} before it on a failure."""
+        """The UI's stream (see UIStream); always one choice."""
         params = await read_request(http)
         params["n"] = 1
         requests, queue, prompt_tokens = submit(params, http)
-
-        async def stream():
-            part, text, generated = "text", TextStream(tokenizer), 0
-            async for _, event in drain(requests, queue, http):
-                if event[0] == "done":
-                    if tail := text.flush():
-                        yield sse({"part": part, "delta": tail})
-                    if message := failure(event[1]):
-                        yield sse({"error": message})
-                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated}
-                    yield sse({"done": True, "finish_reason": event[1], "usage": usage})
-                    return
-                token = event[1]
-                generated += 1
-                if token in stops:
-                    continue
-                if token in part_after:
-                    if tail := text.flush():
-                        yield sse({"part": part, "delta": tail})
-                    part = part_after[token]
-                    yield sse({"part": part, "delta": ""})
-                elif delta := text.push(token):
-                    yield sse({"part": part, "delta": delta})
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
+        reply = UIStream(tokenizer, prompt_tokens)
+        return StreamingResponse(reply.stream(drain(requests, queue, http)), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
 
     @app.post("/v1/chat/completions")
     async def openai_chat(http: HTTPRequest):
-        """OpenAI's chat completions: tool calls and outputs appear inline in the content as the model's own
-        <|python_start|>…<|python_end|><|output_start|>…<|output_end|> markup. A choice that reaches one of the
-        `stop` strings is cut before it and cancelled (finish_reason "stop")."""
+        """OpenAI's chat completions, streamed or not (see OpenAIChoices)."""
         params = await read_request(http)
         requests, queue, prompt_tokens = submit(params, http)
-        n = len(requests)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        head = {"id": completion_id, "created": created, "model": params["model"] or model_name}
-        texts, cutters = [TextStream(tokenizer) for _ in range(n)], [StopText(params["stop"]) for _ in range(n)]
-
-        def usage(completion_tokens: int) -> dict:
-            return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens}
-
-        def finish_reason(index: int, reason: str) -> str:
-            return "length" if reason == "length" and not cutters[index].stopped else "stop"
-
-        def text_of(index: int, token: int) -> str:
-            """The choice's next visible text, cancelling the choice once it reaches a stop string."""
-            if token in stops or cutters[index].stopped:
-                return ""
-            out = cutters[index].push(texts[index].push(token))
-            if cutters[index].stopped:
-                requests[index].cancel()
-            return out
-
-        def tail_of(index: int) -> str:
-            out = cutters[index].push(texts[index].flush())
-            return out + cutters[index].flush()
-
+        choices = OpenAIChoices(tokenizer, requests, params, prompt_tokens, model_name)
+        events = drain(requests, queue, http)
         if params["stream"]:
-            def chunk(index: int, delta: dict, finish: str | None) -> str:
-                return sse({**head, "object": "chat.completion.chunk",
-                            "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
-
-            async def stream():
-                generated, finished = [0] * n, 0
-                for index in range(n):
-                    yield chunk(index, {"role": "assistant", "content": ""}, None)
-                async for index, event in drain(requests, queue, http):
-                    if event[0] == "done":
-                        finished += 1
-                        if tail := tail_of(index):
-                            yield chunk(index, {"content": tail}, None)
-                        if not cutters[index].stopped and (message := failure(event[1])):
-                            yield sse({"error": {"message": message, "type": "server_error", "param": None}})
-                        yield chunk(index, {}, finish_reason(index, event[1]))
-                        continue
-                    generated[index] += 1
-                    if delta := text_of(index, event[1]):
-                        yield chunk(index, {"content": delta}, None)
-                if finished == n:
-                    if params["include_usage"]:  # OpenAI sends this choice-less chunk only when asked to
-                        yield sse({**head, "object": "chat.completion.chunk", "choices": [],
-                                   "usage": usage(sum(generated))})
-                    yield sse("[DONE]")
-
-            return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-        tokens, reasons = [[] for _ in range(n)], [None] * n
-        async for index, event in drain(requests, queue, http):
-            if event[0] == "done":
-                reasons[index] = "stop" if cutters[index].stopped else event[1]
-            elif not cutters[index].stopped:
-                tokens[index].append(event[1])
-                if params["stop"]:
-                    text_of(index, event[1])
-        if any(r is None for r in reasons):  # the client went away: nobody to answer
-            return Response(status_code=499)
-        if message := next(filter(None, map(failure, reasons)), None):
-            return JSONResponse(status_code=500 if "failed" in message else 503, content={
-                "error": {"message": message, "type": "server_error", "param": None}})
-
-        def content(ts: list[int]) -> str:
-            text = tokenizer.decode([t for t in ts if t not in stops])
-            return text[:min([i for i in (text.find(s) for s in params["stop"]) if i >= 0], default=len(text))]
-
-        choices = [{"index": i, "finish_reason": finish_reason(i, reasons[i]),
-                    "message": {"role": "assistant", "content": content(ts)}} for i, ts in enumerate(tokens)]
-        return {**head, "object": "chat.completion", "choices": choices,
-                "usage": usage(sum(len(ts) for ts in tokens))}
+            return StreamingResponse(choices.stream(events), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await choices.complete(events)
 
     return app

@@ -6,10 +6,12 @@
 import argparse
 
 from nanochat.checkpoint import load_model
-from nanochat.common import compute_init, print0, run_cli
+from nanochat.common import UserError, compute_init, print0, run_cli
+from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import default_dataset
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import print_samples
 
@@ -27,7 +29,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     wanted = set(args.eval.split(","))
     if wanted - {"core", "bpb", "sample"}:
-        raise SystemExit(f"error: --eval takes core, bpb and sample, not {args.eval!r}")
+        raise UserError(f"--eval takes core, bpb and sample, not {args.eval!r}")
     compute = compute_init(args.device_type)
     if args.dry_run:
         print0(f"base_eval dry run: would evaluate {sorted(wanted)} of base model {args.model_tag or '(largest)'}")
@@ -46,9 +48,7 @@ def main(argv=None) -> None:
             bpb = evaluate_bpb(model, iter(loader), steps, token_bytes, autocast=compute.autocast)
             results[f"{split}_bpb"] = bpb
             print0(f"{split} bpb: {bpb:.4f}")
-        results["val_bpb"] = results["val_bpb"]
     if "core" in wanted:
-        from nanochat.core_eval import evaluate_core
         core = evaluate_core(model, tokenizer, compute.device, args.max_per_task, compute.autocast)
         print0(f"{core['label']}: {core['core']:.4f}")
         results[core["label"]] = core["core"]
@@ -59,7 +59,6 @@ def main(argv=None) -> None:
     if "sample" in wanted and compute.dist.is_master:
         samples = print_samples(model, tokenizer)
     if compute.dist.is_master:
-        from nanochat.report import get_report
         get_report().log("Base model evaluation", [results, {"max_per_task": args.max_per_task},
                                                    {"samples": samples}])
 

@@ -10,7 +10,13 @@ Needs the `hf` extra: pip install -e '.[hf]'.
 import argparse
 import json
 
+import torch
+
+from nanochat.checkpoint import checkpoint_dir, find_model_tag, last_step, load_model, step_dir
 from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, run_cli
+from nanochat.hf_export import DTYPES, check_representable, write_export
+from nanochat.model_card import model_card
+from nanochat.report import get_report
 
 
 def parse_args(argv=None):
@@ -27,17 +33,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
+    try:  # optional: the hf extra; checked first, so that its absence is one clear line
         import tokenizers  # noqa: F401
         import transformers  # noqa: F401
     except ImportError as e:
         raise UserError(f"the export needs transformers and tokenizers ({e.name} is missing): "
                         "pip install -e '.[hf]'") from None
-    import torch
-    from nanochat.checkpoint import checkpoint_dir, find_model_tag, last_step, load_model, step_dir
-    from nanochat.hf_export import DTYPES, check_representable, write_export
-    from nanochat.model_card import model_card
-    from nanochat.report import get_report
     model_tag = args.model_tag or find_model_tag(args.source)
     step = args.step if args.step is not None else last_step(checkpoint_dir(args.source, model_tag))
     meta_path = step_dir(checkpoint_dir(args.source, model_tag), step if step is not None else 0) / "meta.json"

@@ -3,8 +3,12 @@
 import argparse
 import itertools
 
+import tiktoken
+
+from nanochat import download
 from nanochat.common import run_cli
 from nanochat.dataset import default_dataset, iter_texts
+from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 
 SAMPLES = {
@@ -17,7 +21,6 @@ SAMPLES = {
 
 def other_encodings() -> dict:
     """GPT-2 and GPT-4 encodings from tiktoken, if they can be loaded (they need network or a tiktoken cache)."""
-    import tiktoken
     found = {}
     for name, encoding in (("gpt2", "gpt2"), ("gpt4", "cl100k_base")):
         try:
@@ -37,8 +40,7 @@ def main(argv=None) -> None:
         return
     texts = dict(SAMPLES)
     texts["validation shard"] = "\n".join(itertools.islice(iter_texts("val", default_dataset()), args.val_docs))
-    import os
-    others = {} if os.environ.get("NANOCHAT_MIRROR") else other_encodings()
+    others = {} if download.offline() else other_encodings()
     if not others:
         print("GPT-2 / GPT-4 encodings unavailable offline: comparing nothing but ours")
     header = f"{'text':<18}{'bytes':>10}{'ours':>10}" + "".join(f"{n:>10}" for n in others)
@@ -55,7 +57,6 @@ def main(argv=None) -> None:
             line += f"{ratio:>10.2f}"
         rows[name] = row
         print(line)
-    from nanochat.report import get_report
     get_report().log("Tokenizer evaluation", [{"vocab_size": tokenizer.get_vocab_size()},
                                               {f"bytes/token {k}": v["ours"] for k, v in rows.items()}])
 

@@ -8,6 +8,7 @@ import time
 
 from nanochat.common import run_cli
 from nanochat.dataset import default_dataset, iter_texts
+from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer, iter_capped, tokenizer_dir
 
 
@@ -39,7 +40,6 @@ def main(argv=None) -> None:
     tokenizer.save(tokenizer_dir())
     print(f"trained on {seen['chars']:,} characters ({seen['docs']:,} documents) in {seconds:.1f} s "
           f"({seen['chars'] / seconds / 1e6:.1f} M chars/s); saved to {tokenizer_dir()}", flush=True)
-    from nanochat.report import get_report
     get_report().log("Tokenizer training", [{"vocab_size": tokenizer.get_vocab_size(), "dataset": dataset,
                                              "train_chars": seen["chars"], "documents": seen["docs"],
                                              "doc_cap": args.doc_cap, "train_time_s": round(seconds, 2)}])

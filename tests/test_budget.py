@@ -89,3 +89,11 @@ def test_cpu_sh_rejects_a_bad_override_in_one_line(base_dir):
     proc = subprocess.run(["bash", "runs/cpu.sh"], cwd=REPO, env=full, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "error: --set 'BASE_STEPS=lots'" in proc.stderr
+
+
+def test_without_dtype_the_plan_takes_the_compute_dtype_policy(monkeypatch):
+    from nanochat.budget import main
+    from nanochat.common import UserError
+    monkeypatch.setenv("NANOCHAT_DTYPE", "fp16")  # what get_compute_dtype picks, and a dtype runs/cpu.sh has no plan for
+    with pytest.raises(UserError, match="'fp16'"):
+        main(["--minutes=1"])

@@ -49,6 +49,13 @@ def test_unknown_dataset_asks_for_its_shard_count(base_dir, monkeypatch):
         list_shards("train", "someone/unknown-dataset")
 
 
+def test_a_given_shard_count_wins_over_the_environment(base_dir, monkeypatch):
+    from nanochat.dataset import num_shards
+    monkeypatch.setenv("NANOCHAT_NUM_SHARDS", "3")
+    assert num_shards("someone/unknown-dataset") == 3
+    assert num_shards("someone/unknown-dataset", 9) == 9  # --num-shards, passed down by python -m nanochat.dataset
+
+
 def test_from_text_makes_shards_that_train_and_validate(base_dir, tmp_path):
     (tmp_path / "a.txt").write_text("First document about rivers.\n" * 20)
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"json doc {i}"}) for i in range(30)))

@@ -1,24 +1,28 @@
 """Downloads through a real HTTP server on loopback that serves the mirror, with injected faults."""
 
 import os
+import shutil
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat.download import DownloadError, hf_file
+from nanochat.download import DownloadError, hf_file, zip_member
 
 REPO, SHARD = "nanochat-mirror/docs-dictionary-sample", "shard_00006.parquet"
 
 
 class FaultyMirror:
     """Serves files under a root; `faults` is a list consumed one per request: None, 'truncate', '500', 'stall',
-    'html', 'cut-half' (send half the body and close, then honour Range requests)."""
+    'html', 'cut-half' (send half the body and close, then honour Range requests). With `redirect_to` set, the next
+    request is answered with a 302 to that base URL plus its path. Records each request's Authorization header."""
 
-    def __init__(self, root: Path):
-        self.root, self.faults, self.requests, self.ranges = root, [], [], []
+    def __init__(self, root: Path, redirect_to: str | None = None):
+        self.root, self.faults, self.requests, self.ranges, self.auth = root, [], [], [], []
+        self.redirect_to = redirect_to
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -28,6 +32,14 @@ class FaultyMirror:
             def do_GET(self):
                 outer.requests.append(self.path)
                 outer.ranges.append(self.headers.get("Range"))
+                outer.auth.append(self.headers.get("Authorization"))
+                if outer.redirect_to:
+                    target, outer.redirect_to = outer.redirect_to + self.path, None
+                    self.send_response(302)
+                    self.send_header("Location", target)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 fault = outer.faults.pop(0) if outer.faults else None
                 path = outer.root / self.path.lstrip("/")
                 if not path.is_file():
@@ -81,6 +93,22 @@ def server(mirror, monkeypatch):
     monkeypatch.setenv("NANOCHAT_MIRROR", s.url)
     monkeypatch.setenv("NANOCHAT_DOWNLOAD_TIMEOUT", "1")
     monkeypatch.setenv("NANOCHAT_DOWNLOAD_RETRIES", "4")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def hub(mirror, tmp_path, monkeypatch):
+    """A fake Hugging Face Hub at HF_ENDPOINT serving the shard at its resolve URL; no mirror, no token."""
+    served = tmp_path / "hub" / "datasets" / REPO / "resolve" / "main" / SHARD
+    served.parent.mkdir(parents=True)
+    shutil.copyfile(mirror / "hf/datasets" / REPO / SHARD, served)
+    s = FaultyMirror(tmp_path / "hub")
+    for name in ("NANOCHAT_MIRROR", "HF_TOKEN", "HF_HUB_OFFLINE", "NANOCHAT_HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", s.url)
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_TIMEOUT", "1")
+    monkeypatch.setenv("NANOCHAT_DOWNLOAD_RETRIES", "2")
     yield s
     s.close()
 
@@ -154,10 +182,70 @@ def test_missing_file_in_a_directory_mirror_names_the_fix(mirror, base_dir, monk
 
 def test_unreachable_source_without_mirror_suggests_the_mirror(base_dir, monkeypatch):
     monkeypatch.delenv("NANOCHAT_MIRROR", raising=False)
-    monkeypatch.setenv("NANOCHAT_HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("NANOCHAT_DOWNLOAD_RETRIES", "1")
     with pytest.raises(DownloadError, match="NANOCHAT_MIRROR"):
         hf_file(REPO, SHARD)
+
+
+def test_hub_files_come_from_hf_endpoint(hub, base_dir, mirror):
+    assert_identical(hf_file(REPO, SHARD), mirror)
+    assert hub.requests == [f"/datasets/{REPO}/resolve/main/{SHARD}"]
+
+
+def test_hf_token_is_sent_to_the_hub_endpoint(hub, base_dir, mirror, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert_identical(hf_file(REPO, SHARD), mirror)
+    assert hub.auth == ["Bearer hf_secret"]
+
+
+def test_hf_token_never_goes_to_a_mirror(server, base_dir, mirror, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert_identical(hf_file(REPO, SHARD), mirror)
+    assert server.auth == [None]
+
+
+def test_hf_token_does_not_follow_a_redirect_to_another_host(hub, base_dir, mirror, tmp_path, monkeypatch):
+    """The Hub answers file downloads with a redirect to its CDN, which must not see the token."""
+    front = FaultyMirror(tmp_path, redirect_to=hub.url)  # the Hub; `hub` plays its CDN (another port)
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", front.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_secret")
+        assert_identical(hf_file(REPO, SHARD), mirror)
+        assert front.auth == ["Bearer hf_secret"] and hub.auth == [None]
+    finally:
+        front.close()
+
+
+def test_hf_token_follows_a_redirect_on_the_hub_itself(hub, base_dir, mirror, tmp_path, monkeypatch):
+    shutil.copytree(tmp_path / "hub" / "datasets", tmp_path / "hub" / "moved" / "datasets")
+    hub.redirect_to = hub.url + "/moved"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    assert_identical(hf_file(REPO, SHARD), mirror)
+    assert hub.auth == ["Bearer hf_secret"] * 2 and hub.requests[1].startswith("/moved/")
+
+
+def test_hub_offline_fails_in_one_line_without_a_request(hub, base_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError) as err:
+        hf_file(REPO, SHARD)
+    message = str(err.value)
+    assert "\n" not in message and "HF_HUB_OFFLINE" in message and "NANOCHAT_MIRROR" in message
+    assert hub.requests == [] and not cached(base_dir).exists()
+
+
+def test_zip_member_is_extracted_once_from_the_downloaded_zip(hub, base_dir, tmp_path):
+    with zipfile.ZipFile(tmp_path / "hub" / "bundle.zip", "w") as z:
+        z.writestr("bundle/core.yaml", "icl_tasks: []\n")
+        z.writestr("bundle/eval_data/a.jsonl", "{}\n")
+    url = hub.url + "/bundle.zip"
+    assert zip_member("bundle", url, "core.yaml").read_text() == "icl_tasks: []\n"
+    assert zip_member("bundle", url, "eval_data/a.jsonl") == base_dir / "bundle" / "eval_data" / "a.jsonl"
+    assert len(hub.requests) == 1
+    with pytest.raises(DownloadError, match="bundle/eval_data/missing.jsonl"):
+        zip_member("bundle", url, "eval_data/missing.jsonl")
 
 
 def _fetch_in_process(base: str, url: str, queue):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
+from nanochat.common import get_compute_dtype
 from nanochat.engine import (Engine, TextStream, ToolStateMachine, run_tool, sample_tokens, sampling_params,
                              tool_program)
 from nanochat.scheduler import BatchScheduler, PromptTooLong, Request
@@ -126,19 +127,22 @@ def test_greedy_engine_with_smear_and_backout_equals_full_forward_passes(tiny_to
         assert results == [expected[0]] * 2
 
 
-def test_generation_reads_weights_cast_once_and_never_autocasts(model, tiny_tokenizer, monkeypatch):
-    """bf16 autocast on a CPU re-casts every weight at every step (it halved decode speed): with NANOCHAT_DTYPE=bf16
-    the engine reads a bf16 copy made once, and never enters the autocast it is handed."""
-    monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")
-
+def test_generation_reads_weights_cast_once_and_never_autocasts(model, tiny_tokenizer):
+    """bf16 autocast on a CPU re-casts every weight at every step (it halved decode speed): given dtype=bf16 the
+    engine reads a bf16 copy made once, and never enters the autocast it is handed."""
     def no_autocast():
         raise AssertionError("generation entered autocast")
-    engine = Engine(model, tiny_tokenizer, autocast=no_autocast, use_tools=False)
+    engine = Engine(model, tiny_tokenizer, autocast=no_autocast, use_tools=False, dtype=torch.bfloat16)
     assert engine.model.lm_head.weight.dtype == torch.bfloat16 and engine.new_cache(1, 8).k.dtype == torch.bfloat16
     assert model.lm_head.weight.dtype == torch.float32  # the caller's model is left as it was
     prompt = encode(tiny_tokenizer, PROMPTS[0])
     results, _ = engine.generate_batch(prompt, 1, max_tokens=12, temperature=0.0)
     assert len(prompt) < len(results[0]) <= len(prompt) + 12
+
+
+def test_without_a_dtype_the_engine_takes_the_compute_dtype_policy(model, tiny_tokenizer, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")
+    assert Engine(model, tiny_tokenizer).dtype == get_compute_dtype("cpu") == torch.bfloat16
 
 
 @pytest.mark.parametrize("num_samples", [1, 2])
