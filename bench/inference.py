@@ -20,7 +20,6 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict
 
 import torch
 

@@ -97,7 +97,7 @@ def run_chat_eval(task_name: str, model, tokenizer, engine: Engine | None = None
     if task.eval_type == "categorical":
         results = run_categorical(task, model, tokenizer, mine, batch_size, autocast)
     else:
-        engine = engine or Engine(model, tokenizer, autocast)
+        engine = engine or Engine(model, tokenizer)
         results = run_generative(task, engine, tokenizer, mine, num_samples, max_new_tokens, temperature, top_k)
     device = next(model.parameters()).device
     dtype = accumulator_dtype(device)

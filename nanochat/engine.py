@@ -15,7 +15,6 @@ import copy
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -155,13 +154,12 @@ class Engine:
     (`compute.dtype` from `compute_init`; when not given, the same default, `common.get_compute_dtype`): a copy
     of the weights cast once when the model is in another dtype (RL trains the fp32 model between rollouts, and
     the copy follows it, see `_refresh_weights`). Cast once rather than under autocast at every step, bf16 decodes
-    faster on CPUs too (DEVELOPERS.md). Nothing runs under autocast, so `autocast` is accepted from callers and
-    not used. The KV cache, the decode buffers and their CUDA graphs live as long as the engine and grow when a
-    call needs more samples or a longer context.
+    faster on CPUs too (DEVELOPERS.md); nothing runs under autocast. The KV cache, the decode buffers and their
+    CUDA graphs live as long as the engine and grow when a call needs more samples or a longer context.
     """
 
-    def __init__(self, model, tokenizer, autocast: Callable = nullcontext, use_tools: bool = True,
-                 dtype: torch.dtype | None = None, policy: DecodePolicy | None = None):
+    def __init__(self, model, tokenizer, use_tools: bool = True, dtype: torch.dtype | None = None,
+                 policy: DecodePolicy | None = None):
         self.source, self.tokenizer = model, tokenizer
         device = next(model.parameters()).device
         self.dtype = dtype or get_compute_dtype(device.type)

@@ -8,9 +8,8 @@ on the smallest batch-size bucket that holds them, and joining or leaving never 
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,9 +76,9 @@ class BatchScheduler:
     """
 
     def __init__(self, model, tokenizer, slots: int = 8, max_seq_len: int | None = None,
-                 autocast: Callable = nullcontext, use_tools: bool = True, prefill_chunk: int = 512,
+                 use_tools: bool = True, prefill_chunk: int = 512,
                  dtype: torch.dtype | None = None, policy: DecodePolicy | None = None):
-        self.engine = Engine(model, tokenizer, autocast, use_tools, dtype, policy)
+        self.engine = Engine(model, tokenizer, use_tools, dtype, policy)
         self.tools = self.engine.tools
         self.max_seq_len = min(max_seq_len or model.config.sequence_len, self.engine.max_context)
         self.vocab_size = model.config.vocab_size

@@ -43,8 +43,8 @@ def main(argv=None) -> None:
         T, B, world = model.config.sequence_len, args.device_batch_size, compute.dist.world_size
         steps = max(1, args.bpb_tokens // (B * T * world))
         for split in ("train", "val"):
-            loader = PackedLoader(tokenizer, B, T, split, compute.device, meta.provenance.get("dataset") or default_dataset(),
-                                  rank=compute.dist.rank, world_size=world, buffer_docs=100, seed=1234)
+            dataset = meta.provenance.get("dataset") or default_dataset()
+            loader = PackedLoader(tokenizer, B, T, split, compute.device, dataset, rank=compute.dist.rank, world_size=world, buffer_docs=100, seed=1234)
             bpb = evaluate_bpb(model, iter(loader), steps, token_bytes, autocast=compute.autocast)
             results[f"{split}_bpb"] = bpb
             print0(f"{split} bpb: {bpb:.4f}")

@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     if args.dry_run:
         print0(f"chat_cli dry run: {described} loads")
         return
-    engine = Engine(model, tokenizer, compute.autocast)
+    engine = Engine(model, tokenizer, dtype=compute.dtype)
     printer = Printer(tokenizer, color=sys.stdout.isatty())
     if args.prompt is not None:
         reply(engine, make_prompt(tokenizer, source, [{"role": "user", "content": args.prompt}]), args, printer)

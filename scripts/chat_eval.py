@@ -47,7 +47,7 @@ def main(argv=None) -> None:
         print0(f"chat_eval dry run: {args.source} model, tasks {', '.join(names)}")
         return
     model, tokenizer, meta = load_model(args.source, compute.device, args.model_tag, args.step)
-    engine = Engine(model, tokenizer, compute.autocast)
+    engine = Engine(model, tokenizer, dtype=compute.dtype)
     accuracies = {}
     for name in names:
         t0 = time.time()

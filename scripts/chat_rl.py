@@ -73,7 +73,7 @@ def main(argv=None) -> None:
     optimizer = model.setup_optimizer(embedding_lr=args.embedding_lr * frac, unembedding_lr=args.unembedding_lr * frac,
                                       matrix_lr=args.matrix_lr * frac, scalar_lr=args.scalar_lr * frac,
                                       smear_lr=0.2 * frac, weight_decay=0.0)
-    engine = Engine(model, tokenizer, compute.autocast)
+    engine = Engine(model, tokenizer, dtype=compute.dtype)
     per_rank = args.examples_per_step // world
     print0(f"chat_rl {model_tag}: from SFT step {sft_step}; {num_steps} steps × {args.examples_per_step} questions × "
            f"{args.num_samples} samples, ≤{args.max_new_tokens} new tokens, temperature {args.temperature}, "

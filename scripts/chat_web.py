@@ -18,7 +18,7 @@ import torch
 import uvicorn
 
 from nanochat.checkpoint import load_chat_model
-from nanochat.common import UserError, autocast_ctx, autodetect_device_type, get_compute_dtype, print0, run_cli
+from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, print0, run_cli
 from nanochat.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.scheduler import BatchScheduler
 from nanochat.server import CLIENT_LIMIT, LIMITS, create_app
@@ -76,8 +76,7 @@ def main(argv=None) -> None:
             return
         model, tokenizer, meta = loaded
         name = f"nanochat-{meta.model_tag}-{meta.phase}"
-        workers.append(BatchScheduler(model, tokenizer, slots=args.slots,
-                                      autocast=lambda: autocast_ctx(device_type, dtype)))
+        workers.append(BatchScheduler(model, tokenizer, slots=args.slots, dtype=dtype))
     if args.dry_run:
         print0(f"chat_web dry run: {len(workers)} worker(s) × {args.slots} slots ready for {name}")
         for w in workers:
