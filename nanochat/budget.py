@@ -23,7 +23,7 @@ import torch
 
 from nanochat.common import UserError, dtype_name, get_compute_dtype, run_cli
 from nanochat.flops import measure_cpu_matmul_peak
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.report import get_report
 from nanochat.scaling import model_shape
 
@@ -192,9 +192,7 @@ def model_workload(depth: int, vocab_size: int, seq_len: int, device_batch: int)
     width, heads = model_shape(depth, head_dim=64)
     config = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=heads, n_kv_head=heads,
                        n_embd=width)
-    with torch.device("meta"):
-        flops = GPT(config).estimate_flops()
-    return Workload(tokens_per_step=device_batch * seq_len, flops_per_token=flops)
+    return Workload(tokens_per_step=device_batch * seq_len, flops_per_token=config.estimate_flops())
 
 
 def parse_overrides(items: list[str]) -> dict[str, int]:

@@ -16,7 +16,12 @@ import torch.distributed as dist
 
 from nanochat.common import UserError
 from nanochat.engine import Engine
-from nanochat.loss_eval import accumulator_dtype
+from nanochat.loss_eval import accumulator_dtype, pad_rows
+from tasks.arc import ARC
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.spelling import SpellingBee
 
 CHATCORE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
 ALL_TASKS = CHATCORE_TASKS + ["SpellingBee"]
@@ -25,11 +30,6 @@ MAX_NEW_TOKENS = 512
 
 
 def make_task(name: str):
-    from tasks.arc import ARC
-    from tasks.gsm8k import GSM8K
-    from tasks.humaneval import HumanEval
-    from tasks.mmlu import MMLU
-    from tasks.spelling import SpellingBee
     makers = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
               "MMLU": lambda: MMLU("all", "test"), "GSM8K": lambda: GSM8K("main", "test"),
               "HumanEval": HumanEval, "SpellingBee": lambda: SpellingBee(size=256, split="test")}
@@ -47,10 +47,7 @@ def run_categorical(task, model, tokenizer, indices: list[int], batch_size: int,
     for b in range(0, len(indices), batch_size):
         convs = [task[i] for i in indices[b:b + batch_size]]
         prompts = [tokenizer.render_for_completion(c) for c in convs]
-        T = max(len(p) for p in prompts)
-        x = torch.full((len(prompts), T), tokenizer.get_bos_token_id(), dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            x[i, :len(p)] = torch.tensor(p, device=device)
+        x = pad_rows(prompts, tokenizer.get_bos_token_id(), device)
         with autocast():
             logits = model(x)  # (B, T, V)
         for i, (conv, p) in enumerate(zip(convs, prompts)):

@@ -23,7 +23,7 @@ import yaml
 
 from nanochat.common import UserError, print0
 from nanochat.download import zip_member
-from nanochat.loss_eval import accumulator_dtype
+from nanochat.loss_eval import accumulator_dtype, pad_rows
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 NUM_CORE_TASKS = 22
@@ -153,10 +153,7 @@ def score_item(model, tokenizer, task_type: str, prompts: list[str], device, max
     seqs = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
     rows, spans = scored_spans(task_type, seqs)
     rows, spans = map(list, zip(*(crop_left(r, s, max_len) for r, s in zip(rows, spans))))
-    T = max(len(r) for r in rows)
-    x = torch.full((len(rows), T), tokenizer.get_bos_token_id(), dtype=torch.long, device=device)
-    for i, r in enumerate(rows):
-        x[i, :len(r)] = torch.tensor(r, device=device)
+    x = pad_rows(rows, tokenizer.get_bos_token_id(), device)
     with autocast():
         logits = model(x)  # (n, T, V)
     logits = logits.float()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import attention
 from nanochat.kv_cache import KVCache
+from nanochat.optim import MuonAdamW
 from nanochat.softcap_loss import softcap_cross_entropy
 
 SOFTCAP = 15.0
@@ -350,7 +351,6 @@ class GPT(nn.Module):
         lambdas and the smear/backout parameters take their rates as given, like the reference. The caller scales
         the learning rates by √(B/B_ref) beforehand where it wants that (see nanochat.scaling).
         """
-        from nanochat.optim import MuonAdamW
         scale = adam_lr_scale if adam_lr_scale is not None else (self.config.n_embd / 768) ** -0.5
         matrices = [p for p in self.blocks.parameters()]
         groups = [

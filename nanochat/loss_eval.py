@@ -1,4 +1,5 @@
-"""Bits per byte: a tokenizer-independent loss, so models with different vocabularies compare fairly."""
+"""Evaluation sums: bits per byte (a tokenizer-independent loss, so models with different vocabularies compare
+fairly), the accumulator dtype every evaluation sums in, and the padding of scored rows into one batch."""
 
 import math
 from collections.abc import Iterator
@@ -40,3 +41,12 @@ def evaluate_bpb(model, batches: Iterator, steps: int, token_bytes: torch.Tensor
     if total_bytes.item() == 0:
         return float("inf")
     return total_nats.item() / (math.log(2) * total_bytes.item())
+
+
+def pad_rows(rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    """Token rows of different lengths as one (len(rows), longest) batch, right-padded with `pad_id` (the scores
+    read only each row's own positions, so the padding never matters)."""
+    x = torch.full((len(rows), max(map(len, rows))), pad_id, dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        x[i, :len(row)] = torch.tensor(row, device=device)
+    return x

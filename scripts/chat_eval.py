@@ -15,6 +15,7 @@ from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, print0, run_cli
 from nanochat.engine import Engine
 from nanochat.execution import python_tool_banner
+from nanochat.report import get_report
 
 
 def main(argv=None) -> None:
@@ -64,7 +65,6 @@ def main(argv=None) -> None:
         results["ChatCORE (partial)"] = chat_core(accuracies)
         print0(f"ChatCORE over {len(present)}/{len(CHATCORE_TASKS)} tasks: {results['ChatCORE (partial)']:.4f}")
     if compute.dist.is_master:
-        from nanochat.report import get_report
         get_report().log(f"Chat evaluation {args.source}",
                          [{"model_tag": meta.model_tag, "step": meta.step,
                            "max_problems": args.max_problems, "num_samples": args.num_samples,

@@ -90,8 +90,8 @@ def tiny_meta(model, phase: str = "base", **fields):
     from nanochat.scaling import Overrides, derive_hparams
     hp = derive_hparams(2, Overrides(head_dim=32, sequence_len=128, device_batch_size=4, total_batch_size=512,
                                      num_iterations=10), vocab_size=model.config.vocab_size)
-    return CheckpointMeta(phase=phase, model_tag=TINY_TAG, model_config=model.config, hyperparams=hp,
-                          **{"args": {"model_tag": TINY_TAG}, **fields})
+    fields = {"model_tag": TINY_TAG, "args": {"model_tag": fields.get("model_tag", TINY_TAG)}, **fields}
+    return CheckpointMeta(phase=phase, model_config=model.config, hyperparams=hp, **fields)
 
 
 @pytest.fixture

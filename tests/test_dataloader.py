@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanochat.dataloader import PackedLoader
-from nanochat.dataset import download_shards
+from nanochat.dataset import download_shards, iter_texts
 
 REPO = "nanochat-mirror/docs-dictionary-sample"
 
@@ -37,11 +37,23 @@ def test_rows_start_with_bos_and_targets_shift_by_one(shards, tiny_tokenizer):
 
 
 def test_rows_are_whole_documents_then_one_crop(shards, tiny_tokenizer):
+    """Split at every BOS, a row is documents exactly as tokenized, except its last piece, which may be a cropped
+    document (a prefix); whole documents are never cut in the middle of a row."""
     bos = tiny_tokenizer.get_bos_token_id()
-    x, y = next(iter(loader(tiny_tokenizer, seq_len=256)))
-    row = torch.cat([x[0], y[0, -1:]]).tolist()
-    starts = [i for i, t in enumerate(row) if t == bos]
-    assert starts[0] == 0  # every row begins at a document's BOS; packed documents follow their own BOS
+    texts = list(iter_texts("train", REPO))
+    docs = {tuple(ids) for ids in tiny_tokenizer.encode(texts, prepend=bos)}
+    cropped = 0
+    for x, y in take(iter(loader(tiny_tokenizer, seq_len=256)), 6):
+        for i in range(x.size(0)):
+            row = torch.cat([x[i], y[i, -1:]]).tolist()
+            starts = [j for j, t in enumerate(row) if t == bos] + [len(row)]
+            assert starts[0] == 0
+            pieces = [tuple(row[a:b]) for a, b in zip(starts, starts[1:])]
+            assert all(piece in docs for piece in pieces[:-1])
+            if pieces[-1] not in docs:
+                cropped += 1
+                assert any(doc[:len(pieces[-1])] == pieces[-1] for doc in docs)
+    assert cropped > 0  # the check of the crop above ran
 
 
 def test_same_seed_gives_the_same_stream(shards, tiny_tokenizer):

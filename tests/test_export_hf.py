@@ -5,12 +5,11 @@ generations, tokenizer and chat template must be ours."""
 import json
 import os
 import re
-from dataclasses import asdict
 
 import pytest
 import torch
 
-from conftest import FIXTURE_TEXT, make_tiny_model, mirror_texts
+from conftest import FIXTURE_TEXT, make_tiny_model, mirror_texts, tiny_meta
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -29,15 +28,20 @@ CONVERSATION = {"messages": [
 
 
 def save_tiny_checkpoint(base_dir, tokenizer, **model_config_extra):
-    from nanochat.checkpoint import checkpoint_dir, save_checkpoint
+    from nanochat.checkpoint import MARKER, checkpoint_dir, save_checkpoint
     # 3 layers, so backout takes the middle one; smear's lambda starts at 0 and is raised so that it matters
     model = make_tiny_model(tokenizer.get_vocab_size(), sequence_len=256, window_pattern="SL", n_layer=3,
                             smear=True, backout=True).eval()
     with torch.no_grad():
         model.smear_lambda.fill_(0.5)
-    meta = {"model_config": {**asdict(model.config), **model_config_extra}, "args": {"model_tag": TAG},
-            "model_tag": TAG, "curves": {}}
-    save_checkpoint(checkpoint_dir("sft", TAG), 5, model, meta)
+    path = save_checkpoint(checkpoint_dir("sft", TAG), 5, model, tiny_meta(model, "sft", model_tag=TAG))
+    if model_config_extra:  # a checkpoint of an architecture this code does not know: its meta.json has more fields
+        meta = json.loads((path / "meta.json").read_text())
+        meta["model_config"].update(model_config_extra)
+        (path / "meta.json").write_text(json.dumps(meta))
+        marker = json.loads((path / MARKER).read_text())
+        marker["files"]["meta.json"] = (path / "meta.json").stat().st_size
+        (path / MARKER).write_text(json.dumps(marker))
     return model
 
 

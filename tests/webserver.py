@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import asdict
 from pathlib import Path
 
 
@@ -21,15 +20,14 @@ def save_long_talking_model(base_dir: Path, tokenizer, phase: str = "sft", seque
     are above it, so top-k sampling practically never stops: replies run until max_tokens (long enough to be stopped
     or disconnected from). Saved with the tokenizer under base_dir."""
     import torch
-    from conftest import make_tiny_model
+    from conftest import make_tiny_model, tiny_meta
     from nanochat.checkpoint import PHASE_DIRS, save_checkpoint
     tokenizer.save(base_dir / "tokenizer")
     model = make_tiny_model(tokenizer.get_vocab_size(), sequence_len=sequence_len)
     with torch.no_grad():
         for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>"):
             model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
-    meta = {"model_config": asdict(model.config), "model_tag": "d2", "args": {"model_tag": "d2"}, "curves": {}}
-    save_checkpoint(base_dir / PHASE_DIRS[phase] / "d2", 1, model, meta)
+    save_checkpoint(base_dir / PHASE_DIRS[phase] / "d2", 1, model, tiny_meta(model, phase))
     return model
 
 
