@@ -31,6 +31,7 @@ from nanochat.flops import device_peak_flops
 from nanochat.gpt import GPTConfig
 from nanochat.scaling import model_shape
 from nanochat.scheduler import BatchScheduler, Request
+from nanochat.tokenizer import SPECIAL_TOKENS, STOP_TOKENS, TOOL_MARKUP
 
 GPU_PEAK_BANDWIDTH = {  # bytes/s of device memory, by a substring of torch.cuda.get_device_name(); first match wins
     "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "B200": 8.0e12, "A100-SXM4-40GB": 1.555e12,
@@ -45,12 +46,17 @@ class Vocab:
     ordinary token below 256."""
 
     def __init__(self, size: int):
-        from nanochat.tokenizer import SPECIAL_TOKENS
         self.special = {name: size - len(SPECIAL_TOKENS) + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.size = size
 
     def encode_special(self, name):
         return self.special[name]
+
+    def stop_tokens(self):
+        return {self.special[name] for name in STOP_TOKENS}
+
+    def tool_markup(self):
+        return {self.special[name]: part for name, part in TOOL_MARKUP.items()}
 
     def get_bos_token_id(self):
         return self.special["<|bos|>"]
@@ -249,7 +255,7 @@ def load(args, device: torch.device):
         yield f"d{depth}", make(depth, args.vocab_size, 2048, str(device), args.head_dim), Vocab(args.vocab_size)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="", help="cpu | cuda (default: autodetect)")
     p.add_argument("--depth", type=int, nargs="+", default=[4, 6], help="random-weight models of these depths")
@@ -269,7 +275,7 @@ def main() -> None:
     p.add_argument("--graph", default="auto", choices=["auto", "on", "off"], help="CUDA-graph decode steps")
     p.add_argument("--peak-bandwidth", type=float, default=None, help="device memory GB/s (default: table/probe)")
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or autodetect_device_type())

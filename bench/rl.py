@@ -15,14 +15,14 @@ from nanochat.engine import Engine
 from nanochat.grpo import group_advantages, policy_gradient_loss, rollout_batch
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--prompt-len", type=int, default=200)
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     model = make(args.depth, args.vocab_size, 2048)
     vocab = Vocab(args.vocab_size)
     engine = Engine(model, vocab, use_tools=False)

@@ -118,7 +118,7 @@ def bench_one(depth: int, dtype: str, compiled: bool, vocab: int, seq: int, batc
             "threads": torch.get_num_threads()}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--depth", type=int, nargs="+", default=[4, 6])
@@ -130,7 +130,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--saved-bytes", action="store_true", help="only the saved-for-backward proxy (eager)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.saved_bytes:
         for depth in args.depth:
             for pattern in args.window_pattern:

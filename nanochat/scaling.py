@@ -2,7 +2,12 @@
 
 Reference point: a d12 model trained with a 2^19-token batch. Width = depth × aspect ratio rounded up to the head
 dim; tokens = ratio × scaling parameters (matrices + LM head); batch = a power of two growing as (D/D_ref)^0.383;
-learning rates × √(B/B_ref); Muon weight decay 0.28·√(B/B_ref)·(D_ref/D).
+learning rates × √(B/B_ref); Muon weight decay 0.28·√(B/B_ref)·(D_ref/D). The parameter and FLOP counts are
+GPTConfig's closed forms, so nothing here builds a model.
+
+What flags set instead is one `Overrides`; `derive_hparams` gives the `Hyperparams`, whose `model_config()` is the
+model. The schedules of every stage (pretraining, SFT, RL) are here too, as pure functions of the step or progress,
+applied through `MuonAdamW.apply_schedule`.
 """
 
 import math
@@ -13,7 +18,7 @@ from nanochat.gpt import GPTConfig
 
 B_REF = 2 ** 19
 REF_DEPTH = 12
-LEGACY_NAMES = {"depth": "n_layer", "model_dim": "n_embd", "max_seq_len": "sequence_len"}  # checkpoints before 12
+LEGACY_NAMES = {"depth": "n_layer", "model_dim": "n_embd", "max_seq_len": "sequence_len"}  # older checkpoints
 
 
 @dataclass(frozen=True)

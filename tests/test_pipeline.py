@@ -60,7 +60,7 @@ def test_cpu_pipeline_offline_without_mirror_stops_with_one_line(tmp_path):
     env.update({"NANOCHAT_BASE_DIR": str(tmp_path / "nanochat"), "SKIP_SETUP": "1",
                 "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
                 # an address nothing listens on stands in for "no network"
-                "NANOCHAT_HF_ENDPOINT": "http://127.0.0.1:9", "NANOCHAT_DOWNLOAD_RETRIES": "1"})
+                "HF_ENDPOINT": "http://127.0.0.1:9", "NANOCHAT_DOWNLOAD_RETRIES": "1"})
     proc = subprocess.run(["bash", "runs/cpu.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

@@ -1,0 +1,33 @@
+"""The benchmarks still run against the library they measure: each, at a toy size, prints its JSON with the figures
+it promises (no timing is asserted; bench/ measures, tests only check that it can)."""
+
+import json
+
+
+def figures(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_bench_train_reports_tokens_per_second_and_mfu(capsys):
+    from bench.train import main
+    main(["--depth", "1", "--dtype", "fp32", "--compile", "off", "--vocab-size", "512", "--seq-len", "64",
+          "--batch", "2", "--steps", "1"])
+    (result,) = figures(capsys)
+    assert result["tokens_per_s"] > 0 and 0 < result["mfu"] and result["dtype"] == "fp32"
+
+
+def test_bench_inference_reports_decode_speed_and_bandwidth(capsys):
+    from bench.inference import main
+    main(["--device", "cpu", "--depth", "1", "--vocab-size", "512", "--prompt-len", "16", "--tokens", "8",
+          "--batches", "1", "2", "--cb-requests", "3", "--cb-slots", "2", "--parts", "decode", "cb"])
+    (result,) = figures(capsys)
+    for key in ("prefill_tok_s", "prefill_mfu", "decode_tok_s_batch1", "decode_tok_s_batch2",
+                "decode_bandwidth_util_batch1", "continuous_batching_tok_s"):
+        assert result[key] > 0, key
+
+
+def test_bench_rl_reports_rollout_speed(capsys):
+    from bench.rl import main
+    main(["--depth", "1", "--vocab-size", "512", "--prompt-len", "16", "--samples", "2", "--tokens", "8"])
+    (result,) = figures(capsys)
+    assert result["depth"] == 1 and result["vocab_size"] == 512
