@@ -22,7 +22,6 @@ warning, and `Decoder.captured` says which steps are graphs).
 import os
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -106,9 +105,12 @@ class Decoder:
         return self.cache.max_seq_len
 
     def read_length(self, n: int) -> int:
-        """How far a step reads the cache to see n positions: a bucket for CUDA graphs (one capture per key); on
-        eager or compiled steps n rounded up to 16 (a CPU step's attention costs what it reads)."""
-        return read_bucket(n, self.max_seq_len) if self.policy.graph else min(-(-n // 16) * 16, self.max_seq_len)
+        """How far a step reads the cache to see n positions: a bucket for CUDA graphs (one capture per key), n
+        rounded up to 16 for compiled steps (fewer shapes to compile), exactly n for eager ones (a CPU step's
+        attention costs what it reads, and an exact read of rows of one length needs no mask: `step`'s aligned)."""
+        if self.policy.graph:
+            return read_bucket(n, self.max_seq_len)
+        return min(-(-n // 16) * 16, self.max_seq_len) if self.policy.compile else n
 
     @property
     def built_steps(self) -> list[tuple[int, int, int]]:
@@ -148,8 +150,8 @@ class Decoder:
 
     # --- steps --------------------------------------------------------------------------------------------------------
 
-    def _step(self, rows: int, read_length: int, candidates: int) -> None:
-        view = StaticRows(self.cache, rows, read_length, self.active[:rows])
+    def _step(self, rows: int, read_length: int, candidates: int, aligned: bool = False) -> None:
+        view = StaticRows(self.cache, rows, read_length, self.active[:rows], aligned)
         logits = self.model(self.tokens[:rows, None], kv_cache=view, last_only=True)[:, -1]  # (rows, V) fp32
         ids = sample_tokens(logits, self.temperature[:rows], self.top_k[:rows], self.top_p[:rows],
                             self.uniform[:rows], candidates)
@@ -183,18 +185,25 @@ class Decoder:
         return graph.replay
 
     @torch.no_grad()
-    def step(self, rows: int, read_length: int, candidates: int) -> torch.Tensor:
+    def step(self, rows: int, read_length: int, candidates: int, aligned: bool = False) -> torch.Tensor:
         """One token for each active row of 0..rows-1 (rows a bucket, read_length ≥ every active row's length + 1;
-        see rows_bucket, read_bucket, sampler_candidates) → the sampled ids (rows,), on the device."""
+        see rows_bucket, read_bucket, sampler_candidates) → the sampled ids (rows,), on the device.
+
+        `aligned`: the caller knows every active row holds exactly read_length - 1 tokens, so attention runs
+        without a mask (StaticRows). Eager and compiled steps only: a captured graph always masks, so that rows of
+        any lengths replay the same graph."""
         if not 0 < read_length <= self.cache.max_seq_len:
             raise ValueError(f"read_length {read_length} is outside 1..{self.cache.max_seq_len}")
         key = (rows, read_length, candidates)
+        if not self.policy.graph:
+            self._steps.setdefault(key, lambda: self._run(*key))
+            self._run(*key, aligned)
+            return self.out[:rows]
         # CUDA graphs are captured and replayed on the current device's streams: make that the cache's device
         # (the server runs one scheduler thread per GPU, whose current device is otherwise cuda:0)
-        with torch.cuda.device(self.cache.k.device) if self.policy.graph else nullcontext():
+        with torch.cuda.device(self.cache.k.device):
             run = self._steps.get(key)
             if run is None:
-                run = self._capture(key) if self.policy.graph else (lambda: self._run(*key))
-                self._steps[key] = run
+                run = self._steps[key] = self._capture(key)
             run()
         return self.out[:rows]

@@ -114,6 +114,26 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+SKINNY_ROWS = 32  # up to this many rows, a CPU fp32 LM head is computed as weight @ xᵀ (see lm_head_logits)
+
+
+def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., C) → x @ weightᵀ (..., V), weight (V, C) in x's dtype.
+
+    The decode-step case (a few rows against the vocabulary-sized matrix, far larger than the caches) is slow on
+    CPUs in fp32 as x @ weightᵀ: MKL takes it at a fraction of memory bandwidth, and its one-row (matrix-vector)
+    path is slower still. The same product as weight @ xᵀ, with a single row doubled, runs 2-5x faster
+    (DEVELOPERS.md, "CPU decode"); bf16 and larger batches keep F.linear, which is as fast or faster there.
+    """
+    rows = x.numel() // x.size(-1)
+    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > SKINNY_ROWS:
+        return F.linear(x, weight)
+    flat = x.reshape(rows, x.size(-1))
+    if rows == 1:
+        flat = torch.cat([flat, flat])  # a real second row: a stride-0 view would take the matrix-vector path again
+    return (weight @ flat.T)[:, :rows].T.contiguous().view(*x.shape[:-1], weight.size(0))
+
+
 def compute_dtype(device_type: str, weights_dtype: torch.dtype) -> torch.dtype:
     """The dtype the forward pass computes in: autocast's when it is on for this device, else the weights'."""
     if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
@@ -154,7 +174,7 @@ class CausalSelfAttention(nn.Module):
             y = attention(q, k, v, window)  # (B, T, H, D)
         else:
             keys, values = kv_cache.write_and_read(self.layer, slots, positions, k, v)  # (B, Hkv, L, D)
-            y = attention(q, keys, values, window, positions=positions)
+            y = attention(q, keys, values, window, positions=positions, aligned=kv_cache.aligned)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -289,7 +309,7 @@ class GPT(nn.Module):
             # stay in cache (nanochat/softcap_loss.py). GPUs keep the compiled plain form below.
             return softcap_cross_entropy(x, self.lm_head.weight[:self.config.vocab_size], targets, SOFTCAP,
                                          loss_reduction)
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = lm_head_logits(x, self.lm_head.weight.to(x.dtype))[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits

@@ -12,6 +12,8 @@ class KVCache:
     holds. The extra last position is never read: rows that sit out a static decode step write there.
     """
 
+    aligned = False  # rows may hold different lengths: attention masks what lies past each row's end (StaticRows)
+
     def __init__(self, batch_size: int, n_layer: int, n_kv_head: int, head_dim: int, max_seq_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (n_layer, batch_size, n_kv_head, max_seq_len + 1, head_dim)
@@ -103,10 +105,14 @@ class StaticRows:
     (the caller picks it ≥ every taking-part row's length + 1). Rows with `active` False (finished, waiting on a
     tool, still prefilling, or padding up to the bucket) write to the cache's spare last position and keep their
     position, so a step leaves them exactly as they were.
+
+    `aligned`: every active row holds exactly read_length - 1 tokens (the samples of one prompt), so each attends
+    to all read_length positions and attention needs no mask (what inactive rows compute is never used).
     """
 
-    def __init__(self, cache: KVCache, rows: int, read_length: int, active: torch.Tensor):
+    def __init__(self, cache: KVCache, rows: int, read_length: int, active: torch.Tensor, aligned: bool = False):
         self.cache, self.rows, self.read_length, self.active = cache, rows, read_length, active  # active (rows,)
+        self.aligned = aligned
 
     def resolve_slots(self, slots, batch: int) -> slice:
         return slice(0, self.rows)

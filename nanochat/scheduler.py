@@ -254,9 +254,11 @@ class BatchScheduler:
         decoder.uniform[:rows].copy_(torch.tensor(uniform))
         candidates = sampler_candidates([(s.request.temperature, s.request.top_k) for _, s in ready],
                                         self.vocab_size)
-        read_length = decoder.read_length(max(s.length for _, s in ready) + 1)
+        lengths = {s.length for _, s in ready}
+        read_length = decoder.read_length(max(lengths) + 1)
+        aligned = len(lengths) == 1 and read_length == max(lengths) + 1  # requests of one length need no mask
         try:
-            ids = decoder.step(rows, read_length, candidates).tolist()
+            ids = decoder.step(rows, read_length, candidates, aligned).tolist()
         except Exception as e:  # cannot tell whose fault: fail the requests of this step, keep serving
             for slot, _ in ready:
                 self._finish(slot, f"error: {type(e).__name__}: {e}")

@@ -94,6 +94,30 @@ def test_rows_that_sit_out_a_step_are_left_as_they_were(tiny_tokenizer):
         assert not torch.equal(cache.k[:, slot, :, length], k[:, slot, :, length])
 
 
+def test_an_aligned_step_computes_what_the_masked_step_does(tiny_tokenizer):
+    """Rows of one length read exactly their history: the unmasked step (aligned) samples the same tokens and
+    writes the same cache as the masked one, also for a layer whose window is shorter than the history."""
+    model = make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256, window_pattern="SL").eval()
+    results = []
+    for aligned in (False, True):
+        decoder = Decoder(model, slots=2, max_seq_len=64, dtype=torch.float32, policy=DecodePolicy())
+        torch.manual_seed(0)
+        prompt = torch.randint(0, 200, (1, 40))
+        model(prompt, kv_cache=decoder.cache, slots=[0])
+        decoder.cache.copy_slot(0, [1], length=40)
+        decoder.set_sampling([(0.0, 0, 1.0)] * 2)
+        decoder.set_active([True, True])
+        tokens = []
+        for step in range(6):
+            decoder.feed({0: 11 + step, 1: 30 + step})
+            ids = decoder.step(2, decoder.read_length(41 + step), 0, aligned=aligned).tolist()
+            decoder.sampled(ids)
+            tokens.append(ids)
+        results.append((tokens, decoder.cache.k[:, :, :, :46].clone()))
+    assert results[0][0] == results[1][0]
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
 def test_samples_keep_their_outputs_when_they_move_to_a_smaller_bucket(tiny_tokenizer):
     """Samples that stop early leave the bucket; the live ones move down to rows of a smaller bucket mid-stream,
     and each one's tokens still equal its own full-forward oracle."""

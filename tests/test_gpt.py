@@ -221,6 +221,16 @@ def test_logits_are_soft_capped_fp32_and_never_include_padding():
     assert logits.abs().max() <= 15.0
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8, 33])
+def test_the_cpu_lm_head_of_few_rows_is_the_same_product(rows):
+    from nanochat.gpt import lm_head_logits
+    torch.manual_seed(0)
+    x, weight = torch.randn(rows, 1, 48), torch.randn(1000, 48)
+    out = lm_head_logits(x, weight)
+    assert out.shape == (rows, 1, 1000) and out.is_contiguous()
+    assert torch.allclose(out, F.linear(x, weight), atol=1e-5)
+
+
 def test_loss_ignores_minus_one_targets():
     model = model_with()
     idx = torch.randint(0, V, (1, 10))
