@@ -121,9 +121,9 @@ def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., C) → x @ weightᵀ (..., V), weight (V, C) in x's dtype.
 
     The decode-step case (a few rows against the vocabulary-sized matrix, far larger than the caches) is slow on
-    CPUs in fp32 as x @ weightᵀ: MKL takes it at a fraction of memory bandwidth, and its one-row (matrix-vector)
-    path is slower still. The same product as weight @ xᵀ, with a single row doubled, runs 2-5x faster
-    (DEVELOPERS.md, "CPU decode"); bf16 and larger batches keep F.linear, which is as fast or faster there.
+    CPUs in fp32 as x @ weightᵀ: MKL takes it at a fraction of memory bandwidth. The same product as weight @ xᵀ
+    runs 2-3x faster, once a single row is doubled (alone it takes the matrix-vector path, as slow as F.linear)
+    (DEVELOPERS.md, "CPU figures"); bf16 and larger batches keep F.linear, which is as fast or faster there.
     """
     rows = x.numel() // x.size(-1)
     if x.device.type != "cpu" or x.dtype != torch.float32 or rows > SKINNY_ROWS:
