@@ -105,7 +105,7 @@ class Plan:
         if machine.dtype != "fp32":
             measured += f", {machine.dtype} {machine.compute_flops / 1e9:.0f} GFLOP/s"
         lines = [f"time budget {self.budget_s / 60:g} min; measured matmul: {measured} (compute dtype "
-                 f"{machine.dtype}): {self.slowdown:.2f}x the reference CPU's time; pretraining expected at "
+                 f"{machine.dtype}): {self.slowdown:.2f}x the reference CPU's matmul time; pretraining expected at "
                  f"{self.train_tokens_per_s:,.0f} tokens/s",
                  "chosen: " + ", ".join(f"{k}={v}" + (" (set)" if k in self.overridden else "")
                                         for k, v in self.knobs.items())

@@ -97,7 +97,8 @@ class Decoder:
         self.top_p = torch.ones(slots, device=device)
         self.active = torch.zeros(slots, dtype=torch.bool, device=device)
         self._host: dict[str, list] = {"tokens": [0] * slots}  # what the buffers hold, as last set from the host
-        self._steps: dict[tuple[int, int, int], Callable[[], None]] = {}
+        # every key built so far; on CUDA its graph's replay, else None (eager and compiled steps run directly)
+        self._steps: dict[tuple[int, int, int], Callable[[], None] | None] = {}
         self._run = torch.compile(self._step, dynamic=None) if policy.compile else self._step
         self._pool = None  # one CUDA graph memory pool for every bucket (steps never run concurrently)
         self.captured: set[tuple[int, int, int]] = set()  # keys whose step replays a CUDA graph
@@ -113,6 +114,12 @@ class Decoder:
         if self.policy.graph:
             return read_bucket(n, self.max_seq_len)
         return min(-(-n // 16) * 16, self.max_seq_len) if self.policy.compile else n
+
+    def read_for(self, lengths: set[int]) -> tuple[int, bool]:
+        """(read_length, aligned) of a step whose taking-part rows hold these lengths: aligned when they all hold
+        one length and the read is exactly that plus the new token, so attention needs no mask (see `step`)."""
+        read = self.read_length(max(lengths) + 1)
+        return read, len(lengths) == 1 and read == max(lengths) + 1
 
     @property
     def built_steps(self) -> list[tuple[int, int, int]]:
@@ -198,7 +205,7 @@ class Decoder:
             raise ValueError(f"read_length {read_length} is outside 1..{self.cache.max_seq_len}")
         key = (rows, read_length, candidates)
         if not self.policy.graph:
-            self._steps.setdefault(key, lambda: self._run(*key))
+            self._steps.setdefault(key, None)
             self._run(*key, aligned)
             return self.out[:rows]
         # CUDA graphs are captured and replayed on the current device's streams: make that the cache's device

@@ -277,8 +277,8 @@ class Engine:
                 decoder.uniform[:n].copy_(uniform)
             else:
                 decoder.uniform[:rows].copy_(uniform[perm])
-            read = decoder.read_length(held + 1)  # every live sample holds `held` tokens: exact reads need no mask
-            sampled = decoder.step(rows, read, candidates, aligned=read == held + 1).tolist()
+            read, aligned = decoder.read_for({held})  # every live sample holds `held` tokens
+            sampled = decoder.step(rows, read, candidates, aligned).tolist()
             decoder.sampled(sampled)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]],

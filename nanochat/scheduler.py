@@ -254,9 +254,7 @@ class BatchScheduler:
         decoder.uniform[:rows].copy_(torch.tensor(uniform))
         candidates = sampler_candidates([(s.request.temperature, s.request.top_k) for _, s in ready],
                                         self.vocab_size)
-        lengths = {s.length for _, s in ready}
-        read_length = decoder.read_length(max(lengths) + 1)
-        aligned = len(lengths) == 1 and read_length == max(lengths) + 1  # requests of one length need no mask
+        read_length, aligned = decoder.read_for({s.length for _, s in ready})
         try:
             ids = decoder.step(rows, read_length, candidates, aligned).tolist()
         except Exception as e:  # cannot tell whose fault: fail the requests of this step, keep serving

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_model
 from nanochat.attention import attention
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, lm_head_logits
 from nanochat.kv_cache import KVCache
 
 V = 300
@@ -223,7 +223,6 @@ def test_logits_are_soft_capped_fp32_and_never_include_padding():
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 33])
 def test_the_cpu_lm_head_of_few_rows_is_the_same_product(rows):
-    from nanochat.gpt import lm_head_logits
     torch.manual_seed(0)
     x, weight = torch.randn(rows, 1, 48), torch.randn(1000, 48)
     out = lm_head_logits(x, weight)
