@@ -16,16 +16,20 @@ def free_port() -> int:
 
 
 def save_long_talking_model(base_dir: Path, tokenizer, phase: str = "sft", sequence_len: int = 8192):
-    """A tiny chat model (tag d2) with a long context whose stop tokens get logit 0 while about half of the others
-    are above it, so top-k sampling practically never stops: replies run until max_tokens (long enough to be stopped
-    or disconnected from). Saved with the tokenizer under base_dir."""
+    """A tiny chat model (tag d2) with a long context whose special tokens (stops and tool markup) get logit 0 while
+    about half of the others are above it, so top-k sampling practically never stops and never writes a tool part:
+    replies are plain text until max_tokens (long enough to be stopped or disconnected from). Saved with the
+    tokenizer under base_dir."""
     import torch
     from conftest import make_tiny_model, tiny_meta
     from nanochat.checkpoint import PHASE_DIRS, save_checkpoint
+    from nanochat.tokenizer import SPECIAL_TOKENS
     tokenizer.save(base_dir / "tokenizer")
     model = make_tiny_model(tokenizer.get_vocab_size(), sequence_len=sequence_len)
     with torch.no_grad():
-        for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>"):
+        # every special token, not only the stops: a stray <|output_start|> in the top-k made a random-seed reply
+        # stream a python_output part now and then (test_ui_stream_sends_parts_and_done failed once in CI)
+        for name in SPECIAL_TOKENS:
             model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
     save_checkpoint(base_dir / PHASE_DIRS[phase] / "d2", 1, model, tiny_meta(model, phase))
     return model
