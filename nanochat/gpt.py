@@ -13,6 +13,7 @@ Shapes: B batch, T time, C n_embd, H query heads, Hkv key/value heads, D head_di
 """
 
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -114,24 +115,49 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-SKINNY_ROWS = 32  # up to this many rows, a CPU fp32 LM head is computed as weight @ xᵀ (see lm_head_logits)
+SKINNY_ROWS = 32  # up to this many rows, a CPU fp32 LM head picks the faster of two forms (see lm_head_logits)
+_SKINNY_FORMS: dict[tuple[int, int, int], bool] = {}  # (rows, V, C) → weight @ xᵀ measured faster than F.linear
+
+
+def _skinny(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    rows = flat.size(0)
+    if rows == 1:
+        flat = torch.cat([flat, flat])  # a real second row: a stride-0 view would take the matrix-vector path again
+    return (weight @ flat.T)[:, :rows].T.contiguous()
+
+
+def _best_of(forms, repeats: int = 3):
+    """Index of the fastest of `forms` (callables), each timed `repeats` times after one warm-up call."""
+    best = []
+    for form in forms:
+        form()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            form()
+        best.append(time.perf_counter() - t0)
+    return best.index(min(best))
 
 
 def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., C) → x @ weightᵀ (..., V), weight (V, C) in x's dtype.
 
-    The decode-step case (a few rows against the vocabulary-sized matrix, far larger than the caches) is slow on
-    CPUs in fp32 as x @ weightᵀ: MKL takes it at a fraction of memory bandwidth. The same product as weight @ xᵀ
-    runs 2-3x faster, once a single row is doubled (alone it takes the matrix-vector path, as slow as F.linear)
-    (DEVELOPERS.md, "CPU figures"); bf16 and larger batches keep F.linear, which is as fast or faster there.
+    The decode-step case (a few rows against the vocabulary-sized matrix, far larger than the caches) runs on CPUs
+    in fp32 at a fraction of memory bandwidth in one of MKL's two forms, and which one depends on the CPU: on an
+    AMD EPYC x @ weightᵀ took 5.1 ms for one row against 1.5 ms as weight @ xᵀ (one row doubled), on an Intel
+    Xeon 1.2 against 2.7 ms, while at 8 rows weight @ xᵀ won on both (DEVELOPERS.md, "CPU figures"). So the first
+    product of each row count outside autograd times both forms and keeps the faster for the process; bf16,
+    larger batches and anything under autograd or torch.compile keep F.linear.
     """
     rows = x.numel() // x.size(-1)
-    if x.device.type != "cpu" or x.dtype != torch.float32 or rows > SKINNY_ROWS:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > SKINNY_ROWS or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()):
         return F.linear(x, weight)
     flat = x.reshape(rows, x.size(-1))
-    if rows == 1:
-        flat = torch.cat([flat, flat])  # a real second row: a stride-0 view would take the matrix-vector path again
-    return (weight @ flat.T)[:, :rows].T.contiguous().view(*x.shape[:-1], weight.size(0))
+    key = (rows, *weight.shape)
+    if key not in _SKINNY_FORMS:
+        _SKINNY_FORMS[key] = _best_of([lambda: F.linear(flat, weight), lambda: _skinny(flat, weight)]) == 1
+    out = _skinny(flat, weight) if _SKINNY_FORMS[key] else F.linear(flat, weight)
+    return out.view(*x.shape[:-1], weight.size(0))
 
 
 def compute_dtype(device_type: str, weights_dtype: torch.dtype) -> torch.dtype:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
+from nanochat import gpt
 from nanochat.attention import attention
 from nanochat.gpt import GPT, GPTConfig, lm_head_logits
 from nanochat.kv_cache import KVCache
@@ -222,12 +223,26 @@ def test_logits_are_soft_capped_fp32_and_never_include_padding():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 33])
-def test_the_cpu_lm_head_of_few_rows_is_the_same_product(rows):
+@pytest.mark.parametrize("skinny", [False, True])
+def test_the_cpu_lm_head_of_few_rows_is_the_same_product_in_either_form(rows, skinny, monkeypatch):
     torch.manual_seed(0)
     x, weight = torch.randn(rows, 1, 48), torch.randn(1000, 48)
-    out = lm_head_logits(x, weight)
+    monkeypatch.setattr(gpt, "_SKINNY_FORMS", {(rows, 1000, 48): skinny})
+    with torch.no_grad():
+        out = lm_head_logits(x, weight)
     assert out.shape == (rows, 1, 1000) and out.is_contiguous()
     assert torch.allclose(out, F.linear(x, weight), atol=1e-5)
+
+
+def test_the_cpu_lm_head_times_its_two_forms_once_per_row_count(monkeypatch):
+    monkeypatch.setattr(gpt, "_SKINNY_FORMS", {})
+    x, weight = torch.randn(3, 48), torch.randn(1000, 48)
+    with torch.no_grad():
+        lm_head_logits(x, weight)
+        lm_head_logits(x, weight)
+    assert list(gpt._SKINNY_FORMS) == [(3, 1000, 48)]
+    lm_head_logits(torch.randn(2, 48), weight)  # under autograd: F.linear, nothing timed
+    assert list(gpt._SKINNY_FORMS) == [(3, 1000, 48)]
 
 
 def test_loss_ignores_minus_one_targets():
