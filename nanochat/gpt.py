@@ -14,6 +14,7 @@ Shapes: B batch, T time, C n_embd, H query heads, Hkv key/value heads, D head_di
 
 import math
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -115,8 +116,13 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-SKINNY_ROWS = 32  # up to this many rows, a CPU fp32 LM head picks the faster of two forms (see lm_head_logits)
-_SKINNY_FORMS: dict[tuple[int, int, int], bool] = {}  # (rows, V, C) → weight @ xᵀ measured faster than F.linear
+FEW_ROWS = 32  # up to this many rows, a CPU fp32 LM head runs in the fastest of three forms (see lm_head_logits)
+_LM_HEAD_FORMS: dict[tuple[int, int, int], int] = {}  # (rows, V, C) → index of the form measured fastest
+_ONEDNN_WEIGHTS: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # id(weight) → (its stamp, its oneDNN copy)
+
+
+def _linear(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(flat, weight)
 
 
 def _skinny(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -126,15 +132,30 @@ def _skinny(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ flat.T)[:, :rows].T.contiguous()
 
 
-def _best_of(forms, repeats: int = 3):
-    """Index of the fastest of `forms` (callables), each timed `repeats` times after one warm-up call."""
+def _onednn(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """flat @ weightᵀ by oneDNN, on a copy of the weight in oneDNN's layout, made again whenever the weight changed
+    (an in-place update bumps its version, a new tensor has another storage); freed with the weight."""
+    stamp = (weight._version, weight.data_ptr())
+    held = _ONEDNN_WEIGHTS.get(id(weight))
+    if held is None or held[0] != stamp:
+        if held is None:
+            weakref.finalize(weight, _ONEDNN_WEIGHTS.pop, id(weight), None)
+        held = _ONEDNN_WEIGHTS[id(weight)] = (stamp, weight.detach().to_mkldnn())
+    return torch._C._nn.mkldnn_linear(flat.to_mkldnn(), held[1], None).to_dense()
+
+
+def _best_of(forms, repeats: int = 5):
+    """Index of the fastest of `forms` (callables): the least of `repeats` timed calls each, after one warm-up call
+    (the least rather than the sum, which a burst of load from elsewhere on the machine can swing)."""
     best = []
     for form in forms:
         form()
-        t0 = time.perf_counter()
+        times = []
         for _ in range(repeats):
+            t0 = time.perf_counter()
             form()
-        best.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t0)
+        best.append(min(times))
     return best.index(min(best))
 
 
@@ -142,22 +163,23 @@ def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., C) → x @ weightᵀ (..., V), weight (V, C) in x's dtype.
 
     The decode-step case (a few rows against the vocabulary-sized matrix, far larger than the caches) runs on CPUs
-    in fp32 at a fraction of memory bandwidth in one of MKL's two forms, and which one depends on the CPU: on an
-    AMD EPYC x @ weightᵀ took 5.1 ms for one row against 1.5 ms as weight @ xᵀ (one row doubled), on an Intel
-    Xeon 1.2 against 2.7 ms, while at 8 rows weight @ xᵀ won on both (DEVELOPERS.md, "CPU figures"). So the first
-    product of each row count outside autograd times both forms and keeps the faster for the process; bf16,
-    larger batches and anything under autograd or torch.compile keep F.linear.
+    in fp32 at a fraction of memory bandwidth, and which kernel is fastest depends on the CPU and the row count:
+    MKL's x @ weightᵀ, MKL's weight @ xᵀ (one row doubled), or oneDNN's linear. On an AMD EPYC, one row took 5.1,
+    1.6 and 2.1 ms in these forms and eight rows 7.9, 5.9 and 4.7 ms; on an Intel Xeon one row took 1.2 ms as
+    x @ weightᵀ against 2.7 as weight @ xᵀ (DEVELOPERS.md, "CPU figures"). So the first product of each row count
+    outside autograd times the forms and keeps the fastest for the process; bf16, larger batches and anything
+    under autograd or torch.compile keep F.linear.
     """
     rows = x.numel() // x.size(-1)
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > SKINNY_ROWS or torch.is_grad_enabled()
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > FEW_ROWS or torch.is_grad_enabled()
             or torch.compiler.is_compiling()):
         return F.linear(x, weight)
     flat = x.reshape(rows, x.size(-1))
+    forms = [_linear, _skinny] + ([_onednn] if torch.backends.mkldnn.is_available() else [])
     key = (rows, *weight.shape)
-    if key not in _SKINNY_FORMS:
-        _SKINNY_FORMS[key] = _best_of([lambda: F.linear(flat, weight), lambda: _skinny(flat, weight)]) == 1
-    out = _skinny(flat, weight) if _SKINNY_FORMS[key] else F.linear(flat, weight)
-    return out.view(*x.shape[:-1], weight.size(0))
+    if key not in _LM_HEAD_FORMS:
+        _LM_HEAD_FORMS[key] = _best_of([lambda form=form: form(flat, weight) for form in forms])
+    return forms[_LM_HEAD_FORMS[key]](flat, weight).view(*x.shape[:-1], weight.size(0))
 
 
 def compute_dtype(device_type: str, weights_dtype: torch.dtype) -> torch.dtype:
@@ -194,11 +216,16 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # value embedding mixed into V through an input-dependent gate per KV head
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q) * 1.2, norm(k) * 1.2  # QK-norm after RoPE
         if kv_cache is None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = norm(q) * 1.2, norm(k) * 1.2  # QK-norm after RoPE
             y = attention(q, k, v, window)  # (B, T, H, D)
         else:
+            # Inference: the same per-head rotary and norm, applied to q and k together (the elements and ops are
+            # the same, so is the result): half the small ops, which a decode step is made of (+5-6% tokens/s on
+            # a 2-core CPU). Training keeps them apart rather than pay for the joined copy in memory.
+            qk = norm(apply_rotary(torch.cat([q, k], dim=2), cos, sin)) * 1.2
+            q, k = qk[:, :, :self.n_head], qk[:, :, self.n_head:]
             keys, values = kv_cache.write_and_read(self.layer, slots, positions, k, v)  # (B, Hkv, L, D)
             y = attention(q, keys, values, window, positions=positions, aligned=kv_cache.aligned)
         return self.c_proj(y.reshape(B, T, -1))

@@ -223,26 +223,43 @@ def test_logits_are_soft_capped_fp32_and_never_include_padding():
 
 
 @pytest.mark.parametrize("rows", [1, 2, 8, 33])
-@pytest.mark.parametrize("skinny", [False, True])
-def test_the_cpu_lm_head_of_few_rows_is_the_same_product_in_either_form(rows, skinny, monkeypatch):
+@pytest.mark.parametrize("form", [0, 1, 2])  # F.linear, weight @ xᵀ, oneDNN
+def test_the_cpu_lm_head_of_few_rows_is_the_same_product_in_every_form(rows, form, monkeypatch):
     torch.manual_seed(0)
     x, weight = torch.randn(rows, 1, 48), torch.randn(1000, 48)
-    monkeypatch.setattr(gpt, "_SKINNY_FORMS", {(rows, 1000, 48): skinny})
+    monkeypatch.setattr(gpt, "_LM_HEAD_FORMS", {(rows, 1000, 48): form})
     with torch.no_grad():
         out = lm_head_logits(x, weight)
     assert out.shape == (rows, 1, 1000) and out.is_contiguous()
     assert torch.allclose(out, F.linear(x, weight), atol=1e-5)
 
 
-def test_the_cpu_lm_head_times_its_two_forms_once_per_row_count(monkeypatch):
-    monkeypatch.setattr(gpt, "_SKINNY_FORMS", {})
+def test_the_cpu_lm_head_times_its_forms_once_per_row_count(monkeypatch):
+    monkeypatch.setattr(gpt, "_LM_HEAD_FORMS", {})
     x, weight = torch.randn(3, 48), torch.randn(1000, 48)
     with torch.no_grad():
         lm_head_logits(x, weight)
         lm_head_logits(x, weight)
-    assert list(gpt._SKINNY_FORMS) == [(3, 1000, 48)]
+    assert list(gpt._LM_HEAD_FORMS) == [(3, 1000, 48)]
     lm_head_logits(torch.randn(2, 48), weight)  # under autograd: F.linear, nothing timed
-    assert list(gpt._SKINNY_FORMS) == [(3, 1000, 48)]
+    assert list(gpt._LM_HEAD_FORMS) == [(3, 1000, 48)]
+
+
+def test_the_onednn_lm_head_follows_its_weight_and_frees_its_copy_with_it(monkeypatch):
+    """RL updates the weights in place between rollouts: the oneDNN copy must never serve the old ones."""
+    monkeypatch.setattr(gpt, "_LM_HEAD_FORMS", {(2, 1000, 48): 2})
+    x, weight = torch.randn(2, 48), torch.randn(1000, 48)
+    with torch.inference_mode():
+        before = lm_head_logits(x, weight)
+    with torch.no_grad():
+        weight.mul_(2)  # in place, as an optimizer step
+        assert torch.allclose(lm_head_logits(x, weight), 2 * before, atol=1e-5)
+        weight.data = torch.randn(1000, 48)  # new storage, same tensor
+        assert torch.allclose(lm_head_logits(x, weight), F.linear(x, weight), atol=1e-5)
+    assert id(weight) in gpt._ONEDNN_WEIGHTS
+    key = id(weight)
+    del weight
+    assert key not in gpt._ONEDNN_WEIGHTS
 
 
 def test_loss_ignores_minus_one_targets():
