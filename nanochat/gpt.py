@@ -116,13 +116,9 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
-FEW_ROWS = 32  # up to this many rows, a CPU fp32 LM head runs in the fastest of three forms (see lm_head_logits)
-_LM_HEAD_FORMS: dict[tuple[int, int, int], int] = {}  # (rows, V, C) → index of the form measured fastest
+FEW_ROWS = 32  # up to this many rows, a CPU fp32/bf16 LM head runs in the fastest of three forms (lm_head_logits)
+_LM_HEAD_CHOICE: dict[tuple, int] = {}  # (rows, V, C, dtype) → index in LM_HEAD_FORMS of the form measured fastest
 _ONEDNN_WEIGHTS: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # id(weight) → (its stamp, its oneDNN copy)
-
-
-def _linear(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return F.linear(flat, weight)
 
 
 def _skinny(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -144,6 +140,9 @@ def _onednn(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch._C._nn.mkldnn_linear(flat.to_mkldnn(), held[1], None).to_dense()
 
 
+LM_HEAD_FORMS = [F.linear, _skinny] + ([_onednn] if torch.backends.mkldnn.is_available() else [])
+
+
 def _best_of(forms, repeats: int = 5):
     """Index of the fastest of `forms` (callables): the least of `repeats` timed calls each, after one warm-up call
     (the least rather than the sum, which a burst of load from elsewhere on the machine can swing)."""
@@ -163,23 +162,23 @@ def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., C) → x @ weightᵀ (..., V), weight (V, C) in x's dtype.
 
     The decode-step case (a few rows against the vocabulary-sized matrix, far larger than the caches) runs on CPUs
-    in fp32 at a fraction of memory bandwidth, and which kernel is fastest depends on the CPU and the row count:
-    MKL's x @ weightᵀ, MKL's weight @ xᵀ (one row doubled), or oneDNN's linear. On an AMD EPYC, one row took 5.1,
-    1.6 and 2.1 ms in these forms and eight rows 7.9, 5.9 and 4.7 ms; on an Intel Xeon one row took 1.2 ms as
-    x @ weightᵀ against 2.7 as weight @ xᵀ (DEVELOPERS.md, "CPU figures"). So the first product of each row count
-    outside autograd times the forms and keeps the fastest for the process; bf16, larger batches and anything
-    under autograd or torch.compile keep F.linear.
+    at a fraction of memory bandwidth, and which kernel is fastest depends on the CPU, the dtype and the row count:
+    x @ weightᵀ, weight @ xᵀ (one row doubled), or oneDNN's linear. On an AMD EPYC, one fp32 row took 5.1, 1.6 and
+    2.1 ms in these forms and eight rows 7.9, 5.9 and 4.7 ms; on an Intel Xeon one fp32 row took 1.2 ms as
+    x @ weightᵀ against 2.7 as weight @ xᵀ, and on another one bf16 row 0.62 against 0.46 the other way round
+    (DEVELOPERS.md, "CPU figures"). So the first product of each row count and dtype outside autograd times the
+    forms and keeps the fastest for the process; other dtypes, larger batches and anything under autograd or
+    torch.compile keep F.linear.
     """
     rows = x.numel() // x.size(-1)
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or rows > FEW_ROWS or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()):
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or rows > FEW_ROWS
+            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
         return F.linear(x, weight)
     flat = x.reshape(rows, x.size(-1))
-    forms = [_linear, _skinny] + ([_onednn] if torch.backends.mkldnn.is_available() else [])
-    key = (rows, *weight.shape)
-    if key not in _LM_HEAD_FORMS:
-        _LM_HEAD_FORMS[key] = _best_of([lambda form=form: form(flat, weight) for form in forms])
-    return forms[_LM_HEAD_FORMS[key]](flat, weight).view(*x.shape[:-1], weight.size(0))
+    key = (rows, *weight.shape, x.dtype)
+    if key not in _LM_HEAD_CHOICE:
+        _LM_HEAD_CHOICE[key] = _best_of([lambda form=form: form(flat, weight) for form in LM_HEAD_FORMS])
+    return LM_HEAD_FORMS[_LM_HEAD_CHOICE[key]](flat, weight).view(*x.shape[:-1], weight.size(0))
 
 
 def compute_dtype(device_type: str, weights_dtype: torch.dtype) -> torch.dtype:

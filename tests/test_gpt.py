@@ -222,32 +222,37 @@ def test_logits_are_soft_capped_fp32_and_never_include_padding():
     assert logits.abs().max() <= 15.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 2, 8, 33])
 @pytest.mark.parametrize("form", [0, 1, 2])  # F.linear, weight @ xᵀ, oneDNN
-def test_the_cpu_lm_head_of_few_rows_is_the_same_product_in_every_form(rows, form, monkeypatch):
+def test_the_cpu_lm_head_of_few_rows_is_the_same_product_in_every_form(rows, form, dtype, monkeypatch):
     torch.manual_seed(0)
-    x, weight = torch.randn(rows, 1, 48), torch.randn(1000, 48)
-    monkeypatch.setattr(gpt, "_LM_HEAD_FORMS", {(rows, 1000, 48): form})
+    x, weight = torch.randn(rows, 1, 48).to(dtype), torch.randn(1000, 48).to(dtype)
+    monkeypatch.setattr(gpt, "_LM_HEAD_CHOICE", {(rows, 1000, 48, dtype): form})
     with torch.no_grad():
         out = lm_head_logits(x, weight)
-    assert out.shape == (rows, 1, 1000) and out.is_contiguous()
-    assert torch.allclose(out, F.linear(x, weight), atol=1e-5)
+    assert out.shape == (rows, 1, 1000) and out.dtype == dtype and out.is_contiguous()
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 products round their sums to 8 bits
+    assert torch.allclose(out.float(), F.linear(x, weight).float(), atol=tolerance, rtol=tolerance)
 
 
 def test_the_cpu_lm_head_times_its_forms_once_per_row_count(monkeypatch):
-    monkeypatch.setattr(gpt, "_LM_HEAD_FORMS", {})
+    monkeypatch.setattr(gpt, "_LM_HEAD_CHOICE", {})
     x, weight = torch.randn(3, 48), torch.randn(1000, 48)
     with torch.no_grad():
         lm_head_logits(x, weight)
         lm_head_logits(x, weight)
-    assert list(gpt._LM_HEAD_FORMS) == [(3, 1000, 48)]
+        assert list(gpt._LM_HEAD_CHOICE) == [(3, 1000, 48, torch.float32)]
+        lm_head_logits(x.bfloat16(), weight.bfloat16())  # another dtype: timed on its own
+        assert list(gpt._LM_HEAD_CHOICE) == [(3, 1000, 48, torch.float32), (3, 1000, 48, torch.bfloat16)]
+        lm_head_logits(x.half(), weight.half())  # not a timed dtype: F.linear
     lm_head_logits(torch.randn(2, 48), weight)  # under autograd: F.linear, nothing timed
-    assert list(gpt._LM_HEAD_FORMS) == [(3, 1000, 48)]
+    assert len(gpt._LM_HEAD_CHOICE) == 2
 
 
 def test_the_onednn_lm_head_follows_its_weight_and_frees_its_copy_with_it(monkeypatch):
     """RL updates the weights in place between rollouts: the oneDNN copy must never serve the old ones."""
-    monkeypatch.setattr(gpt, "_LM_HEAD_FORMS", {(2, 1000, 48): 2})
+    monkeypatch.setattr(gpt, "_LM_HEAD_CHOICE", {(2, 1000, 48, torch.float32): 2})
     x, weight = torch.randn(2, 48), torch.randn(1000, 48)
     with torch.inference_mode():
         before = lm_head_logits(x, weight)
