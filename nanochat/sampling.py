@@ -33,7 +33,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     which reads the settings back to the host) bounds the tokens looked at: the best `candidates` ones, which
     is much cheaper than the whole vocabulary, and is exact whenever every sampling row's top-k fits.
     """
-    greedy = logits.argmax(dim=-1)  # (B,)
+    greedy = logits.max(dim=-1).indices  # (B,) the first best, as argmax, which is 2-3× slower on a CPU
     V = logits.size(-1)
     if candidates is None:
         candidates = sampler_candidates(list(zip(temperature.tolist(), top_k.tolist())), V)
