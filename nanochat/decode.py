@@ -40,9 +40,9 @@ MALLOC_KEEP_FREE = 256 << 20  # bytes of free memory at the heap's top kept for 
 def keep_freed_memory() -> bool:
     """Have glibc's malloc reuse freed blocks below 32 MiB instead of mapping fresh pages for each one and handing
     them back (up to 256 MiB of free memory kept). A CPU decode step makes a few hundred short-lived tensors, a few
-    of them 1-4 MiB (the logits and their soft-cap at batch 8-32); by default glibc maps and unmaps those, so each
-    step took 350-1,100 page faults and 5-19% longer at batch 8 (DEVELOPERS.md). Process-wide and permanent;
-    False where the C library is not glibc (macOS, musl), which is left as it is."""
+    of them 1-4 MiB (the logits and their soft-cap at batch 8-32); by default glibc maps and unmaps those, so a
+    batch-8 step took 350-1,100 page faults, and in bf16 16% longer on an Intel Xeon (DEVELOPERS.md). Process-wide
+    and permanent; False where the C library is not glibc (macOS, musl), which is left as it is."""
     if not sys.platform.startswith("linux"):
         return False
     try:

@@ -165,8 +165,8 @@ def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     at a fraction of memory bandwidth, and which kernel is fastest depends on the CPU, the dtype and the row count:
     x @ weightᵀ, weight @ xᵀ (one row doubled), or oneDNN's linear. On an AMD EPYC, one fp32 row took 5.1, 1.6 and
     2.1 ms in these forms and eight rows 7.9, 5.9 and 4.7 ms; on an Intel Xeon one fp32 row took 1.2 ms as
-    x @ weightᵀ against 2.7 as weight @ xᵀ, and on another one bf16 row 0.62 against 0.46 the other way round
-    (DEVELOPERS.md, "CPU figures"). So the first product of each row count and dtype outside autograd times the
+    x @ weightᵀ against 2.7 as weight @ xᵀ, and on another one bf16 row 0.46 ms as weight @ xᵀ against 0.62 as
+    x @ weightᵀ (DEVELOPERS.md, "CPU figures"). So the first product of each row count and dtype outside autograd times the
     forms and keeps the fastest for the process; other dtypes, larger batches and anything under autograd or
     torch.compile keep F.linear.
     """
