@@ -20,6 +20,7 @@ warning, and `Decoder.captured` says which steps are graphs).
 """
 
 import ctypes
+import functools
 import os
 import sys
 import warnings
@@ -37,6 +38,7 @@ MALLOC_MMAP_BELOW = 32 << 20  # bytes: glibc's largest setting (DEFAULT_MMAP_THR
 MALLOC_KEEP_FREE = 256 << 20  # bytes of free memory at the heap's top kept for reuse instead of handed back
 
 
+@functools.cache  # once per process: the setting is process-wide
 def keep_freed_memory() -> bool:
     """Have glibc's malloc reuse freed blocks below 32 MiB instead of mapping fresh pages for each one and handing
     them back (up to 256 MiB of free memory kept). A CPU decode step makes a few hundred short-lived tensors, a few
@@ -46,7 +48,7 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
     mallopt = getattr(libc, "mallopt", None)

@@ -166,9 +166,9 @@ def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x @ weightᵀ, weight @ xᵀ (one row doubled), or oneDNN's linear. On an AMD EPYC, one fp32 row took 5.1, 1.6 and
     2.1 ms in these forms and eight rows 7.9, 5.9 and 4.7 ms; on an Intel Xeon one fp32 row took 1.2 ms as
     x @ weightᵀ against 2.7 as weight @ xᵀ, and on another one bf16 row 0.46 ms as weight @ xᵀ against 0.62 as
-    x @ weightᵀ (DEVELOPERS.md, "CPU figures"). So the first product of each row count and dtype outside autograd times the
-    forms and keeps the fastest for the process; other dtypes, larger batches and anything under autograd or
-    torch.compile keep F.linear.
+    x @ weightᵀ (DEVELOPERS.md, "CPU figures"). So the first product of each row count and dtype outside autograd
+    times the forms and keeps the fastest for the process; other dtypes, larger batches and anything under
+    autograd or torch.compile keep F.linear.
     """
     rows = x.numel() // x.size(-1)
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or rows > FEW_ROWS
