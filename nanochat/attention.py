@@ -16,6 +16,8 @@ Which path runs, and why:
   `is_causal` in bf16, 545 against 496 ms in fp32; splitting the queries into window-sized chunks cost 3.7x (masked
   chunks leave the flash kernel), and flex_attention has no backward on CPU. The most a block-skipping kernel
   could save there is small: in 128-blocks the window needs 7 of the 10 blocks that causal attention computes.
+- Decoding several samples of one prompt on a CPU (an aligned step with a shared prompt): the prompt's keys and
+  values are read once rather than once per sample (`shared_prefix_attention`).
 """
 
 import functools
@@ -99,9 +101,9 @@ def window_block_mask(T: int, window: int, device: torch.device | str, block: in
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-              positions: torch.Tensor | None = None, aligned: bool = False) -> torch.Tensor:
+              positions: torch.Tensor | None = None, aligned: bool = False, shared: int = 0) -> torch.Tensor:
     if positions is not None:
-        return _cached_attention(q, k, v, window, positions, aligned)
+        return _cached_attention(q, k, v, window, positions, aligned, shared)
     B, T, H, D = q.shape
     if FA3 is not None and q.is_cuda and fa3_accepts(q, k, v):
         out = FA3.flash_attn_func(q, k, v, causal=True, window_size=_fa3_window(window, T))
@@ -118,10 +120,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
 
 
 def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
-                      positions: torch.Tensor, aligned: bool = False) -> torch.Tensor:
+                      positions: torch.Tensor, aligned: bool = False, shared: int = 0) -> torch.Tensor:
     """q (B, T, H, D) at `positions` (B, T) against each row's cached keys/values (B, Hkv, L, D). `aligned`: one
     new token per row and every row's keys are exactly its history (see StaticRows), so within the window nothing
-    needs masking; the unmasked kernel is several times cheaper on CPUs at decode sizes."""
+    needs masking; the unmasked kernel is several times cheaper on CPUs at decode sizes. `shared`: the first
+    `shared` keys and values are the same in every row (an aligned step only; see `shared_prefix_attention`)."""
     B, T, H, D = q.shape
     k, v = k.to(q.dtype), v.to(q.dtype)
     if FA3 is not None and q.is_cuda and fa3_accepts(q, k, v):
@@ -132,6 +135,8 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
                                           causal=True, window_size=_fa3_window(window, k.size(2)))
         return out[0] if isinstance(out, tuple) else out
     if aligned and T == 1 and window >= k.size(2):
+        if B > 1 and 0 < shared < k.size(2) and q.device.type == "cpu":
+            return shared_prefix_attention(q, k, v, shared)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, enable_gqa=k.size(1) != H)
         return y.transpose(1, 2)
     kpos = torch.arange(k.size(2), device=q.device)
@@ -139,3 +144,30 @@ def _cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
     mask = ((diff >= 0) & (diff < window)).unsqueeze(1)  # (B, 1, T, L)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=k.size(1) != H)
     return y.transpose(1, 2)
+
+
+def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shared: int) -> torch.Tensor:
+    """Unmasked attention of one query per row, q (B, 1, H, D), to keys/values (B, Hkv, L, D) whose first `shared`
+    positions are the same in every row (several samples of one prompt): those are read once, from row 0, rather
+    than once per row. Attention over the prompt and over each row's own positions, merged by their log-sum-exps,
+    equals attention over all L keys up to rounding. The query heads of one KV head (GQA) are queries of that head,
+    so both parts are plain multi-head attention. On a CPU at batch 8 with a 256-token prompt, reading the cache
+    is most of a decode step's attention (DEVELOPERS.md)."""
+    B, _, H, D = q.shape
+    Hkv = k.size(1)
+    G = H // Hkv
+    grouped = q.reshape(B, Hkv, G, D)  # query head h = kv_head * G + g, as SDPA's GQA maps them
+    prompt_q = grouped.transpose(0, 1).reshape(1, Hkv, B * G, D)  # every row's queries against the one prompt
+    y1, lse1 = _attention_with_lse(prompt_q, k[:1, :, :shared], v[:1, :, :shared])
+    y1, lse1 = y1[0].view(Hkv, B, G, D).transpose(0, 1), lse1[0].view(Hkv, B, G).transpose(0, 1)
+    y2, lse2 = _attention_with_lse(grouped, k[:, :, shared:], v[:, :, shared:])  # (B, Hkv, G, D), (B, Hkv, G)
+    top = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - top)[..., None], torch.exp(lse2 - top)[..., None]
+    y = (y1.float() * w1 + y2.float() * w2) / (w1 + w2)
+    return y.to(q.dtype).reshape(B, 1, H, D)
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention (B, H, Tq, D) and its fp32 log-sum-exp (B, H, Tq), by the CPU flash kernel behind SDPA."""
+    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out[0], out[1]

@@ -146,7 +146,8 @@ class Decoder:
         """(read_length, aligned) of a step whose taking-part rows hold these lengths: aligned when they all hold
         one length and the read is exactly that plus the new token, so attention needs no mask (see `step`)."""
         read = self.read_length(max(lengths) + 1)
-        return read, len(lengths) == 1 and read == max(lengths) + 1
+        # compiled steps never take the unmasked form: it would be a second graph of each step for a few steps
+        return read, not self.policy.compile and len(lengths) == 1 and read == max(lengths) + 1
 
     @property
     def built_steps(self) -> list[tuple[int, int, int]]:
@@ -186,8 +187,8 @@ class Decoder:
 
     # --- steps --------------------------------------------------------------------------------------------------------
 
-    def _step(self, rows: int, read_length: int, candidates: int, aligned: bool = False) -> None:
-        view = StaticRows(self.cache, rows, read_length, self.active[:rows], aligned)
+    def _step(self, rows: int, read_length: int, candidates: int, aligned: bool = False, shared: int = 0) -> None:
+        view = StaticRows(self.cache, rows, read_length, self.active[:rows], aligned, shared)
         logits = self.model(self.tokens[:rows, None], kv_cache=view, last_only=True)[:, -1]  # (rows, V) fp32
         ids = sample_tokens(logits, self.temperature[:rows], self.top_k[:rows], self.top_p[:rows],
                             self.uniform[:rows], candidates)
@@ -221,19 +222,22 @@ class Decoder:
         return graph.replay
 
     @torch.inference_mode()  # not just no_grad: no view or version-counter bookkeeping (+15% at batch 1 on a CPU)
-    def step(self, rows: int, read_length: int, candidates: int, aligned: bool = False) -> torch.Tensor:
+    def step(self, rows: int, read_length: int, candidates: int, aligned: bool = False,
+             shared: int = 0) -> torch.Tensor:
         """One token for each active row of 0..rows-1 (rows a bucket, read_length ≥ every active row's length + 1;
         see rows_bucket, read_bucket, sampler_candidates) → the sampled ids (rows,), on the device.
 
         `aligned`: the caller knows every active row holds exactly read_length - 1 tokens, so attention runs
         without a mask (StaticRows). Eager and compiled steps only: a captured graph always masks, so that rows of
-        any lengths replay the same graph."""
+        any lengths replay the same graph. `shared` (with aligned, eager steps only): positions 0..shared-1 hold
+        the same keys and values in every row (the samples of one prompt), so attention reads them once."""
         if not 0 < read_length <= self.cache.max_seq_len:
             raise ValueError(f"read_length {read_length} is outside 1..{self.cache.max_seq_len}")
         key = (rows, read_length, candidates)
         if not self.policy.graph:
             self._steps.setdefault(key, None)
-            self._run(*key, aligned)
+            # shared changes with every prompt: a compiled step would recompile for each, so it gets none
+            self._run(*key, aligned, 0 if self.policy.compile else shared)
             return self.out[:rows]
         # CUDA graphs are captured and replayed on the current device's streams: make that the cache's device
         # (the server runs one scheduler thread per GPU, whose current device is otherwise cuda:0)

@@ -278,7 +278,7 @@ class Engine:
             else:
                 decoder.uniform[:rows].copy_(uniform[perm])
             read, aligned = decoder.read_for({held})  # every live sample holds `held` tokens
-            sampled = decoder.step(rows, read, candidates, aligned).tolist()
+            sampled = decoder.step(rows, read, candidates, aligned, shared=start).tolist()  # the prompt: one copy
             decoder.sampled(sampled)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, **kwargs) -> tuple[list[list[int]],

@@ -125,7 +125,7 @@ def _skinny(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows = flat.size(0)
     if rows == 1:
         flat = torch.cat([flat, flat])  # a real second row: a stride-0 view would take the matrix-vector path again
-    return (weight @ flat.T)[:, :rows].T.contiguous()
+    return (weight @ flat.T)[:, :rows].T  # transposed in memory: see lm_head_logits
 
 
 def _onednn(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -168,7 +168,8 @@ def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x @ weightᵀ against 2.7 as weight @ xᵀ, and on another one bf16 row 0.46 ms as weight @ xᵀ against 0.62 as
     x @ weightᵀ (DEVELOPERS.md, "CPU figures"). So the first product of each row count and dtype outside autograd
     times the forms and keeps the fastest for the process; other dtypes, larger batches and anything under
-    autograd or torch.compile keep F.linear.
+    autograd or torch.compile keep F.linear. weight @ xᵀ hands its product back transposed in memory: a copy into
+    row order cost more than the strided reads after it (DEVELOPERS.md).
     """
     rows = x.numel() // x.size(-1)
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or rows > FEW_ROWS
@@ -226,7 +227,8 @@ class CausalSelfAttention(nn.Module):
             qk = norm(apply_rotary(torch.cat([q, k], dim=2), cos, sin)) * 1.2
             q, k = qk[:, :, :self.n_head], qk[:, :, self.n_head:]
             keys, values = kv_cache.write_and_read(self.layer, slots, positions, k, v)  # (B, Hkv, L, D)
-            y = attention(q, keys, values, window, positions=positions, aligned=kv_cache.aligned)
+            y = attention(q, keys, values, window, positions=positions, aligned=kv_cache.aligned,
+                          shared=kv_cache.shared)
         return self.c_proj(y.reshape(B, T, -1))
 
 

@@ -13,6 +13,7 @@ class KVCache:
     """
 
     aligned = False  # rows may hold different lengths: attention masks what lies past each row's end (StaticRows)
+    shared = 0  # no positions known to be the same in every row (StaticRows)
 
     def __init__(self, batch_size: int, n_layer: int, n_kv_head: int, head_dim: int, max_seq_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -109,11 +110,15 @@ class StaticRows:
 
     `aligned`: every active row holds exactly read_length - 1 tokens (the samples of one prompt), so each attends
     to all read_length positions and attention needs no mask (what inactive rows compute is never used).
+    `shared` (aligned steps only): positions 0..shared-1 hold the same keys and values in every row (the prompt,
+    prefilled once and copied to each sample's row), so attention reads them once, from row 0.
     """
 
-    def __init__(self, cache: KVCache, rows: int, read_length: int, active: torch.Tensor, aligned: bool = False):
+    def __init__(self, cache: KVCache, rows: int, read_length: int, active: torch.Tensor, aligned: bool = False,
+                 shared: int = 0):
         self.cache, self.rows, self.read_length, self.active = cache, rows, read_length, active  # active (rows,)
         self.aligned = aligned
+        self.shared = shared if aligned else 0
         self._index: tuple | None = None  # (rows, heads, where) of the writes, the same in every layer of a step
 
     def resolve_slots(self, slots, batch: int) -> slice:

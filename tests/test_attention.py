@@ -1,4 +1,5 @@
-"""Sliding-window attention paths against a naive mask: the flex_attention block mask and the cached SDPA mask."""
+"""Sliding-window attention paths against a naive mask (the flex_attention block mask and the cached SDPA mask),
+and the decode step's attention to a prompt that every row shares."""
 
 import warnings
 
@@ -81,3 +82,24 @@ def test_a_cuda_machine_without_fa3_gets_one_line_saying_why(monkeypatch, capsys
     assert attention_module._load_flash_attn_3() is None
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and says in lines[0] and "falling back to PyTorch SDPA" in lines[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head, and two query heads per KV head (GQA)
+def test_a_prompt_shared_by_every_row_is_attended_as_if_each_row_held_it(kv_heads, dtype):
+    """An aligned decode step whose rows share their first 24 positions reads them from row 0 only: row 0's copy
+    is the one that counts (the other rows' copies are overwritten here with noise), and the result is attention
+    over each row's whole history."""
+    torch.manual_seed(0)
+    B, H, L, D, shared = 3, 4, 40, 16, 24
+    q = torch.randn(B, 1, H, D)
+    k, v = torch.randn(B, kv_heads, L, D), torch.randn(B, kv_heads, L, D)
+    k[1:, :, :shared], v[1:, :, :shared] = k[:1, :, :shared], v[:1, :, :shared]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k, v, enable_gqa=kv_heads != H).transpose(1, 2)
+    k[1:, :, :shared], v[1:, :, :shared] = (torch.randn(B - 1, kv_heads, shared, D) for _ in range(2))
+    positions = torch.full((B, 1), L - 1)
+    y = attention(q.to(dtype), k.to(dtype), v.to(dtype), L, positions=positions, aligned=True, shared=shared)
+    assert y.shape == (B, 1, H, D) and y.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(y.float(), expected, atol=tolerance, rtol=tolerance)

@@ -53,6 +53,15 @@ def test_buckets_are_powers_of_two_within_their_limits():
     assert read_bucket(700, 600) == 600
 
 
+def test_only_eager_steps_read_rows_of_one_length_without_a_mask(model):
+    """A compiled step would compile a second graph for the unmasked form, for the few steps whose rounded read
+    happens to be exact; it always masks instead."""
+    eager = Decoder(model, slots=2, max_seq_len=64, dtype=torch.float32, policy=DecodePolicy())
+    compiled = Decoder(model, slots=2, max_seq_len=64, dtype=torch.float32, policy=DecodePolicy(compile=True))
+    assert eager.read_for({20}) == (21, True) and eager.read_for({20, 7}) == (21, False)
+    assert compiled.read_for({31}) == (32, False)
+
+
 def test_compiled_greedy_decoding_equals_eager_token_for_token_with_a_tool_call(tool_model, tiny_tokenizer):
     tok = tiny_tokenizer
     prompt = tool_prompt_of(tok)
@@ -100,10 +109,11 @@ def test_rows_that_sit_out_a_step_are_left_as_they_were(tiny_tokenizer):
 
 def test_an_aligned_step_computes_what_the_masked_step_does(tiny_tokenizer):
     """Rows of one length read exactly their history: the unmasked step (aligned) samples the same tokens and
-    writes the same cache as the masked one, also for a layer whose window is shorter than the history."""
+    writes the same cache as the masked one, also for a layer whose window is shorter than the history, and so
+    does one that reads the prompt the rows share once (shared)."""
     model = make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256, window_pattern="SL").eval()
     results = []
-    for aligned in (False, True):
+    for aligned, shared in ((False, 0), (True, 0), (True, 40)):
         decoder = Decoder(model, slots=2, max_seq_len=64, dtype=torch.float32, policy=DecodePolicy())
         torch.manual_seed(0)
         prompt = torch.randint(0, 200, (1, 40))
@@ -114,12 +124,13 @@ def test_an_aligned_step_computes_what_the_masked_step_does(tiny_tokenizer):
         tokens = []
         for step in range(6):
             decoder.feed({0: 11 + step, 1: 30 + step})
-            ids = decoder.step(2, decoder.read_length(41 + step), 0, aligned=aligned).tolist()
+            ids = decoder.step(2, decoder.read_length(41 + step), 0, aligned=aligned, shared=shared).tolist()
             decoder.sampled(ids)
             tokens.append(ids)
         results.append((tokens, decoder.cache.k[:, :, :, :46].clone()))
-    assert results[0][0] == results[1][0]
-    assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+    for tokens, keys in results[1:]:
+        assert tokens == results[0][0]
+        assert torch.allclose(keys, results[0][1], atol=1e-6)
 
 
 def test_samples_keep_their_outputs_when_they_move_to_a_smaller_bucket(tiny_tokenizer):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
+from nanochat import attention as attention_module
 from nanochat.common import get_compute_dtype
 from nanochat.engine import (Engine, TextStream, ToolStateMachine, run_tool, sample_tokens, sampling_params,
                              tool_program)
@@ -103,7 +104,11 @@ def encode(tok, text):
 # Engine.generate
 
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_greedy_engine_equals_full_forward_passes(model, tiny_tokenizer, num_samples):
+def test_greedy_engine_equals_full_forward_passes(model, tiny_tokenizer, num_samples, monkeypatch):
+    """Also when several samples read their prompt once (attention.shared_prefix_attention)."""
+    shared = []
+    original = attention_module.shared_prefix_attention
+    monkeypatch.setattr(attention_module, "shared_prefix_attention", lambda *a: shared.append(a[3]) or original(*a))
     engine = Engine(model, tiny_tokenizer, use_tools=False)
     for text in PROMPTS:
         prompt = encode(tiny_tokenizer, text)
@@ -111,6 +116,7 @@ def test_greedy_engine_equals_full_forward_passes(model, tiny_tokenizer, num_sam
         expected = oracle(model, tiny_tokenizer, prompt, 1, 12, use_tools=False)[0]
         assert results == [expected[0]] * num_samples
         assert masks == [expected[1]] * num_samples
+        assert (len(prompt) in shared) == (num_samples > 1)
 
 
 def test_greedy_engine_with_smear_and_backout_equals_full_forward_passes(tiny_tokenizer):
