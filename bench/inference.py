@@ -119,16 +119,26 @@ def peak_bandwidth(device: torch.device, given_gb_s: float | None) -> tuple[floa
     return measure_memcpy_bandwidth(), "memcpy probe"
 
 
-def decode_bytes_per_step(model, batch: int, context: int, weight_bytes: int, kv_bytes: int) -> float:
+def decode_bytes_per_step(model, batch: int, context: int, weight_bytes: int, kv_bytes: int,
+                          shared: int = 0) -> float:
     """Bytes a decode step of `batch` rows at `context` positions must read: every weight once (embedding tables:
-    only their rows for the batch's tokens), and each row's keys and values up to its position (or its window)."""
+    only their rows for the batch's tokens), and each row's keys and values up to its position (or its window).
+    `shared`: positions that the rows hold in common and the step reads once (the prompt of several samples, in a
+    full-context layer; attention.shared_prefix_attention)."""
     c = model.config
     tables = model.wte.weight.numel() + sum(p.numel() for p in model.value_embeds.parameters())
     rows_of_tables = batch * (c.n_embd + len(model.value_embeds) * c.n_kv_head * c.head_dim)
     total = sum(p.numel() for p in model.parameters())
     weights = (total - tables + rows_of_tables) * weight_bytes
-    kv = sum(2 * batch * c.n_kv_head * c.head_dim * min(w, context) for w in model.windows) * kv_bytes
+    positions = [shared + batch * (context - shared) if w >= context else batch * w for w in model.windows]
+    kv = sum(2 * c.n_kv_head * c.head_dim * n for n in positions) * kv_bytes
     return weights + kv
+
+
+def reads_prompt_once(device: torch.device, policy: DecodePolicy) -> bool:
+    """Whether an engine's decode steps read the prompt its samples share once: eager CPU steps (Decoder.step
+    passes no `shared` to compiled ones, captured graphs always mask)."""
+    return device.type == "cpu" and not policy.compile
 
 
 def prefill_flops(model, tokens: int) -> float:
@@ -306,8 +316,9 @@ def main(argv=None) -> None:
                 engine.generate_batch(prompt, batch, max_tokens=8, temperature=1.0, top_k=50)  # warm up this bucket
                 rate, seconds = decode_rate(engine, prompt, batch, args.tokens)
                 step_s = batch / rate
+                shared = args.prompt_len if reads_prompt_once(device, policy) else 0
                 needed = decode_bytes_per_step(engine.model, batch, args.prompt_len + args.tokens // 2, bytes_per,
-                                               bytes_per)
+                                               bytes_per, shared)
                 result[f"decode_tok_s_batch{batch}"] = round(rate, 1)
                 result[f"decode_step_ms_batch{batch}"] = round(step_s * 1e3, 3)
                 result[f"decode_bandwidth_util_batch{batch}"] = round(needed / step_s / bandwidth, 4)

@@ -31,3 +31,18 @@ def test_bench_rl_reports_rollout_speed(capsys):
     main(["--depth", "1", "--vocab-size", "512", "--prompt-len", "16", "--samples", "2", "--tokens", "8"])
     (result,) = figures(capsys)
     assert result["depth"] == 1 and result["vocab_size"] == 512
+
+
+def test_the_bandwidth_figure_counts_a_shared_prompt_once_where_the_step_reads_it_once():
+    import torch
+    from bench.inference import decode_bytes_per_step, make, reads_prompt_once
+    from nanochat.decode import DecodePolicy
+    model = make(1, 512, 64)
+    c = model.config
+    apart = decode_bytes_per_step(model, 4, 40, 4, 4)
+    together = decode_bytes_per_step(model, 4, 40, 4, 4, shared=30)
+    assert apart - together == (4 - 1) * 30 * 2 * c.n_kv_head * c.head_dim * c.n_layer * 4
+    assert decode_bytes_per_step(model, 1, 40, 4, 4, shared=30) == decode_bytes_per_step(model, 1, 40, 4, 4)
+    assert reads_prompt_once(torch.device("cpu"), DecodePolicy())
+    assert not reads_prompt_once(torch.device("cpu"), DecodePolicy(compile=True))
+    assert not reads_prompt_once(torch.device("cuda"), DecodePolicy(compile=True, graph=True))
