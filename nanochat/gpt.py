@@ -13,8 +13,6 @@ Shapes: B batch, T time, C n_embd, H query heads, Hkv key/value heads, D head_di
 """
 
 import math
-import time
-import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -23,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.attention import attention
+from nanochat.few_rows import LM_HEAD_FORMS, product
 from nanochat.kv_cache import KVCache
 from nanochat.optim import MuonAdamW
 from nanochat.softcap_loss import softcap_cross_entropy
@@ -113,73 +112,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
-
-
-FEW_ROWS = 32  # up to this many rows, a CPU fp32/bf16 LM head runs in the fastest of three forms (lm_head_logits)
-_LM_HEAD_CHOICE: dict[tuple, int] = {}  # (rows, V, C, dtype) → index in LM_HEAD_FORMS of the form measured fastest
-_ONEDNN_WEIGHTS: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # id(weight) → (its stamp, its oneDNN copy)
-
-
-def _skinny(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    rows = flat.size(0)
-    if rows == 1:
-        flat = torch.cat([flat, flat])  # a real second row: a stride-0 view would take the matrix-vector path again
-    return (weight @ flat.T)[:, :rows].T  # transposed in memory: see lm_head_logits
-
-
-def _onednn(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """flat @ weightᵀ by oneDNN, on a copy of the weight in oneDNN's layout, made again whenever the weight changed
-    (an in-place update bumps its version, a new tensor has another storage); freed with the weight."""
-    stamp = (weight._version, weight.data_ptr())
-    held = _ONEDNN_WEIGHTS.get(id(weight))
-    if held is None or held[0] != stamp:
-        if held is None:
-            weakref.finalize(weight, _ONEDNN_WEIGHTS.pop, id(weight), None)
-        held = _ONEDNN_WEIGHTS[id(weight)] = (stamp, weight.detach().to_mkldnn())
-    return torch._C._nn.mkldnn_linear(flat.to_mkldnn(), held[1], None).to_dense()
-
-
-LM_HEAD_FORMS = [F.linear, _skinny] + ([_onednn] if torch.backends.mkldnn.is_available() else [])
-
-
-def _best_of(forms, repeats: int = 5):
-    """Index of the fastest of `forms` (callables): the least of `repeats` timed calls each, after one warm-up call
-    (the least rather than the sum, which a burst of load from elsewhere on the machine can swing)."""
-    best = []
-    for form in forms:
-        form()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            form()
-            times.append(time.perf_counter() - t0)
-        best.append(min(times))
-    return best.index(min(best))
-
-
-def lm_head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (..., C) → x @ weightᵀ (..., V), weight (V, C) in x's dtype.
-
-    The decode-step case (a few rows against the vocabulary-sized matrix, far larger than the caches) runs on CPUs
-    at a fraction of memory bandwidth, and which kernel is fastest depends on the CPU, the dtype and the row count:
-    x @ weightᵀ, weight @ xᵀ (one row doubled), or oneDNN's linear. On an AMD EPYC, one fp32 row took 5.1, 1.6 and
-    2.1 ms in these forms and eight rows 7.9, 5.9 and 4.7 ms; on an Intel Xeon one fp32 row took 1.2 ms as
-    x @ weightᵀ against 2.7 as weight @ xᵀ, and on another one bf16 row 0.46 ms as weight @ xᵀ against 0.62 as
-    x @ weightᵀ (DEVELOPERS.md, "CPU figures"). So the first product of each row count and dtype outside autograd
-    times the forms and keeps the fastest for the process; other dtypes, larger batches and anything under
-    autograd or torch.compile keep F.linear. weight @ xᵀ hands its product back transposed in memory: a copy into
-    row order cost more than the strided reads after it (DEVELOPERS.md).
-    """
-    rows = x.numel() // x.size(-1)
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or rows > FEW_ROWS
-            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
-        return F.linear(x, weight)
-    flat = x.reshape(rows, x.size(-1))
-    key = (rows, *weight.shape, x.dtype)
-    if key not in _LM_HEAD_CHOICE:
-        _LM_HEAD_CHOICE[key] = _best_of([lambda form=form: form(flat, weight) for form in LM_HEAD_FORMS])
-    return LM_HEAD_FORMS[_LM_HEAD_CHOICE[key]](flat, weight).view(*x.shape[:-1], weight.size(0))
+        return product(x, self.weight.to(x.dtype))  # F.linear, or its fastest form for a decode step's few rows on CPUs
 
 
 def compute_dtype(device_type: str, weights_dtype: torch.dtype) -> torch.dtype:
@@ -363,7 +296,7 @@ class GPT(nn.Module):
             # stay in cache (nanochat/softcap_loss.py). GPUs keep the compiled plain form below.
             return softcap_cross_entropy(x, self.lm_head.weight[:self.config.vocab_size], targets, SOFTCAP,
                                          loss_reduction)
-        logits = lm_head_logits(x, self.lm_head.weight.to(x.dtype))[..., :self.config.vocab_size].float()
+        logits = product(x, self.lm_head.weight.to(x.dtype), LM_HEAD_FORMS)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_model
-from nanochat import gpt
 from nanochat.attention import attention
-from nanochat.gpt import GPT, GPTConfig, lm_head_logits
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
 
 V = 300
@@ -220,51 +219,6 @@ def test_logits_are_soft_capped_fp32_and_never_include_padding():
     assert logits.dtype == torch.float32 and logits.shape == (2, 7, V)
     assert model.config.padded_vocab_size == 320 and model.lm_head.weight.shape[0] == 320
     assert logits.abs().max() <= 15.0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 2, 8, 33])
-@pytest.mark.parametrize("form", [0, 1, 2])  # F.linear, weight @ xᵀ, oneDNN
-def test_the_cpu_lm_head_of_few_rows_is_the_same_product_in_every_form(rows, form, dtype, monkeypatch):
-    torch.manual_seed(0)
-    x, weight = torch.randn(rows, 1, 48).to(dtype), torch.randn(1000, 48).to(dtype)
-    monkeypatch.setattr(gpt, "_LM_HEAD_CHOICE", {(rows, 1000, 48, dtype): form})
-    with torch.no_grad():
-        out = lm_head_logits(x, weight)
-    assert out.shape == (rows, 1, 1000) and out.dtype == dtype  # weight @ xᵀ leaves it transposed in memory
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # bf16 products round their sums to 8 bits
-    assert torch.allclose(out.float(), F.linear(x, weight).float(), atol=tolerance, rtol=tolerance)
-
-
-def test_the_cpu_lm_head_times_its_forms_once_per_row_count(monkeypatch):
-    monkeypatch.setattr(gpt, "_LM_HEAD_CHOICE", {})
-    x, weight = torch.randn(3, 48), torch.randn(1000, 48)
-    with torch.no_grad():
-        lm_head_logits(x, weight)
-        lm_head_logits(x, weight)
-        assert list(gpt._LM_HEAD_CHOICE) == [(3, 1000, 48, torch.float32)]
-        lm_head_logits(x.bfloat16(), weight.bfloat16())  # another dtype: timed on its own
-        assert list(gpt._LM_HEAD_CHOICE) == [(3, 1000, 48, torch.float32), (3, 1000, 48, torch.bfloat16)]
-        lm_head_logits(x.half(), weight.half())  # not a timed dtype: F.linear
-    lm_head_logits(torch.randn(2, 48), weight)  # under autograd: F.linear, nothing timed
-    assert len(gpt._LM_HEAD_CHOICE) == 2
-
-
-def test_the_onednn_lm_head_follows_its_weight_and_frees_its_copy_with_it(monkeypatch):
-    """RL updates the weights in place between rollouts: the oneDNN copy must never serve the old ones."""
-    monkeypatch.setattr(gpt, "_LM_HEAD_CHOICE", {(2, 1000, 48, torch.float32): 2})
-    x, weight = torch.randn(2, 48), torch.randn(1000, 48)
-    with torch.inference_mode():
-        before = lm_head_logits(x, weight)
-    with torch.no_grad():
-        weight.mul_(2)  # in place, as an optimizer step
-        assert torch.allclose(lm_head_logits(x, weight), 2 * before, atol=1e-5)
-        weight.data = torch.randn(1000, 48)  # new storage, same tensor
-        assert torch.allclose(lm_head_logits(x, weight), F.linear(x, weight), atol=1e-5)
-    assert id(weight) in gpt._ONEDNN_WEIGHTS
-    key = id(weight)
-    del weight
-    assert key not in gpt._ONEDNN_WEIGHTS
 
 
 def test_loss_ignores_minus_one_targets():
