@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from nanochat.common import UserError
+from nanochat.gpt import SOFTCAP
 from nanochat.kv_cache import KVCache, StaticRows
 from nanochat.sampling import sample_tokens
 
@@ -189,9 +190,10 @@ class Decoder:
 
     def _step(self, rows: int, read_length: int, candidates: int, aligned: bool = False, shared: int = 0) -> None:
         view = StaticRows(self.cache, rows, read_length, self.active[:rows], aligned, shared)
-        logits = self.model(self.tokens[:rows, None], kv_cache=view, last_only=True)[:, -1]  # (rows, V) fp32
+        # (rows, V) fp32, before the soft-cap: the sampler caps only the candidates it looks at
+        logits = self.model(self.tokens[:rows, None], kv_cache=view, last_only=True, capped=False)[:, -1]
         ids = sample_tokens(logits, self.temperature[:rows], self.top_k[:rows], self.top_p[:rows],
-                            self.uniform[:rows], candidates)
+                            self.uniform[:rows], candidates, softcap=SOFTCAP)
         self.out[:rows].copy_(ids)
         self.tokens[:rows].copy_(ids)
 

@@ -24,6 +24,7 @@ from nanochat.attention import attention
 from nanochat.few_rows import LM_HEAD_FORMS, product
 from nanochat.kv_cache import KVCache
 from nanochat.optim import MuonAdamW
+from nanochat.sampling import soft_cap
 from nanochat.softcap_loss import softcap_cross_entropy
 
 SOFTCAP = 15.0
@@ -247,19 +248,21 @@ class GPT(nn.Module):
         self.sin.copy_(sin)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
-                slots: torch.Tensor | list[int] | None = None, loss_reduction: str = "mean", last_only: bool = False):
+                slots: torch.Tensor | list[int] | None = None, loss_reduction: str = "mean", last_only: bool = False,
+                capped: bool = True):
         """idx (B, T) → logits (B, T, vocab_size) fp32, or the fp32 loss when targets (B, T; -1 = ignore) are given.
         `last_only` computes the logits of the last position only (B, 1, vocab_size): what generation needs after
-        a prefill, without paying the LM head for every prompt token.
+        a prefill, without paying the LM head for every prompt token. `capped` False returns the logits before the
+        soft-cap, for a caller that caps only the ones it looks at (a decode step's sampler: `sample_tokens`).
 
         With a kv_cache, the T new tokens are appended to the cache rows `slots` (default 0..B-1), each at its own
         position, and attend to that row's history.
         """
         dtype = compute_dtype(idx.device.type, self.lm_head.weight.dtype)
         with torch.autocast(idx.device.type, enabled=False) if idx.device.type in ("cuda", "cpu") else nullcontext():
-            return self._forward(idx, targets, kv_cache, slots, loss_reduction, last_only, dtype)
+            return self._forward(idx, targets, kv_cache, slots, loss_reduction, last_only, dtype, capped)
 
-    def _forward(self, idx, targets, kv_cache, slots, loss_reduction, last_only, dtype):
+    def _forward(self, idx, targets, kv_cache, slots, loss_reduction, last_only, dtype, capped):
         B, T = idx.shape
         if kv_cache is None:
             positions = None
@@ -297,9 +300,9 @@ class GPT(nn.Module):
             return softcap_cross_entropy(x, self.lm_head.weight[:self.config.vocab_size], targets, SOFTCAP,
                                          loss_reduction)
         logits = product(x, self.lm_head.weight.to(x.dtype), LM_HEAD_FORMS)[..., :self.config.vocab_size].float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
-            return logits
+            return soft_cap(logits, SOFTCAP if capped else None)
+        logits = soft_cap(logits, SOFTCAP)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
 

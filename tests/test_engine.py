@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_tiny_model
 from nanochat import attention as attention_module
+from nanochat import gpt
 from nanochat.common import get_compute_dtype
 from nanochat.engine import (Engine, TextStream, ToolStateMachine, run_tool, sample_tokens, sampling_params,
                              tool_program)
@@ -284,6 +285,20 @@ def test_a_rows_token_does_not_depend_on_its_neighbours():
     alone = [int(sample_tokens(logits[i:i + 1], t[i:i + 1], k[i:i + 1], p[i:i + 1], uniform[i:i + 1])[0])
              for i in range(6)]
     assert together.tolist() == alone
+
+
+@pytest.mark.parametrize("candidates", [0, 64, 1000])  # greedy only; the best 64; the whole vocabulary
+def test_logits_capped_by_the_sampler_give_the_tokens_of_logits_capped_before_it(candidates):
+    """A decode step hands the sampler its logits before the soft-cap, which is applied to the candidates only."""
+    torch.manual_seed(0)
+    raw, uniform = 20 * torch.randn(8, 1000), torch.rand(8)
+    raw[0, 3], raw[0, 7] = 400.0, 500.0  # both cap to exactly 15.0: the first best is 3, not the larger 7
+    t = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.7, 1.3, 1.0, 2.0]) * (candidates > 0)
+    k = torch.tensor([0, 5, 50, 64, 10, 1, 64, 20]) if candidates < 1000 else torch.zeros(8, dtype=torch.long)
+    p = torch.tensor([1.0, 1.0, 0.9, 1.0, 0.5, 1.0, 1.0, 1.0])
+    capped = sample_tokens(gpt.SOFTCAP * torch.tanh(raw / gpt.SOFTCAP), t, k, p, uniform, candidates)
+    assert sample_tokens(raw, t, k, p, uniform, candidates, softcap=gpt.SOFTCAP).tolist() == capped.tolist()
+    assert capped[0] == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------
