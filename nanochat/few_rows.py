@@ -22,10 +22,12 @@ import torch.nn.functional as F
 
 FEW_ROWS = 32  # up to this many rows a CPU product runs in the fastest of its forms
 TRIALS = 5  # timed calls of each form before a key settles on one
+STACK_BELOW = 1 << 20  # bytes: weights up to this size are stacked for one product (`stacked`)
 _clock = time.perf_counter
+_TIMED_DTYPES = (torch.float32, torch.bfloat16)
 _CHOICE: dict[tuple, int] = {}  # key → index in its forms of the form measured fastest
 _TRIALS: dict[tuple, list[list[float]]] = {}  # key still being measured → each form's call times so far
-_ONEDNN_WEIGHTS: dict[int, tuple[tuple[int, int], torch.Tensor]] = {}  # id(weight) → (its stamp, its oneDNN copy)
+_HELD: dict[tuple, tuple[tuple, torch.Tensor]] = {}  # (kind, ids of the weights) → (their stamps, the copy)
 
 
 def skinny(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -37,17 +39,34 @@ def skinny(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (weight @ flat.T)[:, :rows].T
 
 
-def onednn(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """flat @ weightᵀ by oneDNN, on a copy of the weight in oneDNN's layout, made again whenever the weight changed
-    (an in-place update bumps its version, a new tensor has another storage); freed with the weight, or as soon as
-    no key that settled chose this form."""
-    stamp = (weight._version, weight.data_ptr())
-    held = _ONEDNN_WEIGHTS.get(id(weight))
+def held_copy(kind: tuple, weights: tuple[torch.Tensor, ...], build) -> torch.Tensor:
+    """build(), a copy derived from `weights` (in oneDNN's layout; stacked), held and made again whenever one of
+    them changed (an in-place update bumps its version, a new tensor has another storage: RL's updates, the
+    engine's refreshed weights); freed with the first of them."""
+    key = (*kind, *map(id, weights))
+    stamp = tuple((w._version, w.data_ptr()) for w in weights)
+    held = _HELD.get(key)
     if held is None or held[0] != stamp:
         if held is None:
-            weakref.finalize(weight, _ONEDNN_WEIGHTS.pop, id(weight), None)
-        held = _ONEDNN_WEIGHTS[id(weight)] = (stamp, weight.detach().to_mkldnn())
-    return torch._C._nn.mkldnn_linear(flat.to_mkldnn(), held[1], None).to_dense()
+            weakref.finalize(weights[0], _HELD.pop, key, None)
+        held = _HELD[key] = (stamp, build())
+    return held[1]
+
+
+def stacked(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """The weights stacked along their rows, in `dtype`, for one product in place of several of one input (a
+    decode step's q, k and v), which reads them as one stream rather than several short ones; None when the
+    largest is above STACK_BELOW, where a product alone streams well enough not to hold a copy (DEVELOPERS.md)."""
+    if max(w.numel() for w in weights) * dtype.itemsize > STACK_BELOW:
+        return None
+    return held_copy(("stacked", dtype), weights, lambda: torch.cat([w.detach().to(dtype) for w in weights]))
+
+
+def onednn(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """flat @ weightᵀ by oneDNN, on a copy of the weight in oneDNN's layout (`held_copy`), dropped as soon as no
+    key that settled chose this form."""
+    copy = held_copy(("onednn",), (weight,), lambda: weight.detach().to_mkldnn())
+    return torch._C._nn.mkldnn_linear(flat.to_mkldnn(), copy, None).to_dense()
 
 
 LINEAR_FORMS = (F.linear, skinny)  # oneDNN was the slowest for the block linears' small weights (DEVELOPERS.md)
@@ -59,15 +78,24 @@ def _settle(key: tuple, forms: tuple, times: list[list[float]]) -> None:
     _CHOICE[key] = medians.index(min(medians))
     del _TRIALS[key]
     if not _TRIALS and all(k[-1][i] is not onednn for k, i in _CHOICE.items()):
-        _ONEDNN_WEIGHTS.clear()  # no settled key uses the copies: do not hold a second LM head for the process
+        for key in [k for k in _HELD if k[0] == "onednn"]:  # no settled key uses them: no second LM head held
+            del _HELD[key]
+
+
+def measured(x: torch.Tensor) -> bool:
+    """Whether products of x run in their measured forms: CPU, fp32 or bf16, outside autograd and torch.compile,
+    up to FEW_ROWS rows. A decode step makes some thirty of these checks and products, so the cheapest checks come
+    first (each Python-level tensor call costs 0.5-1.5 µs on a 2-core CPU)."""
+    return (x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and x.dtype in _TIMED_DTYPES and x.shape[:-1].numel() <= FEW_ROWS)
 
 
 def product(x: torch.Tensor, weight: torch.Tensor, forms: tuple = LINEAR_FORMS) -> torch.Tensor:
     """x (..., C) @ weightᵀ → (..., V), weight (V, C) in x's dtype, in the fastest of `forms` for this key."""
-    rows = x.numel() // x.size(-1)
-    if (x.device.type != "cpu" or torch.compiler.is_compiling() or torch.is_grad_enabled() or rows > FEW_ROWS
-            or x.dtype not in (torch.float32, torch.bfloat16)):
+    if not measured(x):
         return F.linear(x, weight)
+    lead = x.shape[:-1]
+    rows = lead.numel()
     flat = x.reshape(rows, x.size(-1))
     key = (rows, *weight.shape, x.dtype, forms)
     choice = _CHOICE.get(key)
@@ -81,4 +109,4 @@ def product(x: torch.Tensor, weight: torch.Tensor, forms: tuple = LINEAR_FORMS) 
         times[form].append(_clock() - t0)
         if all(len(t) > TRIALS for t in times):
             _settle(key, forms, times)
-    return out.view(*x.shape[:-1], weight.size(0))
+    return out.view(*lead, weight.size(0))

@@ -14,7 +14,7 @@ def fresh(monkeypatch):
     """Empty choices, and a clock that only the forms below move."""
     monkeypatch.setattr(few_rows, "_CHOICE", {})
     monkeypatch.setattr(few_rows, "_TRIALS", {})
-    monkeypatch.setattr(few_rows, "_ONEDNN_WEIGHTS", {})
+    monkeypatch.setattr(few_rows, "_HELD", {})
     clock = {"now": 0.0}
     monkeypatch.setattr(few_rows, "_clock", lambda: clock["now"])
     return clock
@@ -103,10 +103,10 @@ def test_the_onednn_copy_follows_its_weight_and_is_freed_with_it(monkeypatch):
         assert torch.allclose(product(x, weight, LM_HEAD_FORMS), 2 * before, atol=1e-5)
         weight.data = torch.randn(1000, 48)  # new storage, same tensor
         assert torch.allclose(product(x, weight, LM_HEAD_FORMS), F.linear(x, weight), atol=1e-5)
-    assert id(weight) in few_rows._ONEDNN_WEIGHTS
-    key = id(weight)
+    key = ("onednn", id(weight))
+    assert key in few_rows._HELD
     del weight
-    assert key not in few_rows._ONEDNN_WEIGHTS
+    assert key not in few_rows._HELD
 
 
 def test_the_onednn_copy_is_dropped_once_every_key_settled_on_another_form(fresh):
@@ -116,8 +116,41 @@ def test_the_onednn_copy_is_dropped_once_every_key_settled_on_another_form(fresh
     with torch.no_grad():
         product(x, weight, forms)
         product(x, weight, forms)
-        assert id(weight) in few_rows._ONEDNN_WEIGHTS  # made by the trial of the oneDNN form
+        assert ("onednn", id(weight)) in few_rows._HELD  # made by the trial of the oneDNN form
         for _ in range(2 * TRIALS):
             product(x, weight, forms)
     assert few_rows._CHOICE == {(2, 1000, 48, torch.float32, forms): 0}
-    assert not few_rows._ONEDNN_WEIGHTS
+    assert not few_rows._HELD
+
+
+def test_stacked_weights_give_each_product_and_follow_their_weights(fresh):
+    q, k, v = torch.randn(64, 48), torch.randn(16, 48), torch.randn(16, 48)
+    x = torch.randn(3, 1, 48)
+    with torch.no_grad():
+        out = product(x, few_rows.stacked((q, k, v), torch.float32))
+        assert torch.allclose(out, torch.cat([F.linear(x, w) for w in (q, k, v)], dim=-1), atol=1e-5)
+        k.mul_(2)  # in place, as an optimizer step or the engine's refreshed copy
+        assert torch.allclose(few_rows.stacked((q, k, v), torch.float32)[64:80], k)
+        assert few_rows.stacked((q, k, v), torch.bfloat16).dtype == torch.bfloat16
+    assert len(few_rows._HELD) == 2
+    big = torch.randn(few_rows.STACK_BELOW // 4 + 1, 1)
+    assert few_rows.stacked((big, k), torch.float32) is None  # streams well alone: no copy held
+    assert len(few_rows._HELD) == 2
+    del q
+    assert not few_rows._HELD  # freed with the first weight
+
+
+def test_a_decode_step_of_stacked_q_k_v_gives_the_logits_of_separate_products():
+    from conftest import make_tiny_model
+    from nanochat.kv_cache import KVCache
+    torch.manual_seed(0)
+    model = make_tiny_model(300, n_kv_head=1).eval()  # GQA: k and v narrower than q
+    c = model.config
+    idx = torch.randint(0, 300, (2, 9))
+    logits = []
+    for grad in (False, True):  # under autograd every product is plain F.linear on separate weights
+        cache = KVCache(2, c.n_layer, c.n_kv_head, c.head_dim, 16, "cpu", torch.float32)
+        with torch.set_grad_enabled(grad):
+            model(idx[:, :8], kv_cache=cache)
+            logits.append(model(idx[:, 8:], kv_cache=cache).detach())
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
