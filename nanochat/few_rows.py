@@ -78,8 +78,8 @@ def _settle(key: tuple, forms: tuple, times: list[list[float]]) -> None:
     _CHOICE[key] = medians.index(min(medians))
     del _TRIALS[key]
     if not _TRIALS and all(k[-1][i] is not onednn for k, i in _CHOICE.items()):
-        for key in [k for k in _HELD if k[0] == "onednn"]:  # no settled key uses them: no second LM head held
-            del _HELD[key]
+        for copy in [k for k in _HELD if k[0] == "onednn"]:  # no settled key uses them: no second LM head held
+            del _HELD[copy]
 
 
 def measured(x: torch.Tensor) -> bool:

@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import attention
 from nanochat import few_rows
+from nanochat.attention import attention
 from nanochat.few_rows import LM_HEAD_FORMS, product
 from nanochat.kv_cache import KVCache
 from nanochat.optim import MuonAdamW
@@ -150,7 +150,7 @@ class CausalSelfAttention(nn.Module):
         qk = weight = None
         if kv_cache is not None and few_rows.measured(x):
             # a decode step on a CPU: q, k and v in one product of their stacked weights, where these are small
-            # (+3-6% tokens/s on a 2-core AMD EPYC, which reads them from memory), and q and k side by side
+            # (1-5% less a step on a 2-core AMD EPYC, which reads them from memory), and q and k side by side
             weight = few_rows.stacked((self.c_q.weight, self.c_k.weight, self.c_v.weight), x.dtype)
         if weight is not None:
             qkv = few_rows.product(x, weight).view(B, T, H + 2 * Hkv, D)

@@ -42,9 +42,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     `softcap`: the logits are the model's before its soft-cap (`soft_cap`), which is applied here, and with fewer
     candidates than the vocabulary to the candidates only: tanh keeps the order, so the best logits are the best
     capped ones, and the cap of the whole vocabulary cost as much as the rest of a CPU step's sampling (0.5 ms,
-    most of it tanh, at eight rows of 32768 on a 2-core AMD EPYC). The greedy token is then the first best of the capped
-    candidates (where the cap rounds several logits to one value, the lowest id among them), as over the whole
-    capped vocabulary unless more than `candidates` logits round to its best value.
+    most of it tanh, at eight rows of 32768 on a 2-core AMD EPYC). The greedy token is then the first best of the
+    capped candidates (where the cap rounds several logits to one value, the lowest id among them), as over the
+    whole capped vocabulary unless more than `candidates` logits round to its best value.
     """
     V = logits.size(-1)
     if candidates is None:
