@@ -77,7 +77,9 @@ def _settle(key: tuple, forms: tuple, times: list[list[float]]) -> None:
     medians = [statistics.median(t[1:]) for t in times]  # each form's first call is untimed
     _CHOICE[key] = medians.index(min(medians))
     del _TRIALS[key]
-    if not _TRIALS and all(k[-1][i] is not onednn for k, i in _CHOICE.items()):
+    # keys without the oneDNN form (a short prompt's block linears may never settle) do not keep the copies alive
+    if (not any(onednn in k[-1] for k in _TRIALS)
+            and all(k[-1][i] is not onednn for k, i in _CHOICE.items())):
         for copy in [k for k in _HELD if k[0] == "onednn"]:  # no settled key uses them: no second LM head held
             del _HELD[copy]
 

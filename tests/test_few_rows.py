@@ -114,6 +114,7 @@ def test_the_onednn_copy_is_dropped_once_every_key_settled_on_another_form(fresh
     forms = (costing(fresh, 1.0, calls), costing(fresh, 5.0, calls, few_rows.onednn))
     x, weight = torch.randn(2, 48), torch.randn(1000, 48)
     with torch.no_grad():
+        product(torch.randn(5, 48), weight)  # a key without the oneDNN form, left unsettled
         product(x, weight, forms)
         product(x, weight, forms)
         assert ("onednn", id(weight)) in few_rows._HELD  # made by the trial of the oneDNN form
