@@ -10,7 +10,10 @@ caches: there weight @ xᵀ took half as long as x @ weightᵀ on the AMD EPYC, 
 the weight stays in cache, it was the slower one. So each key (rows, weight shape, dtype, the forms) times its
 forms where they really run: its first calls go to each form in turn, TRIALS timed calls each after an untimed one
 (which may build the oneDNN copy), and from then on the form of least median time serves the key, for the process.
-Anything else (other devices and dtypes, more rows, autograd, torch.compile) is F.linear.
+A compiled decode step (torch.compile, outside autograd) calls the same products as one opaque operator,
+`nanochat::few_rows_product`, so that Inductor fuses the small ops around them and leaves the products to the
+measured forms (its own code for them was the slow x @ weightᵀ form: DEVELOPERS.md). Anything else (other devices
+and dtypes, more rows, autograd) is F.linear.
 """
 
 import statistics
@@ -92,9 +95,48 @@ def measured(x: torch.Tensor) -> bool:
             and x.dtype in _TIMED_DTYPES and x.shape[:-1].numel() <= FEW_ROWS)
 
 
+def traced(x: torch.Tensor) -> bool:
+    """Whether products of x are being traced by torch.compile where they would otherwise be measured: they become
+    calls of the opaque operator, which measures them when the compiled code runs."""
+    return (x.is_cpu and torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and x.dtype in _TIMED_DTYPES and x.shape[:-1].numel() <= FEW_ROWS)
+
+
+FORM_SETS = {"linear": LINEAR_FORMS, "lm_head": LM_HEAD_FORMS}  # what the opaque operator can be asked for
+
+
+@torch.library.custom_op("nanochat::few_rows_product", mutates_args=())
+def _opaque_product(x: torch.Tensor, weights: list[torch.Tensor], forms: str) -> torch.Tensor:
+    """x @ [weights stacked]ᵀ in the measured form, as one operator that torch.compile does not look into; its
+    output is in row order (the weight @ xᵀ form leaves it transposed), as the traced graph expects."""
+    weight = weights[0] if len(weights) == 1 else stacked(tuple(weights), x.dtype)
+    return product(x, weight.to(x.dtype), FORM_SETS[forms]).contiguous()
+
+
+@_opaque_product.register_fake
+def _(x: torch.Tensor, weights: list[torch.Tensor], forms: str) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], sum(w.size(0) for w in weights)))
+
+
+def joint_product(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """x @ [weights stacked]ᵀ in one measured product (a decode step's q, k and v: `stacked`), eager or compiled;
+    None where products of x are not measured ones or a weight is too large to stack."""
+    if max(w.numel() for w in weights) * x.dtype.itemsize > STACK_BELOW:
+        return None
+    if measured(x):
+        return product(x, stacked(weights, x.dtype))
+    if traced(x):
+        return _opaque_product(x, list(weights), "linear")
+    return None
+
+
 def product(x: torch.Tensor, weight: torch.Tensor, forms: tuple = LINEAR_FORMS) -> torch.Tensor:
     """x (..., C) @ weightᵀ → (..., V), weight (V, C) in x's dtype, in the fastest of `forms` for this key."""
     if not measured(x):
+        # by equality: torch.compile does not keep the identity of the tuple passed in
+        name = "lm_head" if forms == LM_HEAD_FORMS else "linear" if forms == LINEAR_FORMS else None
+        if name is not None and traced(x):
+            return _opaque_product(x, [weight], name)
         return F.linear(x, weight)
     lead = x.shape[:-1]
     rows = lead.numel()

@@ -147,13 +147,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, ve, cos, sin, window: int, kv_cache: KVCache | None, slots, positions):
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        qk = weight = None
-        if kv_cache is not None and few_rows.measured(x):
+        qk = qkv = None
+        if kv_cache is not None:
             # a decode step on a CPU: q, k and v in one product of their stacked weights, where these are small
             # (1-5% less a step on a 2-core AMD EPYC, which reads them from memory), and q and k side by side
-            weight = few_rows.stacked((self.c_q.weight, self.c_k.weight, self.c_v.weight), x.dtype)
-        if weight is not None:
-            qkv = few_rows.product(x, weight).view(B, T, H + 2 * Hkv, D)
+            qkv = few_rows.joint_product(x, (self.c_q.weight, self.c_k.weight, self.c_v.weight))
+        if qkv is not None:
+            qkv = qkv.view(B, T, H + 2 * Hkv, D)
             qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]
         else:
             q = self.c_q(x).view(B, T, H, D)

@@ -155,3 +155,36 @@ def test_a_decode_step_of_stacked_q_k_v_gives_the_logits_of_separate_products():
             model(idx[:, :8], kv_cache=cache)
             logits.append(model(idx[:, 8:], kv_cache=cache).detach())
     assert torch.allclose(logits[0], logits[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_opaque_operator_of_compiled_steps_is_the_stacked_product_in_row_order(rows, fresh):
+    """What torch.compile calls in place of the products: its fake agrees with it (torch.library.opcheck), and it
+    hands back x @ [weights stacked]ᵀ contiguous whatever form served it."""
+    torch.manual_seed(0)
+    x = torch.randn(rows, 1, 48)
+    weights = [torch.randn(64, 48), torch.randn(16, 48), torch.randn(16, 48)]
+    with torch.no_grad():
+        for _ in range(2 * (TRIALS + 1)):  # through both forms while the key is measured, then the chosen one
+            out = torch.ops.nanochat.few_rows_product(x, weights, "linear")
+            assert out.is_contiguous() and out.shape == (rows, 1, 96)
+            assert torch.allclose(out, F.linear(x, torch.cat(weights)), atol=1e-5)
+        torch.library.opcheck(torch.ops.nanochat.few_rows_product.default, (x, weights, "lm_head"))
+
+
+def test_compiled_products_of_few_rows_call_the_opaque_operator_and_others_stay_linear():
+    weight = torch.randn(100, 48)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    f = torch.compile(lambda x: product(x, weight, LM_HEAD_FORMS), backend=backend)
+    with torch.no_grad():
+        f(torch.randn(2, 48))
+    assert any("few_rows_product" in t for t in seen)
+    seen.clear()
+    torch._dynamo.reset()
+    f(torch.randn(2, 48))  # autograd on: training's products are F.linear, compiled as Inductor likes
+    assert not any("few_rows_product" in t for t in seen) and any("linear" in t for t in seen)
