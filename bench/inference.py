@@ -136,9 +136,9 @@ def decode_bytes_per_step(model, batch: int, context: int, weight_bytes: int, kv
 
 
 def reads_prompt_once(device: torch.device, policy: DecodePolicy) -> bool:
-    """Whether an engine's decode steps read the prompt its samples share once: eager CPU steps (Decoder.step
-    passes no `shared` to compiled ones, captured graphs always mask)."""
-    return device.type == "cpu" and not policy.compile
+    """Whether an engine's decode steps read the prompt its samples share once: CPU steps, eager or compiled
+    (CUDA's captured graphs always mask)."""
+    return device.type == "cpu" and not policy.graph
 
 
 def prefill_flops(model, tokens: int) -> float:

@@ -74,6 +74,10 @@ def read_bucket(n: int, limit: int) -> int:
 
 
 POLICIES = {"eager": (False, False), "compile": (True, False), "graph": (False, True), "compile+graph": (True, True)}
+# CPU: decode steps planned from which a compiled step pays for its compile. On a 2-core AMD EPYC a compiled d4 step
+# saved 0.7 ms at batch 1 and 1.0 at batch 8 (+25% / +19% tokens/s), and compiling its shapes cost 50 s with an
+# empty Inductor cache (14 s with a warm one): about 30,000 steps to break even (DEVELOPERS.md)
+COMPILE_FROM_STEPS = 30_000
 
 
 @dataclass(frozen=True)
@@ -83,10 +87,11 @@ class DecodePolicy:
     graph: bool = False
 
     @staticmethod
-    def for_device(device: torch.device) -> "DecodePolicy":
-        """CUDA: compiled and captured (fused kernels, one graph launch per step). CPU: eager, which measured
-        faster than a compiled step there (DEVELOPERS.md). `NANOCHAT_DECODE=eager|compile|graph|compile+graph`
-        overrides (graph only on CUDA)."""
+    def for_device(device: torch.device, planned_steps: int = 0) -> "DecodePolicy":
+        """CUDA: compiled and captured (fused kernels, one graph launch per step). CPU: compiled for a job that
+        plans at least COMPILE_FROM_STEPS decode steps (an evaluation, RL rollouts), which a compiled step runs
+        faster; eager otherwise (a chat's first answer does not wait for the compiler).
+        `NANOCHAT_DECODE=eager|compile|graph|compile+graph` overrides (graph only on CUDA)."""
         forced = os.environ.get("NANOCHAT_DECODE", "").strip().lower()
         if forced:
             if forced not in POLICIES or (POLICIES[forced][1] and device.type != "cuda"):
@@ -95,7 +100,7 @@ class DecodePolicy:
             return DecodePolicy(*POLICIES[forced])
         if device.type == "cuda":
             return DecodePolicy(compile=True, graph=True)
-        return DecodePolicy()
+        return DecodePolicy(compile=planned_steps >= COMPILE_FROM_STEPS)
 
 
 class Decoder:
@@ -128,6 +133,10 @@ class Decoder:
         # every key built so far; on CUDA its graph's replay, else None (eager and compiled steps run directly)
         self._steps: dict[tuple[int, int, int], Callable[[], None] | None] = {}
         self._run = torch.compile(self._step, dynamic=None) if policy.compile else self._step
+        # eager steps and compiled CPU ones read the cache exactly as far as the rows need, and take the unmasked
+        # and shared-prompt forms (a compiled step marks the read length and the shared count dynamic once they
+        # change); CUDA's compiled steps read in buckets, with the mask (see read_length)
+        self.exact = not policy.graph and (not policy.compile or device.type == "cpu")
         self._pool = None  # one CUDA graph memory pool for every bucket (steps never run concurrently)
         self.captured: set[tuple[int, int, int]] = set()  # keys whose step replays a CUDA graph
 
@@ -137,18 +146,19 @@ class Decoder:
 
     def read_length(self, n: int) -> int:
         """How far a step reads the cache to see n positions: a bucket for CUDA graphs (one capture per key), n
-        rounded up to 16 for compiled steps (fewer shapes to compile), exactly n for eager ones (a CPU step's
-        attention costs what it reads, and an exact read of rows of one length needs no mask: `step`'s aligned)."""
+        rounded up to 16 for CUDA's compiled steps (fewer shapes to compile), exactly n for eager ones and CPU
+        compiled ones (a CPU step's attention costs what it reads, and an exact read of rows of one length needs no
+        mask: `step`'s aligned)."""
         if self.policy.graph:
             return read_bucket(n, self.max_seq_len)
-        return min(-(-n // 16) * 16, self.max_seq_len) if self.policy.compile else n
+        return n if self.exact else min(-(-n // 16) * 16, self.max_seq_len)
 
     def read_for(self, lengths: set[int]) -> tuple[int, bool]:
         """(read_length, aligned) of a step whose taking-part rows hold these lengths: aligned when they all hold
         one length and the read is exactly that plus the new token, so attention needs no mask (see `step`)."""
         read = self.read_length(max(lengths) + 1)
-        # compiled steps never take the unmasked form: it would be a second graph of each step for a few steps
-        return read, not self.policy.compile and len(lengths) == 1 and read == max(lengths) + 1
+        # CUDA's steps never take the unmasked form: it would be a second graph of each step for a few steps
+        return read, self.exact and len(lengths) == 1 and read == max(lengths) + 1
 
     @property
     def built_steps(self) -> list[tuple[int, int, int]]:
@@ -231,15 +241,15 @@ class Decoder:
 
         `aligned`: the caller knows every active row holds exactly read_length - 1 tokens, so attention runs
         without a mask (StaticRows). Eager and compiled steps only: a captured graph always masks, so that rows of
-        any lengths replay the same graph. `shared` (with aligned, eager steps only): positions 0..shared-1 hold
-        the same keys and values in every row (the samples of one prompt), so attention reads them once."""
+        any lengths replay the same graph. `shared` (with aligned; eager and compiled CPU steps, `exact`):
+        positions 0..shared-1 hold the same keys and values in every row (the samples of one prompt), so attention
+        reads them once."""
         if not 0 < read_length <= self.cache.max_seq_len:
             raise ValueError(f"read_length {read_length} is outside 1..{self.cache.max_seq_len}")
         key = (rows, read_length, candidates)
         if not self.policy.graph:
             self._steps.setdefault(key, None)
-            # shared changes with every prompt: a compiled step would recompile for each, so it gets none
-            self._run(*key, aligned, 0 if self.policy.compile else shared)
+            self._run(*key, aligned, shared if self.exact else 0)
             return self.out[:rows]
         # CUDA graphs are captured and replayed on the current device's streams: make that the cache's device
         # (the server runs one scheduler thread per GPU, whose current device is otherwise cuda:0)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import make_tiny_model
 from nanochat.common import UserError
-from nanochat.decode import Decoder, DecodePolicy, read_bucket, rows_bucket
+from nanochat.decode import COMPILE_FROM_STEPS, Decoder, DecodePolicy, read_bucket, rows_bucket
 from nanochat.engine import Engine
 from nanochat.scheduler import BatchScheduler, Request
 from test_engine import encode, oracle
@@ -53,13 +53,31 @@ def test_buckets_are_powers_of_two_within_their_limits():
     assert read_bucket(700, 600) == 600
 
 
-def test_only_eager_steps_read_rows_of_one_length_without_a_mask(model):
-    """A compiled step would compile a second graph for the unmasked form, for the few steps whose rounded read
-    happens to be exact; it always masks instead."""
-    eager = Decoder(model, slots=2, max_seq_len=64, dtype=torch.float32, policy=DecodePolicy())
-    compiled = Decoder(model, slots=2, max_seq_len=64, dtype=torch.float32, policy=DecodePolicy(compile=True))
-    assert eager.read_for({20}) == (21, True) and eager.read_for({20, 7}) == (21, False)
-    assert compiled.read_for({31}) == (32, False)
+def test_cpu_steps_eager_or_compiled_read_rows_of_one_length_without_a_mask(model):
+    """Exact reads on CPUs (a compiled step marks the read length dynamic once it changes), so rows of one length
+    take the unmasked form; only CUDA's compiled and captured steps read in buckets and always mask."""
+    for policy in (DecodePolicy(), DecodePolicy(compile=True)):
+        decoder = Decoder(model, slots=2, max_seq_len=64, dtype=torch.float32, policy=policy)
+        assert decoder.read_for({20}) == (21, True) and decoder.read_for({20, 7}) == (21, False)
+
+
+def test_a_compiled_cpu_step_runs_its_products_in_their_measured_forms(model, tiny_tokenizer, monkeypatch):
+    """Inductor leaves the products to `few_rows` (an opaque operator), which times them as the eager step does;
+    the samples of one prompt (rows of one length, the prompt read once) decode as they do eagerly."""
+    from nanochat import few_rows
+    monkeypatch.setattr(few_rows, "_CHOICE", {})
+    monkeypatch.setattr(few_rows, "_TRIALS", {})
+    prompt = encode(tiny_tokenizer, "Hello there, how are you")
+    eager = Engine(model, tiny_tokenizer, dtype=torch.float32, policy=DecodePolicy())
+    expected = eager.generate_batch(prompt, 3, max_tokens=12, temperature=0.0)
+    monkeypatch.setattr(few_rows, "_CHOICE", {})
+    monkeypatch.setattr(few_rows, "_TRIALS", {})
+    compiled = Engine(model, tiny_tokenizer, dtype=torch.float32, policy=DecodePolicy(compile=True))
+    assert compiled.generate_batch(prompt, 3, max_tokens=12, temperature=0.0) == expected
+    c = model.config
+    keys = {key[:3] for key in (*few_rows._CHOICE, *few_rows._TRIALS)}
+    qkv = (c.n_head + 2 * c.n_kv_head) * c.head_dim
+    assert {(3, qkv, c.n_embd), (3, 4 * c.n_embd, c.n_embd), (3, c.padded_vocab_size, c.n_embd)} <= keys
 
 
 def test_compiled_greedy_decoding_equals_eager_token_for_token_with_a_tool_call(tool_model, tiny_tokenizer):
@@ -253,6 +271,12 @@ def test_graph_engine_decodes_what_the_eager_engine_does_on_a_gpu(tiny_tokenizer
 def test_the_decode_policy_can_be_forced_and_a_bad_one_is_named(monkeypatch):
     monkeypatch.setenv("NANOCHAT_DECODE", "compile")
     assert DecodePolicy.for_device(torch.device("cpu")) == DecodePolicy(compile=True)
+    monkeypatch.delenv("NANOCHAT_DECODE")
+    # a long job (an evaluation, RL rollouts) compiles its CPU steps: the compile pays for itself
+    assert DecodePolicy.for_device(torch.device("cpu"), COMPILE_FROM_STEPS) == DecodePolicy(compile=True)
+    assert DecodePolicy.for_device(torch.device("cpu"), COMPILE_FROM_STEPS - 1) == DecodePolicy()
+    monkeypatch.setenv("NANOCHAT_DECODE", "eager")
+    assert DecodePolicy.for_device(torch.device("cpu"), COMPILE_FROM_STEPS) == DecodePolicy()
     monkeypatch.setenv("NANOCHAT_DECODE", "graph")
     with pytest.raises(UserError, match="NANOCHAT_DECODE='graph'.*need CUDA"):
         DecodePolicy.for_device(torch.device("cpu"))
