@@ -27,12 +27,20 @@ CHATCORE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"]
 ALL_TASKS = CHATCORE_TASKS + ["SpellingBee"]
 CHANCE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 MAX_NEW_TOKENS = 512
+GENERATIVE_SIZES = {"GSM8K": 1319, "HumanEval": 164, "SpellingBee": 256}  # problems of the generative tasks' tests
+
+
+def planned_decode_steps(names: list[str], max_problems: int | None, max_new_tokens: int, world: int = 1) -> int:
+    """The most decode steps that evaluating these tasks takes on one rank (every answer at full length; the
+    categorical tasks decode nothing): what `DecodePolicy.for_device` weighs against compiling the step."""
+    problems = sum(min(size, max_problems or size) for name, size in GENERATIVE_SIZES.items() if name in names)
+    return -(-problems // world) * max_new_tokens
 
 
 def make_task(name: str):
     makers = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
               "MMLU": lambda: MMLU("all", "test"), "GSM8K": lambda: GSM8K("main", "test"),
-              "HumanEval": HumanEval, "SpellingBee": lambda: SpellingBee(size=256, split="test")}
+              "HumanEval": HumanEval, "SpellingBee": lambda: SpellingBee(size=GENERATIVE_SIZES["SpellingBee"], split="test")}
     if name not in makers:
         raise UserError(f"unknown task {name!r}: choose from {', '.join(ALL_TASKS)}")
     return makers[name]()

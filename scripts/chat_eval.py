@@ -10,9 +10,11 @@ each centered by chance; SpellingBee is printed beside it.
 import argparse
 import time
 
-from nanochat.chat_eval import ALL_TASKS, CHATCORE_TASKS, MAX_NEW_TOKENS, chat_core, run_chat_eval
+from nanochat.chat_eval import (ALL_TASKS, CHATCORE_TASKS, MAX_NEW_TOKENS, chat_core, planned_decode_steps,
+                                run_chat_eval)
 from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, print0, run_cli
+from nanochat.decode import DecodePolicy
 from nanochat.engine import Engine
 from nanochat.execution import python_tool_banner
 from nanochat.report import get_report
@@ -48,7 +50,8 @@ def main(argv=None) -> None:
         print0(f"chat_eval dry run: {args.source} model, tasks {', '.join(names)}")
         return
     model, tokenizer, meta = load_model(args.source, compute.device, args.model_tag, args.step)
-    engine = Engine(model, tokenizer, dtype=compute.dtype)
+    planned = planned_decode_steps(names, args.max_problems, args.max_new_tokens, compute.dist.world_size)
+    engine = Engine(model, tokenizer, dtype=compute.dtype, policy=DecodePolicy.for_device(compute.device, planned))
     accuracies = {}
     for name in names:
         t0 = time.time()

@@ -17,6 +17,7 @@ import torch
 
 from nanochat.checkpoint import CheckpointMeta, checkpoint_dir, load_stage, resume, save_checkpoint
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
+from nanochat.decode import DecodePolicy
 from nanochat.engine import Engine
 from nanochat.execution import python_tool_banner
 from nanochat.grpo import evaluate_pass_at_k, group_advantages, policy_gradient_loss, rollout, rollout_batch
@@ -73,8 +74,9 @@ def main(argv=None) -> None:
     optimizer = model.setup_optimizer(embedding_lr=args.embedding_lr * frac, unembedding_lr=args.unembedding_lr * frac,
                                       matrix_lr=args.matrix_lr * frac, scalar_lr=args.scalar_lr * frac,
                                       smear_lr=0.2 * frac, weight_decay=0.0)
-    engine = Engine(model, tokenizer, dtype=compute.dtype)
     per_rank = args.examples_per_step // world
+    planned = num_steps * per_rank * args.max_new_tokens  # the most decode steps of this rank's rollouts
+    engine = Engine(model, tokenizer, dtype=compute.dtype, policy=DecodePolicy.for_device(device, planned))
     print0(f"chat_rl {model_tag}: from SFT step {sft_step}; {num_steps} steps × {args.examples_per_step} questions × "
            f"{args.num_samples} samples, ≤{args.max_new_tokens} new tokens, temperature {args.temperature}, "
            f"top-k {args.top_k}; LRs {args.embedding_lr}/{args.unembedding_lr}/{args.matrix_lr} × {frac}, "

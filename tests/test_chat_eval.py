@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from nanochat.chat_eval import CHATCORE_TASKS, MAX_NEW_TOKENS, chat_core, run_chat_eval, run_generative
+from nanochat.chat_eval import (CHATCORE_TASKS, GENERATIVE_SIZES, MAX_NEW_TOKENS, chat_core, make_task,
+                                planned_decode_steps, run_chat_eval, run_generative)
 
 
 def test_chat_eval_runs_categorical_and_generative_tasks(mirror, tiny_checkpoint, base_dir):
@@ -56,6 +57,19 @@ class OneSampleInThreePasses:
     def evaluate(self, conv, completion):
         self.calls[conv["i"]] = self.calls.get(conv["i"], 0) + 1
         return self.calls[conv["i"]] == 2
+
+
+def test_the_planned_decode_steps_count_the_generative_problems_of_one_rank():
+    """What chat_eval weighs against compiling its CPU decode steps: every generative answer at full length, the
+    problems split over the ranks; the categorical tasks decode nothing."""
+    assert planned_decode_steps(["MMLU", "ARC-Easy"], None, 512) == 0
+    assert planned_decode_steps(["GSM8K", "MMLU"], None, 512) == 1319 * 512
+    assert planned_decode_steps(["GSM8K", "HumanEval"], 100, 128, world=3) == 67 * 128  # 200 problems over 3 ranks
+
+
+
+def test_the_generative_sizes_are_the_tasks_test_sets(mirror):
+    assert {name: len(make_task(name)) for name in GENERATIVE_SIZES} == GENERATIVE_SIZES
 
 
 def test_num_samples_gives_pass_at_k(tiny_checkpoint, tiny_tokenizer):
