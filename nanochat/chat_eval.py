@@ -40,7 +40,8 @@ def planned_decode_steps(names: list[str], max_problems: int | None, max_new_tok
 def make_task(name: str):
     makers = {"ARC-Easy": lambda: ARC("ARC-Easy", "test"), "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
               "MMLU": lambda: MMLU("all", "test"), "GSM8K": lambda: GSM8K("main", "test"),
-              "HumanEval": HumanEval, "SpellingBee": lambda: SpellingBee(size=GENERATIVE_SIZES["SpellingBee"], split="test")}
+              "HumanEval": HumanEval,
+              "SpellingBee": lambda: SpellingBee(size=GENERATIVE_SIZES["SpellingBee"], split="test")}
     if name not in makers:
         raise UserError(f"unknown task {name!r}: choose from {', '.join(ALL_TASKS)}")
     return makers[name]()

@@ -56,11 +56,16 @@ def held_copy(kind: tuple, weights: tuple[torch.Tensor, ...], build) -> torch.Te
     return held[1]
 
 
+def stackable(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> bool:
+    """Whether `stacked` stacks these: the largest at most STACK_BELOW bytes in `dtype`."""
+    return max(w.numel() for w in weights) * dtype.itemsize <= STACK_BELOW
+
+
 def stacked(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor | None:
     """The weights stacked along their rows, in `dtype`, for one product in place of several of one input (a
     decode step's q, k and v), which reads them as one stream rather than several short ones; None when the
     largest is above STACK_BELOW, where a product alone streams well enough not to hold a copy (DEVELOPERS.md)."""
-    if max(w.numel() for w in weights) * dtype.itemsize > STACK_BELOW:
+    if not stackable(weights, dtype):
         return None
     return held_copy(("stacked", dtype), weights, lambda: torch.cat([w.detach().to(dtype) for w in weights]))
 
@@ -87,19 +92,23 @@ def _settle(key: tuple, forms: tuple, times: list[list[float]]) -> None:
             del _HELD[copy]
 
 
+def _timed_rows(x: torch.Tensor) -> bool:
+    """CPU, fp32 or bf16, up to FEW_ROWS rows, outside autograd: products whose forms are timed. A decode step makes
+    some thirty of these checks and products, so the cheapest checks come first (each Python-level tensor call
+    costs 0.5-1.5 µs on a 2-core CPU)."""
+    return (x.is_cpu and not torch.is_grad_enabled() and x.dtype in _TIMED_DTYPES
+            and x.shape[:-1].numel() <= FEW_ROWS)
+
+
 def measured(x: torch.Tensor) -> bool:
-    """Whether products of x run in their measured forms: CPU, fp32 or bf16, outside autograd and torch.compile,
-    up to FEW_ROWS rows. A decode step makes some thirty of these checks and products, so the cheapest checks come
-    first (each Python-level tensor call costs 0.5-1.5 µs on a 2-core CPU)."""
-    return (x.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and x.dtype in _TIMED_DTYPES and x.shape[:-1].numel() <= FEW_ROWS)
+    """Whether products of x run in their measured forms here: `_timed_rows`, outside torch.compile."""
+    return not torch.compiler.is_compiling() and _timed_rows(x)
 
 
 def traced(x: torch.Tensor) -> bool:
     """Whether products of x are being traced by torch.compile where they would otherwise be measured: they become
     calls of the opaque operator, which measures them when the compiled code runs."""
-    return (x.is_cpu and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and x.dtype in _TIMED_DTYPES and x.shape[:-1].numel() <= FEW_ROWS)
+    return torch.compiler.is_compiling() and _timed_rows(x)
 
 
 FORM_SETS = {"linear": LINEAR_FORMS, "lm_head": LM_HEAD_FORMS}  # what the opaque operator can be asked for
@@ -110,7 +119,7 @@ def _opaque_product(x: torch.Tensor, weights: list[torch.Tensor], forms: str) ->
     """x @ [weights stacked]ᵀ in the measured form, as one operator that torch.compile does not look into; its
     output is in row order (the weight @ xᵀ form leaves it transposed), as the traced graph expects."""
     weight = weights[0] if len(weights) == 1 else stacked(tuple(weights), x.dtype)
-    return product(x, weight.to(x.dtype), FORM_SETS[forms]).contiguous()
+    return product(x, weight, FORM_SETS[forms]).contiguous()
 
 
 @_opaque_product.register_fake
@@ -121,7 +130,7 @@ def _(x: torch.Tensor, weights: list[torch.Tensor], forms: str) -> torch.Tensor:
 def joint_product(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     """x @ [weights stacked]ᵀ in one measured product (a decode step's q, k and v: `stacked`), eager or compiled;
     None where products of x are not measured ones or a weight is too large to stack."""
-    if max(w.numel() for w in weights) * x.dtype.itemsize > STACK_BELOW:
+    if not stackable(weights, x.dtype):
         return None
     if measured(x):
         return product(x, stacked(weights, x.dtype))
@@ -133,10 +142,11 @@ def joint_product(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.T
 def product(x: torch.Tensor, weight: torch.Tensor, forms: tuple = LINEAR_FORMS) -> torch.Tensor:
     """x (..., C) @ weightᵀ → (..., V), weight (V, C) in x's dtype, in the fastest of `forms` for this key."""
     if not measured(x):
-        # by equality: torch.compile does not keep the identity of the tuple passed in
-        name = "lm_head" if forms == LM_HEAD_FORMS else "linear" if forms == LINEAR_FORMS else None
-        if name is not None and traced(x):
-            return _opaque_product(x, [weight], name)
+        if traced(x):
+            # by equality: torch.compile does not keep the identity of the tuple passed in
+            name = next((name for name, known in FORM_SETS.items() if known == forms), None)
+            if name is not None:
+                return _opaque_product(x, [weight], name)
         return F.linear(x, weight)
     lead = x.shape[:-1]
     rows = lead.numel()

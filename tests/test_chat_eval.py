@@ -67,7 +67,6 @@ def test_the_planned_decode_steps_count_the_generative_problems_of_one_rank():
     assert planned_decode_steps(["GSM8K", "HumanEval"], 100, 128, world=3) == 67 * 128  # 200 problems over 3 ranks
 
 
-
 def test_the_generative_sizes_are_the_tasks_test_sets(mirror):
     assert {name: len(make_task(name)) for name in GENERATIVE_SIZES} == GENERATIVE_SIZES
 
