@@ -39,7 +39,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from nanochat.checkpoint import build_model
     from nanochat.gpt import GPTConfig
-    from nanochat.hf_export import write_export
+    from nanochat.hf_export.export import write_export
     from nanochat.tokenizer import Tokenizer
     texts = mirror_texts(args.chars)
     tokenizer = Tokenizer.train_from_iterator(iter(texts[: len(texts) // 2]), args.vocab_size)

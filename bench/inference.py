@@ -30,7 +30,7 @@ from nanochat.engine import Engine
 from nanochat.flops import device_peak_flops
 from nanochat.gpt import GPTConfig
 from nanochat.scaling import model_shape
-from nanochat.scheduler import BatchScheduler, Request
+from nanochat.serving.scheduler import BatchScheduler, Request
 from nanochat.tokenizer import SPECIAL_TOKENS, STOP_TOKENS, TOOL_MARKUP
 
 GPU_PEAK_BANDWIDTH = {  # bytes/s of device memory, by a substring of torch.cuda.get_device_name(); first match wins
@@ -217,7 +217,7 @@ def http_ttft(model, vocab, clients: int, prompt_chars: int, tokens: int, **engi
     """Median seconds from sending a streaming request to its first content chunk, `clients` at once."""
     import httpx
     import uvicorn
-    from nanochat.server import create_app
+    from nanochat.serving.server import create_app
     scheduler = BatchScheduler(model, vocab, slots=16, use_tools=False, **engine)
     app = create_app([scheduler], vocab, "bench")
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))

@@ -4,7 +4,7 @@ import json
 import statistics
 import time
 
-from nanochat.execution import execute_code, isolation_layers
+from nanochat.sandbox.execution import execute_code, isolation_layers
 
 ATTACKS = {
     "infinite_loop": ("while True: pass", 1.0),

@@ -1,9 +1,9 @@
 """Inference: KV-cached sampling with Python tool use.
 
 `Engine.generate` prefills a prompt once and samples `num_samples` continuations from it, token by token (evaluation,
-RL rollouts, the CLI). The server's many concurrent requests go through `nanochat.scheduler.BatchScheduler`, built on
-the same pieces: the engine's inference weights (cast once to the inference dtype) and static decode steps
-(nanochat/decode.py), one device-to-host copy of the new tokens per step.
+RL rollouts, the CLI). The server's many concurrent requests go through
+`nanochat.serving.scheduler.BatchScheduler`, built on the same pieces: the engine's inference weights (cast once to
+the inference dtype) and static decode steps (nanochat/decode.py), one device-to-host copy of the new tokens per step.
 
 Tool use is a small state machine per sequence: after <|python_start|> the tokens up to <|python_end|> are run in
 the sandbox and <|output_start|> + the output + <|output_end|> are forced into that sequence (mask 0: the tool, not
@@ -21,7 +21,7 @@ import torch
 
 from nanochat.common import get_compute_dtype
 from nanochat.decode import Decoder, DecodePolicy, rows_bucket
-from nanochat.execution import execute_code
+from nanochat.sandbox.execution import execute_code
 from nanochat.kv_cache import KVCache
 from nanochat.sampling import sample_tokens, sampler_candidates, sampling_params  # noqa: F401 (re-exported)
 
@@ -148,7 +148,7 @@ def cast_for_inference(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.M
 
 class Engine:
     """Sampling from one model for one prompt at a time (evaluation, RL rollouts, the CLI); the server's many
-    concurrent requests go through `nanochat.scheduler.BatchScheduler` instead.
+    concurrent requests go through `nanochat.serving.scheduler.BatchScheduler` instead.
 
     The engine runs on the model's device. Its weights and KV cache are in `dtype`, the caller's compute dtype
     (`compute.dtype` from `compute_init`; when not given, the same default, `common.get_compute_dtype`): a copy

@@ -32,7 +32,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     python -c "import torch" || { echo "[setup] could not install torch" >&2; exit 1; }
 fi
 
-# The Python tool's sandbox (nanochat/sandbox.py) is bubblewrap + libseccomp; without them the tool stays off.
+# The Python tool's sandbox (nanochat/sandbox/bwrap.py) is bubblewrap + libseccomp; without them the tool stays off.
 if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
     echo "[setup] installing bubblewrap (the sandbox of the model's Python tool)"

@@ -11,7 +11,7 @@ import sys
 from nanochat.checkpoint import load_chat_model
 from nanochat.common import UserError, compute_init, print0, run_cli
 from nanochat.engine import Engine
-from nanochat.execution import allow_unsafe_python_tool, python_tool_banner
+from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.terminal import Printer, make_prompt
 
 

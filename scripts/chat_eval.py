@@ -16,7 +16,7 @@ from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, print0, run_cli
 from nanochat.decode import DecodePolicy
 from nanochat.engine import Engine
-from nanochat.execution import python_tool_banner
+from nanochat.sandbox.execution import python_tool_banner
 from nanochat.report import get_report
 
 

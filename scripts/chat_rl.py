@@ -19,7 +19,7 @@ from nanochat.checkpoint import CheckpointMeta, checkpoint_dir, load_stage, resu
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.decode import DecodePolicy
 from nanochat.engine import Engine
-from nanochat.execution import python_tool_banner
+from nanochat.sandbox.execution import python_tool_banner
 from nanochat.grpo import evaluate_pass_at_k, group_advantages, policy_gradient_loss, rollout, rollout_batch
 from nanochat.loss_eval import accumulator_dtype
 from nanochat.report import get_report

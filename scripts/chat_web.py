@@ -19,9 +19,9 @@ import uvicorn
 
 from nanochat.checkpoint import load_chat_model
 from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, print0, run_cli
-from nanochat.execution import allow_unsafe_python_tool, python_tool_banner
-from nanochat.scheduler import BatchScheduler
-from nanochat.server import CLIENT_LIMIT, LIMITS, create_app
+from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
+from nanochat.serving.scheduler import BatchScheduler
+from nanochat.serving.server import CLIENT_LIMIT, LIMITS, create_app
 
 
 def main(argv=None) -> None:

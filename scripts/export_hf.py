@@ -14,8 +14,8 @@ import torch
 
 from nanochat.checkpoint import checkpoint_dir, find_model_tag, last_step, load_model, step_dir
 from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, run_cli
-from nanochat.hf_export import DTYPES, check_representable, write_export
-from nanochat.model_card import model_card
+from nanochat.hf_export.export import DTYPES, check_representable, write_export
+from nanochat.hf_export.model_card import model_card
 from nanochat.report import get_report
 
 

@@ -2,7 +2,7 @@
 
 import re
 
-from nanochat.execution import execute_code
+from nanochat.sandbox.execution import execute_code
 from tasks.common import Task, hf_shuffled, read_parquet_rows
 
 CODE_BLOCK = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)

@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from nanochat.execution import REFUSED_PREFIX, execute_code, python_tool_banner
+from nanochat.sandbox.execution import REFUSED_PREFIX, execute_code, python_tool_banner
 
 ATTACKS = {}
 LIBC = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"

@@ -353,7 +353,7 @@ def serve(app):
 def scripted(tiny_tokenizer):
     """A real uvicorn server in this process whose worker replies with a tool call, an emoji split into bytes, and
     then either stops normally or fails (a prompt containing 'fail')."""
-    from nanochat.server import create_app
+    from nanochat.serving.server import create_app
     tok = tiny_tokenizer
     s = tok.encode_special
     sampled = lambda text: [("token", t, 1) for t in tok.encode(text)]  # noqa: E731
@@ -430,7 +430,7 @@ class HoldingWorker:
 
 @pytest.fixture
 def guarded(tiny_tokenizer):
-    from nanochat.server import create_app
+    from nanochat.serving.server import create_app
     with serve(create_app([HoldingWorker()], tiny_tokenizer, "held", api_key="s3cret key", client_limit=3)) as url:
         yield url
 

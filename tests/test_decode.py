@@ -15,7 +15,7 @@ from conftest import make_tiny_model
 from nanochat.common import UserError
 from nanochat.decode import COMPILE_FROM_STEPS, Decoder, DecodePolicy, read_bucket, rows_bucket
 from nanochat.engine import Engine
-from nanochat.scheduler import BatchScheduler, Request
+from nanochat.serving.scheduler import BatchScheduler, Request
 from test_engine import encode, oracle
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,4 +1,4 @@
-"""The inference engine (nanochat/engine.py) and its continuous-batching scheduler (nanochat/scheduler.py) against
+"""The inference engine (nanochat/engine.py) and its continuous-batching scheduler (nanochat/serving/scheduler.py) against
 an oracle of full forward passes: greedy and sampled decoding, tool calls, continuous batching, cancellation,
 sampling rules (top-k, top-p, seeds) and UTF-8-safe streaming text."""
 
@@ -14,7 +14,7 @@ from nanochat import gpt
 from nanochat.common import get_compute_dtype
 from nanochat.engine import (Engine, TextStream, ToolStateMachine, run_tool, sample_tokens, sampling_params,
                              tool_program)
-from nanochat.scheduler import BatchScheduler, PromptTooLong, Request
+from nanochat.serving.scheduler import BatchScheduler, PromptTooLong, Request
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "A"]
 
@@ -345,7 +345,7 @@ def test_text_stream_holds_invalid_bytes_until_text_resumes(tiny_tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Continuous batching (nanochat/scheduler.py)
+# Continuous batching (nanochat/serving/scheduler.py)
 
 @pytest.fixture
 def scheduler_factory():

@@ -13,9 +13,9 @@ import psutil
 import pytest
 
 import nanochat
-from nanochat import execution
-from nanochat.execution import REFUSED_PREFIX, UNSAFE_ENV, execute_code, isolation_layers, python_tool_banner
-from nanochat.sandbox import DENIED_SYSCALLS, detect
+from nanochat.sandbox import execution
+from nanochat.sandbox.execution import REFUSED_PREFIX, UNSAFE_ENV, execute_code, isolation_layers, python_tool_banner
+from nanochat.sandbox.bwrap import DENIED_SYSCALLS, detect
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
@@ -184,9 +184,10 @@ def world_readable_dir():
 def nobody_copy(root: Path) -> tuple[str, str]:
     """(a Python nobody can run, a world-readable folder holding nanochat's sandbox modules and the attacks)."""
     import pyseccomp
-    (root / "nanochat").mkdir(parents=True)
-    for name in ("__init__.py", "execution.py", "sandbox.py", "cgroups.py"):
-        shutil.copy(Path(nanochat.__file__).parent / name, root / "nanochat" / name)
+    (root / "nanochat" / "sandbox").mkdir(parents=True)
+    shutil.copy(Path(nanochat.__file__), root / "nanochat" / "__init__.py")
+    for name in ("__init__.py", "execution.py", "bwrap.py", "cgroups.py"):
+        shutil.copy(Path(nanochat.__file__).parent / "sandbox" / name, root / "nanochat" / "sandbox" / name)
     shutil.copy(pyseccomp.__file__, root)
     shutil.copy(REPO / "tests" / "sandbox_attacks.py", root)
     for path in [root, *root.rglob("*")]:
@@ -194,7 +195,7 @@ def nobody_copy(root: Path) -> tuple[str, str]:
     nobody = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
     for python in ("/usr/bin/python3", sys.executable):  # a system Python first: one nobody can bind into a sandbox
         if subprocess.run([*nobody, python, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); "
-                                                  "import nanochat.execution"], capture_output=True).returncode == 0:
+                                                  "import nanochat.sandbox.execution"], capture_output=True).returncode == 0:
             return python, str(root)
     pytest.skip("no Python interpreter that nobody may run (the venv's lives under a private folder)")
 

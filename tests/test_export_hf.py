@@ -186,7 +186,7 @@ def test_smear_and_backout_decode_with_the_cache_as_a_full_forward():
     """The flags the recipe may turn on: with them, token-by-token decoding through transformers' Cache (which
     carries the previous token's embedding for smear) must equal one full forward pass, and both must matter."""
     from transformers import DynamicCache
-    from nanochat.hf_export import load_hf_code
+    from nanochat.hf_export.export import load_hf_code
     Config, ForCausalLM = load_hf_code()
     config = Config(vocab_size=300, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
                     num_key_value_heads=1, max_position_embeddings=64, attention_windows=[16, 16, 64],

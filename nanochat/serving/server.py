@@ -18,10 +18,10 @@ from pathlib import Path
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from nanochat.chat_request import LIMITS, MAX_BODY_BYTES, BadRequest, authorized, read_json, validate
+from nanochat.serving.chat_request import LIMITS, MAX_BODY_BYTES, BadRequest, authorized, read_json, validate
 from nanochat.common import UserError
 from nanochat.engine import TextStream
-from nanochat.scheduler import BatchScheduler, PromptTooLong, Request
+from nanochat.serving.scheduler import BatchScheduler, PromptTooLong, Request
 
 MAX_WAITING = 256  # requests queued per worker beyond its slots before new ones are turned away (503)
 CLIENT_LIMIT = 16  # concurrent generations (choices) per client address, so that a few clients cannot fill the queue

@@ -3,7 +3,7 @@
 
 transformers' built-in `nanochat` model type follows an older version of the architecture (no value embeddings,
 per-layer residual/x0 scalars, sliding windows or QK-norm scale, the opposite RoPE rotation, a norm epsilon of 1e-6),
-so the export ships its own model code (nanochat/hf_code/, standalone) through `auto_map`.
+so the export ships its own model code (nanochat/hf_export/hf_code/, standalone) through `auto_map`.
 Needs the `hf` extra (transformers, tokenizers).
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from nanochat.common import UserError
 from nanochat.gpt import GPT, ROPE_BASE, SMEAR_GATE_CHANNELS, SOFTCAP, VE_GATE_CHANNELS
-from nanochat.hf_tokenizer import build_hf_fast_tokenizer
+from nanochat.hf_export.tokenizer import build_hf_fast_tokenizer
 
 # The GPTConfig fields the exported model code implements; a checkpoint with any other field (a newer architecture)
 # cannot be represented and is refused rather than exported with a silent difference.
@@ -29,8 +29,8 @@ def check_representable(model_config: dict) -> None:
     unknown = sorted(set(model_config) - KNOWN_CONFIG_FIELDS)
     if unknown:
         raise UserError(f"cannot export to Hugging Face: the checkpoint's model config has {', '.join(unknown)}, "
-                        "which nanochat/hf_code/modeling_nanochat.py does not implement; extend it (and "
-                        "KNOWN_CONFIG_FIELDS in nanochat/hf_export.py) first")
+                        "which nanochat/hf_export/hf_code/modeling_nanochat.py does not implement; extend it (and "
+                        "KNOWN_CONFIG_FIELDS in nanochat/hf_export/export.py) first")
 
 
 def hf_config_kwargs(model: GPT) -> dict:
@@ -61,10 +61,10 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def load_hf_code():
-    """The exported model classes, imported from nanochat/hf_code as a package (so save_pretrained copies them)."""
+    """The exported model classes, imported from hf_code/ as a package (so save_pretrained copies them)."""
     # optional: these and transformers come with the hf extra, which only the export needs
-    from nanochat.hf_code.configuration_nanochat import NanoChatGPTConfig
-    from nanochat.hf_code.modeling_nanochat import NanoChatGPTForCausalLM
+    from nanochat.hf_export.hf_code.configuration_nanochat import NanoChatGPTConfig
+    from nanochat.hf_export.hf_code.modeling_nanochat import NanoChatGPTForCausalLM
     return NanoChatGPTConfig, NanoChatGPTForCausalLM
 
 
@@ -80,7 +80,8 @@ def build_hf_model(model: GPT):
     missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False, assign=True)
     if missing or unexpected:
         raise UserError(f"cannot export to Hugging Face: weights {sorted(unexpected) or ''} have no place in the "
-                        f"exported model and {sorted(missing) or ''} are missing; extend nanochat/hf_code first")
+                        f"exported model and {sorted(missing) or ''} are missing; extend "
+                        "nanochat/hf_export/hf_code first")
     return hf.float().eval()
 
 
@@ -108,7 +109,7 @@ def write_export(out_dir: Path, model: GPT, tokenizer, card: str, dtype: torch.d
     check = max_logit_difference(model, hf, [tokenizer.encode("The capital of France is", prepend="<|bos|>")])
     if check > FP32_TOLERANCE:  # the oracle: never write an export that computes something else
         raise UserError(f"the exported model's logits differ from ours by {check:.2e} (> {FP32_TOLERANCE}): "
-                        "nanochat/hf_code/modeling_nanochat.py no longer matches nanochat/gpt.py")
+                        "nanochat/hf_export/hf_code/modeling_nanochat.py no longer matches nanochat/gpt.py")
     special = tokenizer.encode_special
     hf.generation_config = GenerationConfig(
         bos_token_id=tokenizer.get_bos_token_id(), pad_token_id=special("<|assistant_end|>"),

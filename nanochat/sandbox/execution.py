@@ -3,11 +3,11 @@
 Threat model: the code is arbitrary and possibly hostile (loops, fork bombs, memory and disk bombs, file and network
 access, reading secrets, escaping its namespaces, detached processes). Layers, strongest first:
 
-Kernel-enforced, when `nanochat.sandbox.detect()` finds them (Linux with bubblewrap and libseccomp, as root or with
+Kernel-enforced, when `nanochat.sandbox.bwrap.detect()` finds them (Linux with bubblewrap and libseccomp, as root or with
 unprivileged user namespaces): pid/network/ipc/uts/mount namespaces, a read-only view of only /usr and the Python
 runtime, a size-limited tmpfs working directory, a seccomp filter, no capabilities, no_new_privs, nobody's uid when
-started as root (see nanochat/sandbox.py); and a pids + memory cgroup per run wherever one may be created
-(nanochat/cgroups.py).
+started as root (see nanochat/sandbox/bwrap.py); and a pids + memory cgroup per run wherever one may be created
+(nanochat/sandbox/cgroups.py).
 Always: wall-clock timeout (the whole process tree is killed), RLIMIT_CPU, RLIMIT_AS (not on macOS, where it cannot
 be set), RLIMIT_FSIZE, RLIMIT_NPROC, no core dumps, an empty environment, stdin closed, output captured
 incrementally and truncated, Python-level guards on process spawning and sockets (best effort only).
@@ -28,8 +28,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanochat import cgroups
-from nanochat.sandbox import NOBODY, detect, run_bwrap
+from nanochat.sandbox import cgroups
+from nanochat.sandbox.bwrap import NOBODY, detect, run_bwrap
 
 UNSAFE_ENV = "NANOCHAT_UNSAFE_PYTHON_TOOL"
 REFUSED_PREFIX = "the python tool is off"

@@ -1,0 +1,1 @@
+"""Running model-written Python: bubblewrap + seccomp (bwrap), a cgroup per run (cgroups), the tool itself (execution)."""
