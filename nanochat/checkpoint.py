@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nanochat.common import UserError, get_base_dir, print0
+from nanochat.common import UserError, get_base_dir, git_commit, print0
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.scaling import Hyperparams
 from nanochat.tokenizer import Tokenizer, get_tokenizer
@@ -105,14 +104,6 @@ def list_steps(ckpt_dir: Path) -> list[int]:
 def last_step(ckpt_dir: Path) -> int | None:
     steps = list_steps(ckpt_dir)
     return steps[-1] if steps else None
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

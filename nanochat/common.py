@@ -1,6 +1,7 @@
 """Things every stage needs: where files live, which device and dtype to compute in, and torchrun's process group."""
 
 import os
+import subprocess
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,6 +25,15 @@ def get_base_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Device and compute dtype
+
+def git_commit() -> str:
+    """The short commit of this checkout, or "unknown" (not a git checkout, or no git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
 
 def autodetect_device_type() -> str:
     """cuda > mps > cpu, unless `NANOCHAT_DEVICE` (or a script's --device-type) says otherwise."""

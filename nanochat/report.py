@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import git_commit
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, git_commit
 
 STAGE_ORDER = ["Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model evaluation",
                "Chat SFT", "Chat evaluation sft", "Chat RL", "Chat evaluation rl"]
