@@ -7,7 +7,7 @@
 #   TIME_BUDGET_MIN=30 bash runs/cpu.sh                 # a longer budget: more pretraining steps
 #   DRY_RUN=1 bash runs/cpu.sh                          # measure this CPU and print the plan, run nothing
 #
-# Before the first stage, nanochat/budget.py measures this CPU's matmul speed and picks BASE_STEPS (and, on slow
+# Before the first stage, scripts/budget.py measures this CPU's matmul speed and picks BASE_STEPS (and, on slow
 # machines, SFT_STEPS, RL_STEPS, MAX_PER_TASK, CHAT_PROBLEMS) so that the stages after setup take about
 # TIME_BUDGET_MIN; it prints the measurement, the choice and each stage's expected time, and records them in the
 # report. Safe to re-run: the plan is kept in $NANOCHAT_BASE_DIR/stages/plan.json, finished stages are skipped, an
@@ -55,11 +55,11 @@ done
 plan_args=(--minutes="$TIME_BUDGET_MIN" --dtype="${NANOCHAT_DTYPE:-fp32}" --depth="$DEPTH" --vocab-size="$VOCAB"
            --seq-len="$SEQ_LEN" --device-batch="$DEVICE_BATCH" "${overrides[@]}")
 if [ "${DRY_RUN:-0}" = "1" ]; then
-    python -m nanochat.budget "${plan_args[@]}"
+    python -m scripts.budget "${plan_args[@]}"
     echo "dry run: nothing was run"
     exit 0
 fi
-plan="$(python -m nanochat.budget "${plan_args[@]}" --plan-file="$STAGES/plan.json")"
+plan="$(python -m scripts.budget "${plan_args[@]}" --plan-file="$STAGES/plan.json")"
 eval "$plan"
 
 # run_stage NAME COMMAND...: run a stage once; a marker file records that it finished.
@@ -78,7 +78,7 @@ run_stage() {
 
 T0=$SECONDS
 run_stage report_reset python -m nanochat.report reset
-run_stage plan_report python -m nanochat.budget "${plan_args[@]}" --plan-file="$STAGES/plan.json" --report >/dev/null
+run_stage plan_report python -m scripts.budget "${plan_args[@]}" --plan-file="$STAGES/plan.json" --report >/dev/null
 run_stage data        python -m nanochat.dataset -n "${DATA_SHARDS:-4}"
 run_stage tok_train   python -m scripts.tok_train --max-chars="$TOK_CHARS" --vocab-size="$VOCAB"
 run_stage tok_eval    python -m scripts.tok_eval

@@ -1,7 +1,7 @@
 """Fit `runs/cpu.sh` to a time budget: measure this CPU's matmul speed, then choose how much work each stage does.
 
-    python -m nanochat.budget --minutes 15                 # measure, plan and print (what runs/cpu.sh calls)
-    python -m nanochat.budget --minutes 15 --set BASE_STEPS=300
+    python -m scripts.budget --minutes 15                 # measure, plan and print (what runs/cpu.sh calls)
+    python -m scripts.budget --minutes 15 --set BASE_STEPS=300
 
 The cost model is simple on purpose. Pretraining costs what its FLOPs cost at the MFU the compiled d4 step reaches
 in the compute dtype (`TRAIN_MFU`, from bench/train.py). Every other stage costs a fixed part (start-up) plus a

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat.budget import DEFAULTS, FLOORS, Machine, Workload, plan_pipeline
+from scripts.budget import DEFAULTS, FLOORS, Machine, Workload, plan_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 D4 = Workload(tokens_per_step=16 * 512, flops_per_token=3.8e7)  # d4, vocabulary 8192, batch 16×512
@@ -92,7 +92,7 @@ def test_cpu_sh_rejects_a_bad_override_in_one_line(base_dir):
 
 
 def test_without_dtype_the_plan_takes_the_compute_dtype_policy(monkeypatch):
-    from nanochat.budget import main
+    from scripts.budget import main
     from nanochat.common import UserError
     monkeypatch.setenv("NANOCHAT_DTYPE", "fp16")  # what get_compute_dtype picks, and a dtype runs/cpu.sh has no plan for
     with pytest.raises(UserError, match="'fp16'"):
