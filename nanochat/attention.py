@@ -152,7 +152,7 @@ def shared_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     than once per row. Attention over the prompt and over each row's own positions, merged by their log-sum-exps,
     equals attention over all L keys up to rounding. The query heads of one KV head (GQA) are queries of that head,
     so both parts are plain multi-head attention. On a CPU at batch 8 with a 256-token prompt, reading the cache
-    is most of a decode step's attention (DEVELOPERS.md)."""
+    is most of a decode step's attention."""
     B, _, H, D = q.shape
     Hkv = k.size(1)
     G = H // Hkv

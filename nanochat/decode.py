@@ -44,7 +44,7 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc reuse freed blocks below 32 MiB instead of mapping fresh pages for each one and handing
     them back (up to 256 MiB of free memory kept). A CPU decode step makes a few hundred short-lived tensors, a few
     of them 1-4 MiB (the logits and their soft-cap at batch 8-32); by default glibc maps and unmaps those, so a
-    batch-8 step took 350-1,100 page faults, and in bf16 16% longer on an Intel Xeon (DEVELOPERS.md). Process-wide
+    batch-8 step took 350-1,100 page faults, and in bf16 16% longer on an Intel Xeon. Process-wide
     and permanent; False where the C library is not glibc (macOS, musl), which is left as it is."""
     if not sys.platform.startswith("linux"):
         return False
@@ -76,7 +76,7 @@ def read_bucket(n: int, limit: int) -> int:
 POLICIES = {"eager": (False, False), "compile": (True, False), "graph": (False, True), "compile+graph": (True, True)}
 # CPU: decode steps planned from which a compiled step pays for its compile. On a 2-core AMD EPYC a compiled d4 step
 # saved 0.7 ms at batch 1 and 1.0 at batch 8 (+25% / +19% tokens/s), and compiling its shapes cost 50 s with an
-# empty Inductor cache (14 s with a warm one): about 30,000 steps to break even (DEVELOPERS.md)
+# empty Inductor cache (14 s with a warm one): about 30,000 steps to break even
 COMPILE_FROM_STEPS = 30_000
 
 

@@ -154,7 +154,7 @@ class Engine:
     (`compute.dtype` from `compute_init`; when not given, the same default, `common.get_compute_dtype`): a copy
     of the weights cast once when the model is in another dtype (RL trains the fp32 model between rollouts, and
     the copy follows it, see `_refresh_weights`). Cast once rather than under autocast at every step, bf16 decodes
-    faster on CPUs too (DEVELOPERS.md); nothing runs under autocast. The KV cache, the decode buffers and their
+    faster on CPUs too; nothing runs under autocast. The KV cache, the decode buffers and their
     CUDA graphs live as long as the engine and grow when a call needs more samples or a longer context.
     """
 

@@ -4,7 +4,7 @@ x (rows, C) @ weightᵀ with a handful of rows runs on CPUs at a fraction of mem
 fastest depends on the CPU, the dtype, the shape and the row count: x @ weightᵀ (F.linear), weight @ xᵀ (one row
 doubled: alone it takes the slower matrix-vector path) or oneDNN's linear on a copy of the weight in oneDNN's layout.
 On an AMD EPYC one fp32 row of the 32768×256 LM head took 5.1, 1.6 and 2.1 ms in these forms; on an Intel Xeon
-x @ weightᵀ was the fastest at 1.2 ms against 2.7 for weight @ xᵀ (DEVELOPERS.md, "CPU figures"). The block
+x @ weightᵀ was the fastest at 1.2 ms against 2.7 for weight @ xᵀ. The block
 linears' weights (0.25-1 MB) are read from memory as well in a decode step, as the LM head evicts them from the
 caches: there weight @ xᵀ took half as long as x @ weightᵀ on the AMD EPYC, while timed alone in a loop, where
 the weight stays in cache, it was the slower one. So each key (rows, weight shape, dtype, the forms) times its
@@ -12,7 +12,7 @@ forms where they really run: its first calls go to each form in turn, TRIALS tim
 (which may build the oneDNN copy), and from then on the form of least median time serves the key, for the process.
 A compiled decode step (torch.compile, outside autograd) calls the same products as one opaque operator,
 `nanochat::few_rows_product`, so that Inductor fuses the small ops around them and leaves the products to the
-measured forms (its own code for them was the slow x @ weightᵀ form: DEVELOPERS.md). Anything else (other devices
+measured forms (its own code for them was the slow x @ weightᵀ form). Anything else (other devices
 and dtypes, more rows, autograd) is F.linear.
 """
 
@@ -35,7 +35,7 @@ _HELD: dict[tuple, tuple[tuple, torch.Tensor]] = {}  # (kind, ids of the weights
 
 def skinny(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """weight @ flatᵀ, handed back transposed in memory: a copy into row order cost more than the strided reads
-    after it (DEVELOPERS.md)."""
+    after it."""
     rows = flat.size(0)
     if rows == 1:
         flat = torch.cat([flat, flat])  # a real second row: a stride-0 view would take the matrix-vector path again
@@ -64,7 +64,7 @@ def stackable(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> bool:
 def stacked(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor | None:
     """The weights stacked along their rows, in `dtype`, for one product in place of several of one input (a
     decode step's q, k and v), which reads them as one stream rather than several short ones; None when the
-    largest is above STACK_BELOW, where a product alone streams well enough not to hold a copy (DEVELOPERS.md)."""
+    largest is above STACK_BELOW, where a product alone streams well enough not to hold a copy."""
     if not stackable(weights, dtype):
         return None
     return held_copy(("stacked", dtype), weights, lambda: torch.cat([w.detach().to(dtype) for w in weights]))
@@ -77,7 +77,7 @@ def onednn(flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch._C._nn.mkldnn_linear(flat.to_mkldnn(), copy, None).to_dense()
 
 
-LINEAR_FORMS = (F.linear, skinny)  # oneDNN was the slowest for the block linears' small weights (DEVELOPERS.md)
+LINEAR_FORMS = (F.linear, skinny)  # oneDNN was the slowest for the block linears' small weights
 LM_HEAD_FORMS = LINEAR_FORMS + ((onednn,) if torch.backends.mkldnn.is_available() else ())
 
 
