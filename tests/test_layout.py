@@ -2,6 +2,7 @@
 (serving, the Hugging Face export) or the report card, and light modules stay light to import."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,49 @@ def test_the_report_does_not_import_the_model():
     code = "import sys, nanochat.report; print(sorted(m for m in sys.modules if m.startswith('nanochat')))"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     assert "nanochat.gpt" not in loaded and "nanochat.checkpoint" not in loaded, loaded
+
+
+def module_imports(path: Path) -> set[str]:
+    """The project modules `path` imports, named as docs/architecture.md names them (`engine`, `sandbox.execution`,
+    `tasks`)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            top, _, rest = node.module.partition(".")
+            if top == "tasks":
+                found.add("tasks")
+            elif top == "nanochat":
+                for alias in node.names:
+                    dotted = f"{rest}.{alias.name}" if rest else alias.name
+                    is_module = (REPO / "nanochat" / (dotted.replace(".", "/") + ".py")).exists()
+                    found.add(dotted if is_module else rest)
+    return found
+
+
+def test_the_module_map_lists_every_module_with_its_imports():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    table = text[text.index("## The module map"):].split("\n## ")[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| `")]
+    listed = set()
+    for first, _, imports in rows:
+        package, _, names = first.removeprefix("| ").rpartition(": ") if ": " in first else ("", "", first[2:])
+        package = package.strip("`/")
+        modules = [f"{package}.{n}" if package else n for n in re.findall(r"`([a-z_0-9]+)`", names)]
+        if package == "" and "tasks/*" in names:
+            modules = ["tasks"]
+        documented = set() if imports.strip(" |") == "—" else {i.strip() for i in imports.strip(" |").split(",")}
+        actual = set()
+        for module in modules:
+            paths = ([p for p in (REPO / "tasks").glob("*.py") if p.stem != "__init__"] if module == "tasks" else
+                     [REPO / "nanochat" / (module.replace(".", "/") + ".py")])
+            assert all(p.exists() for p in paths), f"docs/architecture.md lists {module}, which does not exist"
+            for p in paths:
+                actual |= module_imports(p)
+        actual -= set(modules) | {"", "sandbox", "serving", "hf_export"}
+        actual = {m for m in actual if not m.startswith("hf_export.hf_code")}
+        assert documented == actual, f"the module map's row for {modules} says it imports {sorted(documented)}, " \
+                                     f"the code imports {sorted(actual)}"
+        listed |= set(modules)
+    every = {str(p.relative_to(REPO / "nanochat").with_suffix("")).replace("/", ".")
+             for p in (REPO / "nanochat").rglob("*.py") if p.stem != "__init__" and "hf_code" not in p.parts}
+    assert every <= listed, f"modules missing from docs/architecture.md's module map: {sorted(every - listed)}"
