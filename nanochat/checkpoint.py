@@ -414,6 +414,24 @@ def load_model(phase: str, device: torch.device | str = "cpu", model_tag: str | 
     return model, tokenizer, stage.meta
 
 
+# Below this many scaling parameters (transformer matrices + LM head) a model is one of the tiny ones a CPU trains in
+# minutes: front ends say what to expect of it (the speedrun's d20 has about 400M).
+SMALL_MODEL_PARAMS = 50_000_000
+
+
+def describe_model(meta: CheckpointMeta) -> tuple[str, str | None]:
+    """The line every front end opens with (tag, stage, step, size, context), and for a tiny model a second line on
+    what to expect of it (None for larger ones)."""
+    config = meta.model_config
+    params = config.num_scaling_params()
+    name = (f"{meta.model_tag} {meta.phase} step {meta.step} ({config.n_layer} layers, {params / 1e6:.1f}M "
+            f"parameters, context {config.sequence_len} tokens)")
+    if params >= SMALL_MODEL_PARAMS:
+        return name, None
+    return name, ("a tiny model: expect fluent-looking sentences, not facts, arithmetic or code that can be trusted "
+                  "(the 8-GPU speedrun's d20 is the smallest that chats usefully)")
+
+
 def load_chat_model(source: str | None, device: torch.device | str, model_tag: str | None = None,
                     step: int | None = None, dry_run: bool = False):
     """(model, tokenizer, meta) of the requested phase, or of the most trained one available: rl, then sft, then

@@ -1,7 +1,14 @@
-"""The terminal front end's pieces: a reply streamed as text with its tool calls set apart, and the prompt that a
-chat model or a base model gets."""
+"""The terminal front end's pieces: a reply streamed as text with its tool calls set apart, and line editing with a
+history and multi-line input."""
 
+import atexit
 import sys
+from pathlib import Path
+
+try:
+    import readline
+except ImportError:  # optional: Windows' Python has none; input then works without editing or history
+    readline = None
 
 from nanochat.engine import TextStream
 
@@ -13,7 +20,8 @@ RESET = "\033[0m"
 
 
 class Printer:
-    """Streams tokens as text; tool calls and tool outputs are shown in their own colour and brackets."""
+    """Streams tokens as text; tool calls and tool outputs are set apart by brackets (so copied text keeps them
+    apart too) and, on a terminal, by their own colour."""
 
     def __init__(self, tokenizer, color: bool):
         self.tokenizer, self.color = tokenizer, color
@@ -28,7 +36,7 @@ class Printer:
             self.close_part()
             self.part = self.opens[token]
             colour, opening, _ = PART_STYLE[self.part]
-            sys.stdout.write(colour if self.color else opening)
+            sys.stdout.write(colour + opening if self.color else opening)
         elif token in self.closes:
             self.close_part()
         else:
@@ -39,7 +47,8 @@ class Printer:
         """Write out held text and end a tool part, if one is open (never leave the terminal coloured)."""
         sys.stdout.write(self.text.flush())
         if self.part != "text":
-            sys.stdout.write(RESET if self.color else PART_STYLE[self.part][2])
+            closing = PART_STYLE[self.part][2]
+            sys.stdout.write(closing + RESET if self.color else closing)
             self.part = "text"
         sys.stdout.flush()
 
@@ -48,9 +57,39 @@ class Printer:
         self.close_part()
 
 
-def make_prompt(tokenizer, source: str, messages: list[dict]) -> list[int]:
-    """A chat model gets the conversation in its chat format; a base model, which never saw that format, just
-    continues the last user text."""
-    if source == "base":
-        return tokenizer.encode(messages[-1]["content"], prepend="<|bos|>")
-    return tokenizer.render_for_completion({"messages": messages})
+def line_editing(history: Path) -> None:
+    """Arrow keys, line editing and a history kept across sessions in `history` (readline, where Python has it;
+    without it input still works, unedited). Lines are added by `read_message`, not by readline itself, so that
+    piped input is recorded the same way."""
+    if readline is None:
+        return
+    readline.set_auto_history(False)
+    try:
+        readline.read_history_file(history)
+    except OSError:  # no history yet
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError as e:
+            print(f"warning: the chat history could not be saved to {history}: {e.strerror or e}", file=sys.stderr)
+
+    atexit.register(save)
+
+
+def read_message(prompt: str) -> str:
+    """One message from the user: a line, or several when a line ends with a backslash (the backslash is dropped
+    and the next line joins with a newline). Raises EOFError at the end of input."""
+    lines = []
+    line = input(prompt)
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = input("... ")
+    lines.append(line)
+    text = "\n".join(lines).strip()
+    if text and readline is not None:
+        readline.add_history(text)
+    return text

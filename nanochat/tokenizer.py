@@ -222,6 +222,26 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages}, max_tokens=1 << 30)
         return ids + [self.encode_special("<|assistant_start|>")]
 
+    def render_within(self, conversation: dict, max_tokens: int) -> tuple[list[int], int]:
+        """`render_for_completion` of the conversation, dropping its oldest turns (a user message and the reply to
+        it) until the prompt is at most `max_tokens`; a leading system message and the last user message are always
+        kept. Returns the prompt and how many messages were dropped. The CLI and the server share this rule, as
+        ollama and llama.cpp's server do: a conversation that outgrows the context loses its beginning, never its
+        end."""
+        messages = list(conversation["messages"])
+        system = messages[:1] if messages and messages[0].get("role") == "system" else []
+        turns, dropped = messages[len(system):], 0
+        while True:
+            ids = self.render_for_completion({"messages": system + turns})
+            if len(ids) <= max_tokens:
+                return ids, dropped
+            users = [i for i, m in enumerate(turns) if m.get("role") == "user"]
+            if len(users) < 2:
+                raise UserError(f"the last message{' with the system prompt' if system else ''} is {len(ids)} "
+                                f"tokens, more than the {max_tokens} this model can take as a prompt: shorten it")
+            dropped += users[1]
+            turns = turns[users[1]:]
+
 
 class _DataOnlyUnpickler(pickle.Unpickler):
     """tokenizer.pkl holds a dict of bytes, ints and a str, which need no class: refusing every class means a

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def cli(base_dir, *args, stdin=None):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
@@ -70,7 +72,7 @@ def test_a_reply_cut_inside_a_tool_call_does_not_leave_the_terminal_coloured(tin
         for t in [tiny_tokenizer.encode_special("<|python_start|>")] + tiny_tokenizer.encode("1+1"):
             printer.feed(t)
         printer.flush()
-    assert out.getvalue().startswith("\033[36m") and out.getvalue().endswith("1+1" + RESET)
+    assert out.getvalue() == "\033[36m[python] 1+1 [/python]" + RESET  # brackets too: copied text keeps them
 
 
 def test_the_python_tool_sandbox_is_announced_at_start(base_dir):
@@ -84,3 +86,53 @@ def test_the_python_tool_sandbox_is_announced_at_start(base_dir):
                               env={**env, "NANOCHAT_BASE_DIR": str(base_dir), "PATH": ""}, capture_output=True,
                               text=True, timeout=120)
         assert proc.returncode == 0 and expected in proc.stderr and "--unsafe-python-tool" in proc.stderr, proc.stderr
+
+
+# Conversations longer than the context, and the terminal as people use it
+
+
+def test_a_conversation_over_the_prompt_budget_drops_its_oldest_turns_but_not_the_system_prompt(tiny_tokenizer):
+    from nanochat.common import UserError
+    system = {"role": "system", "content": "Be brief."}
+    turns = []
+    for i in range(6):
+        turns += [{"role": "user", "content": f"question {i} " * 8}, {"role": "assistant", "content": f"answer {i}"}]
+    turns.append({"role": "user", "content": "the last question"})
+    whole = tiny_tokenizer.render_for_completion({"messages": [system, *turns]})
+    ids, dropped = tiny_tokenizer.render_within({"messages": [system, *turns]}, len(whole))
+    assert (ids, dropped) == (whole, 0)
+    ids, dropped = tiny_tokenizer.render_within({"messages": [system, *turns]}, len(whole) - 1)
+    assert dropped == 2 and ids == tiny_tokenizer.render_for_completion({"messages": [system, *turns[2:]]})
+    shortest = tiny_tokenizer.render_for_completion({"messages": [system, turns[-1]]})
+    ids, dropped = tiny_tokenizer.render_within({"messages": [system, *turns]}, len(shortest))
+    assert dropped == 12 and ids == shortest
+    with pytest.raises(UserError, match="shorten it"):
+        tiny_tokenizer.render_within({"messages": [system, *turns]}, len(shortest) - 1)
+
+
+def test_an_interactive_session_names_the_model_keeps_a_history_and_drops_what_outgrows_the_context(
+        tiny_checkpoint, base_dir):
+    long_message = "tell me about the history of the river and its bridges " * 3  # about 40 tokens of 128
+    stdin = "first line \\\nsecond line\n" + (long_message + "\n") * 4 + "quit\n"
+    proc = cli(base_dir, "-i", "sft", "--max-tokens", "6", "--system", "Be brief.", stdin=stdin)
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("nanochat: d2 sft step 1 (2 layers") and "context 128 tokens" in first
+    assert "a tiny model" in proc.stdout.splitlines()[1]
+    assert proc.stdout.count("Assistant:") == 5
+    assert "the conversation outgrew the model's context of 128 tokens" in proc.stderr
+    history = (base_dir / "chat_history").read_text()
+    assert "first line" in history and "second line" in history and "tell me about the history" in history
+
+
+def test_a_reply_cut_at_the_token_limit_says_so(tiny_checkpoint, base_dir):
+    proc = cli(base_dir, "-i", "sft", "-p", "Why is the sky blue?", "--max-tokens", "3", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "(reply cut at 3 tokens by --max-tokens)" in proc.stderr
+    assert "nanochat: d2 sft step 1" in proc.stderr and "nanochat:" not in proc.stdout  # -p output stays clean
+
+
+def test_a_prompt_longer_than_the_context_is_an_error_not_an_empty_reply(tiny_checkpoint, base_dir):
+    proc = cli(base_dir, "-i", "sft", "-p", "word " * 400)
+    assert proc.returncode != 0
+    assert "more than the" in proc.stderr and "shorten it" in proc.stderr and not proc.stdout.strip()
