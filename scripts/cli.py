@@ -12,6 +12,7 @@ from nanochat.common import run_cli
 
 COMMANDS = {
     "dataset": ("nanochat.dataset", "download pretraining shards"),
+    "preflight": ("scripts.preflight", "check this machine before a run: GPUs, kernels, speed, time and cost"),
     "tok_train": ("scripts.tok_train", "train the tokenizer"),
     "tok_eval": ("scripts.tok_eval", "evaluate the tokenizer's compression"),
     "base_train": ("scripts.base_train", "pretrain a base model"),
