@@ -3,6 +3,7 @@
 #
 #   bash runs/speedrun.sh                 # run it (WANDB_RUN=name to log to Weights & Biases)
 #   DRY_RUN=1 bash runs/speedrun.sh       # validate every stage's arguments without training (works on a CPU)
+#   SKIP_PREFLIGHT=1 bash runs/speedrun.sh  # without checking the node first (python -m scripts.preflight)
 #
 # Stages: data (240 shards, downloaded in the background while the tokenizer trains) -> tokenizer on ~2B characters
 # -> d20 pretraining on 8 GPUs -> base eval -> SFT -> chat eval -> RL on GSM8K -> chat eval -> report card.
@@ -51,6 +52,15 @@ stage() {
     fi
 }
 RESUME=(--resume-from-step=latest --keep-last=2)
+
+# Check the node first (versions, GPUs, FA3, compile, all-reduce, speed, memory, predicted time and cost, decode): a few
+# minutes that can save hours. SKIP_PREFLIGHT=1 skips it; a dry run checks only its arguments and cheap lines.
+if [ "${SKIP_PREFLIGHT:-0}" != "1" ]; then
+    PREFLIGHT=(--device-type=cuda)
+    [ "$DRY_RUN" = "1" ] && PREFLIGHT=(--device-type=cpu --skip compile allreduce train predict decode)
+    stage preflight python -m scripts.preflight "${PREFLIGHT[@]}" --depth="$DEPTH" --nproc="$NPROC" \
+        --target-param-data-ratio=10.5 --device-batch-size=32 --json="$NANOCHAT_BASE_DIR/preflight.json"
+fi
 
 if [ "$DRY_RUN" != "1" ]; then
     stage report_reset python -m nanochat.report reset

@@ -91,3 +91,17 @@ def test_defaults_are_the_speedrun_on_cuda_and_a_tiny_run_on_cpu():
     plan = make_plan(parse_args(["--device-type=cuda", "--nproc=8"]), "cuda")
     assert plan.nproc == 8 and plan.depth == 20 and plan.device_batch_size == 32 and plan.sequence_len == 2048
     assert cpu_plan().depth == 2 and cpu_plan().total_batch_size == 2 * 256  # the tiny CPU version
+
+
+@pytest.mark.slow  # the speedrun's whole dry run: ~30 s
+def test_speedrun_skips_the_preflight_with_skip_preflight(base_dir):
+    import os
+    import subprocess
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), DRY_RUN="1", SKIP_PREFLIGHT="1")
+    env.pop("NANOCHAT_MIRROR", None)
+    proc = subprocess.run(["bash", "runs/speedrun.sh"], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "scripts.preflight" not in proc.stdout and "+ python -m scripts.base_train --dry-run" in proc.stdout

@@ -14,6 +14,8 @@ def test_speedrun_dry_run_checks_every_stage(base_dir):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
+    assert out.index("+ python -m scripts.preflight") < out.index("+ python -m scripts.base_train")  # the node first
+    assert "preflight: ok" in out
     for stage in ("scripts.base_train", "scripts.base_eval", "scripts.chat_sft", "scripts.chat_eval",
                   "scripts.chat_rl"):
         assert f"+ python -m {stage} --dry-run" in out
