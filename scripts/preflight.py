@@ -13,10 +13,10 @@ One line per check, each with a verdict (ok / warn / FAIL); the exit code is 1 w
 - compile: torch.compile of a tiny function runs and agrees with eager;
 - allreduce: bus bandwidth of an all-reduce across the local GPUs, one process per GPU (NCCL); on a CPU, gloo
   between 2 processes;
-- train: a few optimizer steps of the run's model (built and stepped by the library, as base_train does) on
-  random tokens: tokens/s per GPU, MFU, peak reserved memory;
-- predict: the pretraining's time and cost from its planned tokens (nanochat/scaling.py) at the measured rate,
-  assuming the node's GPUs scale linearly;
+- train: a few optimizer steps of the run's model on random tokens, in one process per GPU of the run (built,
+  compiled and stepped by the library as base_train does, the optimizer sharded over the processes): tokens/s per
+  GPU, MFU, peak reserved memory;
+- predict: the pretraining's time and cost from its planned tokens (nanochat/scaling.py) at the measured rate;
 - decode: the engine's decode at batch 1 and 32, and on CUDA that every step replays a captured CUDA graph.
 
 On a CPU the same checks run a tiny version (depth 2, 2 steps, a short context): what CI tests.
@@ -233,7 +233,7 @@ def check_compile(plan: Plan) -> Check:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# all-reduce between local processes
+# Measurements in a group of local processes, one per GPU (NCCL), or gloo processes on a CPU
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -241,32 +241,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def allreduce_worker(rank: int, world: int, port: int, device_type: str, nbytes: int, iters: int,
-                     out: str) -> None:
-    """One process of the all-reduce probe: checks one sum, then times `iters` all-reduces of `nbytes`."""
+class ProcessFailed(RuntimeError):
+    """A process of a measurement failed; the message is its error's last line, type included."""
+
+
+def run_in_group(worker, world: int, device_type: str, *args) -> dict:
+    """Rank 0's result of `worker(rank, world, device, *args)` run in `world` fresh processes joined in one process
+    group (none for one process). Fresh processes leave this one's memory and compile caches as they were; a
+    failing rank stops them all, and its error's last line is raised here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        try:
+            mp.spawn(group_process, args=(world, free_port(), device_type, worker, args, out), nprocs=world)
+        except mp.ProcessRaisedException as e:
+            raise ProcessFailed(str(e).strip().splitlines()[-1]) from None
+        return json.loads(Path(out).read_text())
+
+
+def group_process(rank: int, world: int, port: int, device_type: str, worker, args: tuple, out: str) -> None:
+    os.environ["RANK"] = str(rank)  # the library's one-line notices print on rank 0 only
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device_type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, device_id=device if device_type == "cuda" else None)
+    if world > 1:
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=rank, world_size=world, device_id=device if device_type == "cuda" else None)
     try:
-        dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-        x = torch.full((nbytes // dtype.itemsize,), float(rank + 1), device=device, dtype=dtype)
-        dist.all_reduce(x)
-        correct = bool((x == world * (world + 1) / 2).all())
-        for _ in range(2):
-            dist.all_reduce(x)  # warm-up
-        synchronize(device_type)
-        dist.barrier()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            dist.all_reduce(x)
-        synchronize(device_type)
-        seconds = (time.perf_counter() - t0) / iters
+        result = worker(rank, world, device, *args)
         if rank == 0:
-            Path(out).write_text(json.dumps({"seconds": seconds, "correct": correct}))
+            Path(out).write_text(json.dumps(result))
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def allreduce_worker(rank: int, world: int, device: torch.device, nbytes: int, iters: int) -> dict:
+    """Checks one sum, then times `iters` all-reduces of `nbytes`."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    x = torch.full((nbytes // dtype.itemsize,), float(rank + 1), device=device, dtype=dtype)
+    dist.all_reduce(x)
+    correct = bool((x == world * (world + 1) / 2).all())
+    for _ in range(2):
+        dist.all_reduce(x)  # warm-up
+    synchronize(device.type)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        dist.all_reduce(x)
+    synchronize(device.type)
+    return {"seconds": (time.perf_counter() - t0) / iters, "correct": correct}
 
 
 def check_allreduce(plan: Plan) -> Check:
@@ -274,10 +297,7 @@ def check_allreduce(plan: Plan) -> Check:
     if world < 2:
         return Check("allreduce", "ok", "not applicable: one GPU")
     nbytes, iters = (256 * 2 ** 20, 20) if plan.device_type == "cuda" else (8 * 2 ** 20, 5)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "allreduce.json")
-        mp.spawn(allreduce_worker, args=(world, free_port(), plan.device_type, nbytes, iters, out), nprocs=world)
-        result = json.loads(Path(out).read_text())
+    result = run_in_group(allreduce_worker, world, plan.device_type, nbytes, iters)
     bus = nbytes / result["seconds"] * 2 * (world - 1) / world  # what each link carries, as nccl-tests reports it
     backend = "NCCL" if plan.device_type == "cuda" else "gloo"
     values = {"processes": world, "backend": backend, "megabytes": nbytes / 2 ** 20, "bus_gb_s": bus / 1e9,
@@ -291,9 +311,6 @@ def check_allreduce(plan: Plan) -> Check:
     return Check("allreduce", "ok", detail, values)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# training steps, the prediction, decoding
-
 def random_batches(batch: int, seq: int, vocab: int, device: torch.device, seed: int):
     """Endless (inputs, targets) of random tokens: a step's speed does not depend on the data."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -302,55 +319,68 @@ def random_batches(batch: int, seq: int, vocab: int, device: torch.device, seed:
         yield x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
-def peak_memory(device_type: str) -> tuple[float, str]:
-    if device_type == "cuda":
-        return torch.cuda.max_memory_reserved() / GiB, "peak reserved"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB, "process peak RSS"
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak: memory reserved by the CUDA allocator, or the peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / GiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
 
 
-def check_train(plan: Plan, hp, model, device: torch.device, dtype: torch.dtype) -> Check:
-    """A few optimizer steps of the run's model, per process, with the run's micro-batches and accumulation."""
+def train_worker(rank: int, world: int, device: torch.device, plan: Plan, hp, warmup: int) -> dict:
+    """A few optimizer steps of the run's model on each rank, as base_train builds, compiles and steps it (the
+    optimizer sharded over the ranks, the run's micro-batches and accumulation)."""
+    dtype = get_compute_dtype(device.type)
+    torch.manual_seed(0)
+    model = build_model(hp.model_config(), device)
     optimizer = model.setup_optimizer(embedding_lr=hp.embedding_lr, unembedding_lr=hp.unembedding_lr,
                                       matrix_lr=hp.matrix_lr, scalar_lr=hp.scalar_lr, weight_decay=hp.weight_decay)
     train_model = torch.compile(model, dynamic=False) if plan.compile else model
-    streams = [random_batches(hp.device_batch_size, hp.sequence_len, hp.vocab_size, device, seed)
-               for seed in range(hp.grad_accum_steps)]
-    if plan.device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    warmup, times, losses = 2, [], []
+    streams = [random_batches(hp.device_batch_size, hp.sequence_len, hp.vocab_size, device, 1000 * rank + i)
+               for i in range(hp.grad_accum_steps)]
+    times, losses = [], []
     try:
         for step in range(warmup + plan.steps):
             optimizer.apply_schedule(**pretraining_schedule(hp, step))
-            with Timer(plan.device_type) as timer:
+            with Timer(device.type) as timer:
                 losses.append(train_step(train_model, optimizer, streams, lambda: autocast_ctx(device.type, dtype)))
             times.append(timer.dt)
     except torch.OutOfMemoryError:
-        return Check("train", "FAIL", f"out of memory at --device-batch-size={hp.device_batch_size}: lower it "
-                                      "(halving it doubles the accumulation steps, same result)")
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        del optimizer, train_model
+        raise RuntimeError(f"out of memory at --device-batch-size={hp.device_batch_size}: lower it (the "
+                           "accumulation steps grow to keep the total batch)") from None
+    memory = peak_memory_gib(device)
+    if world > 1:
+        memories = [None] * world
+        dist.all_gather_object(memories, memory)
+        memory = max(memories)
     step_s = statistics.median(times[warmup:])
-    tokens = hp.device_batch_size * hp.sequence_len * hp.grad_accum_steps
-    tok_s = tokens / step_s
+    tok_s = hp.device_batch_size * hp.sequence_len * hp.grad_accum_steps / step_s
     flops_per_token = model.estimate_flops()
-    mfu = flops_per_token * tok_s / device_peak_flops(device.type, dtype)
-    memory, memory_kind = peak_memory(plan.device_type)
-    values = {"steps": plan.steps, "step_s": step_s, "warmup_s": sum(times[:warmup]), "tokens_per_step": tokens,
-              "tokens_per_s": tok_s, "mfu": mfu, "peak_memory_gib": memory, "peak_memory_kind": memory_kind,
-              "loss": losses[-1], "flops_per_token": flops_per_token}
-    detail = (f"d{hp.n_layer} batch {hp.device_batch_size}×{hp.sequence_len}×{hp.grad_accum_steps} accum: "
-              f"{tok_s:,.0f} tok/s per {'GPU' if plan.device_type == 'cuda' else 'process'}, MFU {100 * mfu:.1f}%, "
-              f"{memory_kind} {memory:.1f} GiB, first {warmup} steps {sum(times[:warmup]):.1f} s"
-              f"{' (compile)' if plan.compile else ''}")
-    if not all(math.isfinite(loss) for loss in losses):
-        return Check("train", "FAIL", f"{detail}; the loss is not finite ({losses})", values)
-    if plan.device_type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory / GiB
-        values["memory_share"] = memory / total
-        if memory > MEMORY_HEADROOM * total:
-            return Check("train", "warn", f"{detail}: {100 * memory / total:.0f}% of the GPU's {total:.0f} GiB, "
-                                          "little headroom; consider a lower --device-batch-size", values)
+    peak_flops = device_peak_flops(device.type, dtype) if rank == 0 else float("inf")
+    total_memory = torch.cuda.get_device_properties(device).total_memory / GiB if device.type == "cuda" else None
+    return {"processes": world, "steps": plan.steps, "step_s": step_s, "warmup_s": sum(times[:warmup]),
+            "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak_flops, "flops_per_token": flops_per_token,
+            "peak_memory_gib": memory, "total_memory_gib": total_memory, "losses": losses}
+
+
+def check_train(plan: Plan, hp) -> Check:
+    warmup = 2
+    if plan.device_type == "cuda" and plan.nproc > torch.cuda.device_count():
+        return Check("train", "FAIL", f"--nproc={plan.nproc} but {torch.cuda.device_count()} GPU(s) visible")
+    values = run_in_group(train_worker, plan.nproc, plan.device_type, plan, hp, warmup)
+    memory_kind = "peak reserved" if plan.device_type == "cuda" else "process peak RSS"
+    values["peak_memory_kind"] = memory_kind
+    unit, units = ("GPU", "GPU(s)") if plan.device_type == "cuda" else ("process", "process(es)")
+    detail = (f"d{hp.n_layer} on {plan.nproc} {units}, batch {hp.device_batch_size}×{hp.sequence_len}×"
+              f"{hp.grad_accum_steps} accum: {values['tokens_per_s']:,.0f} tok/s per {unit}, MFU "
+              f"{100 * values['mfu']:.1f}%, {memory_kind} {values['peak_memory_gib']:.1f} GiB, first {warmup} steps "
+              f"{values['warmup_s']:.1f} s{' (compile)' if plan.compile else ''}")
+    if not all(math.isfinite(loss) for loss in values["losses"]):
+        return Check("train", "FAIL", f"{detail}; the loss is not finite ({values['losses']})", values)
+    total = values["total_memory_gib"]
+    if total and values["peak_memory_gib"] > MEMORY_HEADROOM * total:
+        return Check("train", "warn", f"{detail}: {100 * values['peak_memory_gib'] / total:.0f}% of the GPU's "
+                                      f"{total:.0f} GiB, little headroom; consider a lower --device-batch-size",
+                     values)
     return Check("train", "ok", detail, values)
 
 
@@ -364,7 +394,7 @@ def check_predict(plan: Plan, hp, train: Check) -> Check:
     unit = "GPU(s)" if plan.device_type == "cuda" else "process(es)"
     return Check("predict", "ok", f"pretraining {tokens:,} tokens ({hp.num_iterations:,} steps) on {plan.nproc} "
                                   f"{unit}: {format_duration(seconds)}, ${usd:,.2f} at ${plan.usd_per_gpu_hour:g}/GPU-"
-                                  "hour (linear scaling; evals, SFT and RL come on top)", values)
+                                  "hour at the measured rate (evals, SFT and RL come on top)", values)
 
 
 class TokenIds:
@@ -381,16 +411,21 @@ class TokenIds:
         return set()
 
 
-def check_decode(plan: Plan, model, dtype: torch.dtype) -> list[Check]:
-    """The engine's decode (its own copy of the weights in the compute dtype, CUDA graphs on CUDA) at each batch."""
-    device = next(model.parameters()).device
+def check_decode(plan: Plan, hp) -> list[Check]:
+    """The engine's decode of the run's model (random weights; its own copy of them in the compute dtype, CUDA
+    graphs on CUDA) at each batch."""
+    device = torch.device(plan.device_type)
+    dtype = get_compute_dtype(device.type)
+    torch.manual_seed(0)
+    model = build_model(hp.model_config(), device).eval()
     engine = Engine(model, TokenIds(model.config.vocab_size), use_tools=False, dtype=dtype,
                     policy=DecodePolicy.for_device(device))
     prompt = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     checks = []
     for batch in DECODE_BATCHES:
         t0 = time.perf_counter()
-        engine.generate_batch(prompt, batch, max_tokens=8, temperature=1.0, top_k=50)  # builds (captures) its steps
+        # the same lengths as the timed run: builds (and on CUDA captures) every step it will take
+        engine.generate_batch(prompt, batch, max_tokens=plan.decode_tokens, temperature=1.0, top_k=50)
         warmup = time.perf_counter() - t0
         first, steps = None, 0
         for _ in engine.generate(prompt, num_samples=batch, max_tokens=plan.decode_tokens, temperature=1.0, top_k=50):
@@ -426,7 +461,7 @@ def timed(name: str, fn, *args) -> list[Check]:
         result = fn(*args)
     except Exception as e:  # noqa: BLE001 (any failure of a check is that check's verdict)
         message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        result = Check(name, "FAIL", f"{type(e).__name__}: {message}")
+        result = Check(name, "FAIL", message if isinstance(e, ProcessFailed) else f"{type(e).__name__}: {message}")
     checks = result if isinstance(result, list) else [result]
     for check in checks:
         check.seconds = time.perf_counter() - t0
@@ -511,20 +546,13 @@ def main(argv=None) -> None:
     for name in ("attention", "compile", "allreduce"):
         if name in wanted:
             checks += timed(name, globals()[f"check_{name}"], plan)
-    if {"train", "predict", "decode"} & set(wanted):
-        device = torch.device(device_type)
-        dtype = get_compute_dtype(device_type)
-        torch.manual_seed(0)
-        model = build_model(hp.model_config(), device)
-        if "train" in wanted or "predict" in wanted:
-            train = timed("train", check_train, plan, hp, model, device, dtype)[0]
-            checks += [train] if "train" in wanted else []
-            if "predict" in wanted:
-                checks += timed("predict", check_predict, plan, hp, train)
-        if device_type == "cuda":
-            torch.cuda.empty_cache()
-        if "decode" in wanted:
-            checks += timed("decode", check_decode, plan, model.eval(), dtype)
+    if "train" in wanted or "predict" in wanted:
+        train = timed("train", check_train, plan, hp)[0]
+        checks += [train] if "train" in wanted else []
+        if "predict" in wanted:
+            checks += timed("predict", check_predict, plan, hp, train)
+    if "decode" in wanted:
+        checks += timed("decode", check_decode, plan, hp)
     overall = verdict(checks)
     elapsed = time.perf_counter() - start
     print(table(checks))

@@ -15,10 +15,10 @@ def cpu_plan(*flags: str):
     return make_plan(parse_args(["--device-type=cpu", *flags]), "cpu")
 
 
-@pytest.mark.slow  # every check, the all-reduce in 2 gloo processes: ~30 s alone, minutes on a loaded machine
+@pytest.mark.slow  # every check, all-reduce and training in 2 gloo processes each: ~35 s, minutes when loaded
 def test_cpu_preflight_runs_every_check_prints_the_table_and_writes_json(base_dir, tmp_path, capsys):
     out = tmp_path / "preflight.json"
-    preflight.main(["--device-type=cpu", "--vocab-size=4096", "--decode-tokens=8", f"--json={out}"])  # no exit: ok
+    preflight.main(["--device-type=cpu", "--nproc=2", "--vocab-size=4096", "--decode-tokens=8", f"--json={out}"])
     table = capsys.readouterr().out
     report = json.loads(out.read_text())
     names = [c["name"] for c in report["checks"]]
@@ -29,8 +29,10 @@ def test_cpu_preflight_runs_every_check_prints_the_table_and_writes_json(base_di
     values = {c["name"]: c["values"] for c in report["checks"]}
     assert values["allreduce"]["backend"] == "gloo" and values["allreduce"]["correct"]
     assert values["allreduce"]["bus_gb_s"] > 0
+    assert values["train"]["processes"] == 2 and len(values["train"]["losses"]) == 2 + 2  # warm-up + timed
     assert values["train"]["tokens_per_s"] > 0 and 0 < values["train"]["mfu"] < 1
-    assert values["predict"]["planned_tokens"] == report["hyperparams"]["num_iterations"] * 2 * 256
+    assert values["predict"]["planned_tokens"] == report["hyperparams"]["num_iterations"] * 2 * 256 * 2
+    assert values["predict"]["gpus"] == 2
     assert values["decode_b32"]["batch"] == 32 and values["decode_b32"]["steps"] == 8
     assert "capture not applicable on cpu" in table
     assert "preflight: ok" in table
@@ -52,6 +54,16 @@ def test_a_failed_line_makes_nanochat_preflight_exit_nonzero(base_dir, tmp_path,
     assert report["verdict"] == "FAIL"
     assert [(c["name"], c["verdict"]) for c in report["checks"]] == [("versions", "ok"), ("gpus", "FAIL"),
                                                                      ("attention", "ok")]
+
+
+def failing_rank(rank, world, device):
+    raise RuntimeError("out of memory at --device-batch-size=32: lower it")
+
+
+def test_a_failing_process_of_a_measurement_becomes_its_fail_line():
+    (check,) = preflight.timed("train", preflight.run_in_group, failing_rank, 1, "cpu")
+    assert check.verdict == "FAIL"
+    assert check.detail == "RuntimeError: out of memory at --device-batch-size=32: lower it"
 
 
 def test_predicted_time_and_cost_scale_with_tokens_gpus_and_price():
