@@ -43,7 +43,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nanochat.checkpoint import build_model
-from nanochat.common import UserError, autocast_ctx, autodetect_device_type, get_compute_dtype, run_cli, synchronize
+from nanochat.common import (Compute, UserError, autodetect_device_type, compute_init, get_compute_dtype, run_cli,
+                             synchronize)
 from nanochat.decode import DecodePolicy, rows_bucket
 from nanochat.engine import Engine
 from nanochat.flops import device_peak_flops
@@ -88,8 +89,8 @@ class Plan:
 
 def predict_run(planned_tokens: int, tokens_per_s_per_gpu: float, gpus: int,
                 usd_per_gpu_hour: float) -> tuple[float, float]:
-    """(seconds, USD) to train `planned_tokens` on `gpus` GPUs each at the measured rate (linear scaling), paying
-    `usd_per_gpu_hour` for each GPU."""
+    """(seconds, USD) to train `planned_tokens` on `gpus` GPUs, each at the rate measured per GPU when all of them
+    train together, paying `usd_per_gpu_hour` for each GPU."""
     if tokens_per_s_per_gpu <= 0 or gpus < 1:
         raise ValueError(f"need a positive rate and at least one GPU, not {tokens_per_s_per_gpu} tok/s on {gpus}")
     seconds = planned_tokens / (tokens_per_s_per_gpu * gpus)
@@ -246,9 +247,10 @@ class ProcessFailed(RuntimeError):
 
 
 def run_in_group(worker, world: int, device_type: str, *args) -> dict:
-    """Rank 0's result of `worker(rank, world, device, *args)` run in `world` fresh processes joined in one process
-    group (none for one process). Fresh processes leave this one's memory and compile caches as they were; a
-    failing rank stops them all, and its error's last line is raised here."""
+    """Rank 0's result of `worker(compute, *args)` run in `world` fresh processes set up as torchrun's are
+    (`compute_init`: the device, dtype policy and process group base_train gets). Fresh processes leave this one's
+    memory and compile caches as they were; a failing rank stops them all, and its error's last line is raised
+    here."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         try:
@@ -259,15 +261,11 @@ def run_in_group(worker, world: int, device_type: str, *args) -> dict:
 
 
 def group_process(rank: int, world: int, port: int, device_type: str, worker, args: tuple, out: str) -> None:
-    os.environ["RANK"] = str(rank)  # the library's one-line notices print on rank 0 only
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                                rank=rank, world_size=world, device_id=device if device_type == "cuda" else None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    compute = compute_init(device_type)
     try:
-        result = worker(rank, world, device, *args)
+        result = worker(compute, *args)
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:
@@ -275,10 +273,11 @@ def group_process(rank: int, world: int, port: int, device_type: str, worker, ar
             dist.destroy_process_group()
 
 
-def allreduce_worker(rank: int, world: int, device: torch.device, nbytes: int, iters: int) -> dict:
+def allreduce_worker(compute: Compute, nbytes: int, iters: int) -> dict:
     """Checks one sum, then times `iters` all-reduces of `nbytes`."""
+    world, device = compute.dist.world_size, compute.device
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    x = torch.full((nbytes // dtype.itemsize,), float(rank + 1), device=device, dtype=dtype)
+    x = torch.full((nbytes // dtype.itemsize,), float(compute.dist.rank + 1), device=device, dtype=dtype)
     dist.all_reduce(x)
     correct = bool((x == world * (world + 1) / 2).all())
     for _ in range(2):
@@ -293,9 +292,11 @@ def allreduce_worker(rank: int, world: int, device: torch.device, nbytes: int, i
 
 
 def check_allreduce(plan: Plan) -> Check:
-    world = torch.cuda.device_count() if plan.device_type == "cuda" else 2
+    world = plan.nproc if plan.device_type == "cuda" else 2
     if world < 2:
-        return Check("allreduce", "ok", "not applicable: one GPU")
+        return Check("allreduce", "ok", "not applicable: the run uses one GPU")
+    if plan.device_type == "cuda" and world > torch.cuda.device_count():
+        return Check("allreduce", "FAIL", f"--nproc={world} but {torch.cuda.device_count()} GPU(s) visible")
     nbytes, iters = (256 * 2 ** 20, 20) if plan.device_type == "cuda" else (8 * 2 ** 20, 5)
     result = run_in_group(allreduce_worker, world, plan.device_type, nbytes, iters)
     bus = nbytes / result["seconds"] * 2 * (world - 1) / world  # what each link carries, as nccl-tests reports it
@@ -326,10 +327,10 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB
 
 
-def train_worker(rank: int, world: int, device: torch.device, plan: Plan, hp, warmup: int) -> dict:
+def train_worker(compute: Compute, plan: Plan, hp, warmup: int) -> dict:
     """A few optimizer steps of the run's model on each rank, as base_train builds, compiles and steps it (the
     optimizer sharded over the ranks, the run's micro-batches and accumulation)."""
-    dtype = get_compute_dtype(device.type)
+    rank, world, device, dtype = compute.dist.rank, compute.dist.world_size, compute.device, compute.dtype
     torch.manual_seed(0)
     model = build_model(hp.model_config(), device)
     optimizer = model.setup_optimizer(embedding_lr=hp.embedding_lr, unembedding_lr=hp.unembedding_lr,
@@ -342,7 +343,7 @@ def train_worker(rank: int, world: int, device: torch.device, plan: Plan, hp, wa
         for step in range(warmup + plan.steps):
             optimizer.apply_schedule(**pretraining_schedule(hp, step))
             with Timer(device.type) as timer:
-                losses.append(train_step(train_model, optimizer, streams, lambda: autocast_ctx(device.type, dtype)))
+                losses.append(train_step(train_model, optimizer, streams, compute.autocast))
             times.append(timer.dt)
     except torch.OutOfMemoryError:
         raise RuntimeError(f"out of memory at --device-batch-size={hp.device_batch_size}: lower it (the "

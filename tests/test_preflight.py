@@ -56,7 +56,7 @@ def test_a_failed_line_makes_nanochat_preflight_exit_nonzero(base_dir, tmp_path,
                                                                      ("attention", "ok")]
 
 
-def failing_rank(rank, world, device):
+def failing_rank(compute):
     raise RuntimeError("out of memory at --device-batch-size=32: lower it")
 
 
