@@ -537,14 +537,13 @@ def main(argv=None) -> None:
           "tokens planned", flush=True)
     wanted = [name for name in CHECKS if name not in args.skip]
     checks = []
-    for name in ("versions", "gpus"):
-        if name in wanted:
-            checks += timed(name, globals()[f"check_{name}"], plan)
+    if "versions" in wanted:
+        checks += timed("versions", check_versions, plan)
     if device_type == "cuda" and not torch.cuda.is_available():
-        checks.append(Check("device", "FAIL", "--device-type=cuda but torch sees no usable GPU (see versions): the "
-                                              "other checks need one"))
+        checks.append(Check("gpus", "FAIL", "--device-type=cuda but torch sees no usable CUDA GPU (see versions): "
+                                            "the other checks need one"))
         wanted = []
-    for name in ("attention", "compile", "allreduce"):
+    for name in ("gpus", "attention", "compile", "allreduce"):
         if name in wanted:
             checks += timed(name, globals()[f"check_{name}"], plan)
     if "train" in wanted or "predict" in wanted:

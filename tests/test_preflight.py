@@ -56,6 +56,17 @@ def test_a_failed_line_makes_nanochat_preflight_exit_nonzero(base_dir, tmp_path,
                                                                      ("attention", "ok")]
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a usable CUDA GPU")
+def test_a_cuda_request_without_a_usable_gpu_fails_at_once(base_dir, tmp_path, capsys):
+    out = tmp_path / "preflight.json"
+    with pytest.raises(SystemExit) as exit_info:
+        preflight.main(["--device-type=cuda", f"--json={out}"])
+    assert exit_info.value.code == 1
+    report = json.loads(out.read_text())
+    assert [(c["name"], c["verdict"]) for c in report["checks"]] == [("versions", "FAIL"), ("gpus", "FAIL")]
+    assert "torch sees no usable CUDA GPU" in capsys.readouterr().out
+
+
 def failing_rank(compute):
     raise RuntimeError("out of memory at --device-batch-size=32: lower it")
 
