@@ -55,11 +55,13 @@ RESUME=(--resume-from-step=latest --keep-last=2)
 
 # Check the node first (versions, GPUs, FA3, compile, all-reduce, speed, memory, predicted time and cost, decode): a few
 # minutes that can save hours. SKIP_PREFLIGHT=1 skips it; a dry run checks only its arguments and cheap lines.
+# USD_PER_GPU_HOUR prices its prediction.
 if [ "${SKIP_PREFLIGHT:-0}" != "1" ]; then
     PREFLIGHT=(--device-type=cuda)
     [ "$DRY_RUN" = "1" ] && PREFLIGHT=(--device-type=cpu --skip compile allreduce train predict decode)
     stage preflight python -m scripts.preflight "${PREFLIGHT[@]}" --depth="$DEPTH" --nproc="$NPROC" \
-        --target-param-data-ratio=10.5 --device-batch-size=32 --json="$NANOCHAT_BASE_DIR/preflight.json"
+        --target-param-data-ratio=10.5 --device-batch-size=32 --usd-per-gpu-hour="${USD_PER_GPU_HOUR:-3}" \
+        --json="$NANOCHAT_BASE_DIR/preflight.json"
 fi
 
 if [ "$DRY_RUN" != "1" ]; then
