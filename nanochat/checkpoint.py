@@ -432,17 +432,29 @@ def describe_model(meta: CheckpointMeta) -> tuple[str, str | None]:
                   "(the 8-GPU speedrun's d20 is the smallest that chats usefully)")
 
 
+def _has_steps(phase: str, model_tag: str | None) -> bool:
+    root = checkpoint_root(phase)
+    tags = [checkpoint_dir(phase, model_tag)] if model_tag else (list(root.iterdir()) if root.is_dir() else [])
+    return any(list_steps(tag) for tag in tags)
+
+
 def load_chat_model(source: str | None, device: torch.device | str, model_tag: str | None = None,
                     step: int | None = None, dry_run: bool = False):
     """(model, tokenizer, meta) of the requested phase, or of the most trained one available: rl, then sft, then
     base (with none, base's error names the first command to run). A dry run without a model only warns and gets
     None."""
-    error = None
-    for phase in [source] if source else ["rl", "sft", "base"]:
+    error, phases = None, [source] if source else ["rl", "sft", "base"]
+    for phase in phases:
         try:
             return load_model(phase, device, model_tag, step)
         except UserError as e:
             error = e
+    if not any(_has_steps(phase, model_tag) for phase in phases):  # nothing at all: say where we looked
+        base = get_base_dir()
+        looked = ", ".join(f"{PHASE_DIRS[phase]}/" for phase in phases)
+        error = UserError(f"no {' or '.join(phases)} checkpoint{f' tagged {model_tag}' if model_tag else ''} under "
+                          f"{base} (looked in {looked}; set NANOCHAT_BASE_DIR to the folder your runs wrote to, or "
+                          f"train one: `{MAKER[phases[-1]]}`, or `bash runs/cpu.sh` for the whole pipeline)")
     if not dry_run:
         raise error
     print0(f"warning (dry run): {error}")

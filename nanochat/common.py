@@ -16,11 +16,10 @@ class UserError(RuntimeError):
 
 
 def get_base_dir() -> Path:
-    """Root of everything nanochat writes: data, tokenizer, checkpoints, report (`NANOCHAT_BASE_DIR`)."""
+    """Root of everything nanochat writes: data, tokenizer, checkpoints, report (`NANOCHAT_BASE_DIR`). Not created
+    here: whatever writes makes its own folder, so that looking for something (a checkpoint) creates nothing."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
-    path = Path(base)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(base)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

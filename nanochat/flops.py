@@ -43,5 +43,6 @@ def device_peak_flops(device_type: str, dtype: torch.dtype) -> float:
     table = json.loads(cache.read_text()) if cache.exists() else {}
     if key not in table:
         table[key] = measure_cpu_matmul_peak(dtype)
+        cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(table))
     return table[key]

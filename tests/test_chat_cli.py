@@ -46,6 +46,16 @@ def test_no_checkpoint_gives_one_line_naming_the_command(base_dir):
     assert proc.stderr.strip().startswith("error:") and "python -m scripts.base_train" in proc.stderr
 
 
+def test_no_checkpoint_names_the_base_dir_and_the_stages_and_creates_nothing(tmp_path):
+    missing = tmp_path / "never-made"
+    proc = cli(missing, "-p", "hi")
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(error) == 1, proc.stderr
+    assert str(missing) in error[0] and "NANOCHAT_BASE_DIR" in error[0]
+    assert "chatrl_checkpoints/, chatsft_checkpoints/, base_checkpoints/" in error[0]
+    assert not missing.exists(), "looking for a checkpoint created the base directory"
+
+
 def test_base_model_continues_text_and_top_k_zero_works(tiny_checkpoint, base_dir):
     proc = cli(base_dir, "-i", "base", "-p", "The capital of France is", "--max-tokens", "8", "--top-k", "0",
                "--temperature", "1.0")
