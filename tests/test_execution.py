@@ -83,9 +83,9 @@ def call(name, *args):
     rc = getattr(libc, 'syscall')(NR[name], *args)
     return 0 if rc >= 0 else ctypes.get_errno()
 NR = {'mount': 165, 'umount2': 166, 'pivot_root': 155, 'unshare': 272, 'setns': 308, 'ptrace': 101, 'bpf': 321,
-      'keyctl': 250, 'socket': 41, 'socketpair': 53}
+      'keyctl': 250, 'socket': 41, 'socketpair': 53, 'memfd_create': 319}
 out = {name: call(name, 0, 0, 0, 0) for name in ('mount', 'umount2', 'pivot_root', 'unshare', 'setns', 'ptrace',
-                                                  'bpf', 'keyctl')}
+                                                  'bpf', 'keyctl', 'memfd_create')}
 for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.AF_NETLINK):
     out[f'socket({family})'] = call('socket', family, socket.SOCK_STREAM, 0)
 pair = (ctypes.c_int * 2)()
@@ -102,7 +102,7 @@ print(json.dumps(out))
     result = execute_code(probe)
     assert result.success, result.stderr
     out = json.loads(result.stdout)
-    for name in ("mount", "umount2", "pivot_root", "unshare", "setns", "ptrace", "bpf", "keyctl"):
+    for name in ("mount", "umount2", "pivot_root", "unshare", "setns", "ptrace", "bpf", "keyctl", "memfd_create"):
         assert name in DENIED_SYSCALLS and out[name] == 1, name  # EPERM from the filter, not EINVAL from the kernel
     assert all(out[f"socket({family})"] == 1 for family in (2, 10, 1, 16))
     assert out["socketpair(AF_UNIX)"] == 0 and out["socketpair(AF_INET)"] == 1
@@ -129,6 +129,35 @@ def test_root_runs_the_code_as_nobody(kernel_sandbox):
 def test_memory_bomb_hits_the_limit(kernel_sandbox):
     result = execute_code("x = []\nwhile True:\n    x.append(bytearray(10 ** 7))", memory_limit_mb=128, timeout=10)
     assert result.memory_exceeded and not result.success
+
+
+@pytest.fixture
+def no_cgroup(monkeypatch):
+    """This machine as a non-root server outside a delegated cgroup sees it: no cgroup for any run."""
+    monkeypatch.setattr(execution.cgroups, "create", lambda *args: (None, "disabled by the test"))
+    monkeypatch.setattr(execution, "_cgroup_probe", lambda: (False, "disabled by the test"))
+
+
+def test_without_a_cgroup_a_memfd_cannot_hold_memory_past_the_limit(kernel_sandbox, no_cgroup):
+    """Each memfd stays under RLIMIT_FSIZE (16 MB); together they would hold 256 MB against a 64 MB limit."""
+    result = execute_code("import os\nfds = [os.memfd_create('x') for _ in range(32)]\nfor fd in fds:\n"
+                          "    os.write(fd, b'x' * (8 << 20))\nprint('held', sum(os.fstat(fd).st_size for fd in fds) >> 20)",
+                          memory_limit_mb=64)
+    assert not result.success and "PermissionError" in result.error, result
+
+
+def test_open_files_are_few(kernel_sandbox):
+    result = execute_code("import os\nfds = []\ntry:\n    while len(fds) < 1000:\n"
+                          "        fds.append(os.open('f', os.O_RDONLY | os.O_CREAT))\nexcept OSError as e:\n"
+                          "    print(len(fds), e.errno)")
+    opened, errno = map(int, result.stdout.split())
+    assert opened < execution.MAX_OPEN_FILES and errno == 24  # EMFILE
+
+
+def test_the_start_line_says_when_memory_has_no_per_run_bound(kernel_sandbox, no_cgroup):
+    layers = isolation_layers()
+    assert layers[-1].startswith("NO per-run memory bound: no cgroup (disabled by the test)"), layers
+    assert "NO per-run memory bound" in python_tool_banner()
 
 
 def test_cgroups_are_used_in_ci():

@@ -33,6 +33,7 @@ from nanochat.sandbox.bwrap import NOBODY, detect, run_bwrap
 
 UNSAFE_ENV = "NANOCHAT_UNSAFE_PYTHON_TOOL"
 REFUSED_PREFIX = "the python tool is off"
+MAX_OPEN_FILES = 64  # per process: what a calculator needs, and a bound on what descriptors can pin (buffers, ptys)
 # Join the run's cgroup(s), then exec the sandbox, so that every process it ever starts is accounted there.
 JOIN_CGROUPS = 'while [ "$1" != -- ]; do echo 0 > "$1" || exit 125; shift; done; shift; exec "$@"'
 
@@ -66,7 +67,8 @@ def isolation_layers() -> list[str]:
         return []
     ok, where = _cgroup_probe()
     cgroup = f"pids + memory cgroup per run ({where})" if ok else \
-        f"no cgroup ({where}): processes and memory capped by rlimits only"
+        (f"NO per-run memory bound: no cgroup ({where}); RLIMIT_AS caps each process, so a run may hold its limit "
+         "once per process")
     return [*sandbox.layers(), cgroup]
 
 
@@ -112,6 +114,7 @@ resource.setrlimit(resource.RLIMIT_CPU, (cfg["cpu_seconds"], cfg["cpu_seconds"] 
 resource.setrlimit(resource.RLIMIT_FSIZE, (cfg["file_bytes"], cfg["file_bytes"]))
 resource.setrlimit(resource.RLIMIT_NPROC, (cfg["max_processes"], cfg["max_processes"]))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_NOFILE, (cfg["max_files"], cfg["max_files"]))  # bounds socket buffers and ptys
 code = open(cfg["program"], encoding="utf-8").read()
 def _blocked(*args, **kwargs):
     raise PermissionError("the sandbox does not allow this (no processes, no network)")
@@ -180,7 +183,7 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256, ma
         cfg = {"workdir": "/tmp" if sandbox else workdir, "program": "/program.py" if sandbox else "program.py",
                "memory_bytes": memory_limit_mb << 20, "limit_address_space": sys.platform != "darwin",
                "cpu_seconds": max(1, int(timeout) + 1), "file_bytes": max_file_mb << 20,
-               "max_processes": max_processes, "drop_to_nobody": bool(sandbox and sandbox.drop_to_nobody),
+               "max_processes": max_processes, "max_files": MAX_OPEN_FILES, "drop_to_nobody": bool(sandbox and sandbox.drop_to_nobody),
                "nobody": NOBODY}
         args = ["-I", "-S", "-X", "utf8", "-c", _BOOTSTRAP, json.dumps(cfg)]
         prefix = ("/bin/sh", "-c", JOIN_CGROUPS, "sh", *group.procs_files, "--") if group else ()
