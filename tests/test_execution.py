@@ -120,6 +120,32 @@ def test_only_the_python_runtime_is_visible_and_read_only(kernel_sandbox):
     assert errnos[:3] == ["30", "30", "30"]  # EROFS
 
 
+def test_a_run_cannot_drain_the_hosts_pty_pool(kernel_sandbox):
+    """8 processes each opening up to 100 ptys and holding them: the pool (kernel.pty.max) is the whole host's."""
+    program = """
+import os, posix
+done_r, done_w = os.pipe()
+total = 0
+for _ in range(8):
+    r, w = os.pipe()
+    if posix.fork() == 0:
+        ptys = []
+        try:
+            while len(ptys) < 100:
+                ptys.append(os.openpty())
+        except OSError:
+            pass
+        os.write(w, str(len(ptys)).encode())
+        os.read(done_r, 1)
+        os._exit(0)
+    total += int(os.read(r, 8))
+os.close(done_w)
+print(total)
+"""
+    result = execute_code(program, timeout=10)
+    assert result.success and int(result.stdout) == 0, result
+
+
 def test_root_runs_the_code_as_nobody(kernel_sandbox):
     if os.geteuid() != 0:
         pytest.skip("only a root caller is switched to nobody")

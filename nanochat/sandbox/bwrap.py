@@ -3,7 +3,7 @@
 bubblewrap (`bwrap`, Debian/Ubuntu/Fedora package `bubblewrap`) builds the sandbox's world from nothing: new pid,
 network, ipc and uts namespaces, and a mount namespace whose root is an empty tmpfs holding only read-only binds of
 /usr and the Python installation plus a size-limited tmpfs /tmp (every bind is read-only recursively, submounts
-included; no /home, /etc, /proc, /sys or /run at all). It drops every capability and sets no_new_privs, then loads
+included; no /home, /etc, /proc, /sys or /run at all; a /dev without ptys). It drops every capability and sets no_new_privs, then loads
 our seccomp program just before it executes Python, so the untrusted code starts inside all of it.
 
 Who runs it: as root, bwrap runs privileged (no user namespace) keeping only CAP_SETUID/CAP_SETGID, which the
@@ -85,7 +85,8 @@ class Sandbox:
             for parent in parents:  # bwrap would copy the host's modes (/root is 0700), hiding Python from nobody
                 cmd += ["--perms", "0755", "--dir", parent]
             cmd += ["--ro-bind", path, path]
-        cmd += ["--dev", "/dev", "--remount-ro", "/dev",
+        # an empty /dev/pts leaves /dev/ptmx dangling: the kernel's pty pool is shared by the whole host
+        cmd += ["--dev", "/dev", "--tmpfs", "/dev/pts", "--remount-ro", "/dev/pts", "--remount-ro", "/dev",
                 "--perms", "1777", "--size", str(work_bytes), "--tmpfs", "/tmp",
                 "--perms", "0444", "--ro-bind-data", str(program_fd), "/program.py",
                 "--remount-ro", "/", "--seccomp", str(seccomp_fd), "--chdir", "/tmp", "--"]
@@ -97,7 +98,7 @@ class Sandbox:
                "disabled")
         return [f"bubblewrap {self.version}: new pid, network, ipc and uts namespaces",
                 "mount namespace: only /usr and the Python runtime, read-only (recursively); no /home, /etc, /proc, "
-                "/sys or /run; a size-limited tmpfs /tmp as the working directory",
+                "/sys or /run; no ptys; a size-limited tmpfs /tmp as the working directory",
                 "seccomp: mount, umount2, pivot_root, unshare, setns, ptrace, bpf, keyctl, io_uring, memfd_create, new "
                 "namespaces and socket() refused (socketpair(AF_UNIX) allowed)",
                 f"no_new_privs; {who}"]
