@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import nanochat
 from nanochat.sandbox import execution
 from nanochat.sandbox.execution import REFUSED_PREFIX, UNSAFE_ENV, execute_code, isolation_layers, python_tool_banner
-from nanochat.sandbox.bwrap import DENIED_SYSCALLS, detect
+from nanochat.sandbox.bwrap import DENIED_SYSCALLS, RUN_UIDS, detect, run_uid
 
 REPO = Path(__file__).resolve().parent.parent
 IN_CI = bool(os.environ.get("CI"))
@@ -146,10 +147,48 @@ print(total)
     assert result.success and int(result.stdout) == 0, result
 
 
-def test_root_runs_the_code_as_nobody(kernel_sandbox):
-    if os.geteuid() != 0:
-        pytest.skip("only a root caller is switched to nobody")
-    assert execute_code("import os\nprint(os.getuid(), os.getgid(), os.getgroups())").stdout == "65534 65534 []\n"
+def test_root_runs_the_code_as_an_unprivileged_uid_of_its_own(kernel_sandbox):
+    if not kernel_sandbox.switch_uid:
+        pytest.skip("only a root caller switches uid")
+    uid = RUN_UIDS.start
+    with run_uid():  # a concurrent run holds the first uid: this one gets the next
+        assert execute_code("import os\nprint(os.getuid(), os.getgid(), os.getgroups())").stdout == \
+            f"{uid + 1} {uid + 1} []\n"
+
+
+HOLDER, FULL = "nc-holder", "nc-full"
+
+
+def processes_named(name: str) -> list[int]:
+    return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == name]
+
+
+@pytest.mark.parametrize("with_cgroup", [True, False])
+def test_a_run_forking_to_its_limit_leaves_a_concurrent_run_able_to_fork(kernel_sandbox, monkeypatch, with_cgroup):
+    """Run A forks until the kernel refuses and holds its processes; run B, meanwhile, can still fork."""
+    if not with_cgroup:
+        monkeypatch.setattr(execution.cgroups, "create", lambda *args: (None, "disabled by the test"))
+    hold = (f"import ctypes, posix, time\nlibc = ctypes.CDLL(None)\nlibc.prctl(15, {HOLDER.encode()!r}, 0, 0, 0)\n"
+            "n = 0\ntry:\n    while n < 100:\n        if posix.fork() == 0:\n            time.sleep(60)\n"
+            "            posix._exit(0)\n        n += 1\nexcept OSError as e:\n    print(n, e)\n"
+            f"libc.prctl(15, {FULL.encode()!r}, 0, 0, 0)\ntime.sleep(60)")
+    a = threading.Thread(target=execute_code, args=(hold,), kwargs={"timeout": 30, "max_processes": 16})
+    a.start()
+    try:
+        deadline = time.time() + 20
+        while not processes_named(FULL) and a.is_alive() and time.time() < deadline:
+            time.sleep(0.05)
+        assert processes_named(FULL) and len(processes_named(HOLDER)) >= 8, "run A did not fork to its limit"
+        b = execute_code("import posix\npid = posix.fork()\nif pid == 0:\n    posix._exit(0)\n"
+                         "print(posix.waitpid(pid, 0)[1])", max_processes=16)
+        assert b.success and b.stdout == "0\n", b
+    finally:
+        for pid in processes_named(HOLDER) + processes_named(FULL):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        a.join()
 
 
 def test_memory_bomb_hits_the_limit(kernel_sandbox):

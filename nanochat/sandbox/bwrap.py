@@ -7,12 +7,15 @@ included; no /home, /etc, /proc, /sys or /run at all; a /dev without ptys). It d
 our seccomp program just before it executes Python, so the untrusted code starts inside all of it.
 
 Who runs it: as root, bwrap runs privileged (no user namespace) keeping only CAP_SETUID/CAP_SETGID, which the
-bootstrap uses to become nobody (uid 65534, no capabilities left) before the untrusted code runs; as another user,
-bwrap makes an unprivileged user namespace and disables further ones. Where neither works (no bwrap, Docker's
+bootstrap uses to become the run's own unprivileged uid (no capabilities left) before the untrusted code runs; as
+another user, bwrap makes an unprivileged user namespace per run and disables further ones. Either way RLIMIT_NPROC,
+which the kernel counts per uid (per user namespace), is each run's own: concurrent runs cannot starve each other. Where neither works (no bwrap, Docker's
 default seccomp profile, user namespaces disabled, macOS), `detect()` says why and the tool is off by default.
 """
 
+import contextlib
 import errno
+import fcntl
 import functools
 import os
 import shutil
@@ -35,7 +38,10 @@ DENIED_SYSCALLS = (
 )
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x80)
 ROOT_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-NOBODY = 65534
+# As root, each concurrent run gets a uid of its own from this range (owned by no user or file; a run's processes are
+# all gone before its uid is handed out again), claimed with a lock file so that servers and ranks share the range.
+RUN_UIDS = range(0x7E000000, 0x7E000000 + 256)
+UID_LOCKS = "nanochat-sandbox-uids"
 
 
 @functools.cache
@@ -61,13 +67,13 @@ def seccomp_program() -> bytes:
 class Sandbox:
     bwrap: str
     version: str
-    drop_to_nobody: bool  # root: privileged bwrap, the bootstrap becomes nobody; else a user namespace
+    switch_uid: bool  # root: privileged bwrap, the bootstrap switches to the run's uid; else a user namespace
 
     def command(self, python: str, work_bytes: int, seccomp_fd: int, program_fd: int) -> list[str]:
         """bwrap's command line up to (not including) the Python arguments; the fds are inherited by bwrap."""
         cmd = [self.bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-        if self.drop_to_nobody:
+        if self.switch_uid:
             cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         else:
             cmd += ["--unshare-user", "--disable-userns"]
@@ -82,7 +88,7 @@ class Sandbox:
         cmd += ["--perms", "0755", "--dir", "/etc", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
         for path in _python_dirs(python):
             parents = [p for p in _ancestors(path) if not os.path.islink(p)]
-            for parent in parents:  # bwrap would copy the host's modes (/root is 0700), hiding Python from nobody
+            for parent in parents:  # bwrap would copy the host's modes (/root is 0700), hiding Python from the run's uid
                 cmd += ["--perms", "0755", "--dir", parent]
             cmd += ["--ro-bind", path, path]
         # an empty /dev/pts leaves /dev/ptmx dangling: the kernel's pty pool is shared by the whole host
@@ -93,9 +99,9 @@ class Sandbox:
         return cmd
 
     def layers(self) -> list[str]:
-        who = ("runs as nobody (uid 65534) with no capabilities" if self.drop_to_nobody else
-               f"runs as uid {os.getuid()} in its own user namespace with no capabilities, further user namespaces "
-               "disabled")
+        who = (f"each run as a uid of its own ({RUN_UIDS.start}+) with no capabilities" if self.switch_uid else
+               f"runs as uid {os.getuid()} in a user namespace of its own with no capabilities, further user "
+               "namespaces disabled")
         return [f"bubblewrap {self.version}: new pid, network, ipc and uts namespaces",
                 "mount namespace: only /usr and the Python runtime, read-only (recursively); no /home, /etc, /proc, "
                 "/sys or /run; no ptys; a size-limited tmpfs /tmp as the working directory",
@@ -140,6 +146,39 @@ def run_bwrap(sandbox: Sandbox, python: str, args: list[str], program: bytes, wo
                 os.close(fd)
 
 
+@contextlib.contextmanager
+def run_uid():
+    """Claim a uid from RUN_UIDS no concurrent run holds (root only); it is free again when the block ends."""
+    folder = _lock_folder()
+    for uid in RUN_UIDS:
+        fd = os.open(os.path.join(folder, str(uid)), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            yield uid
+        finally:
+            os.close(fd)  # releases the lock
+        return
+    raise RuntimeError(f"all {len(RUN_UIDS)} sandbox uids are in use by concurrent runs (locks in {folder})")
+
+
+def _lock_folder() -> str:
+    for parent in ("/run", tempfile.gettempdir()):
+        folder = os.path.join(parent, UID_LOCKS)
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        except OSError:
+            continue
+        st = os.lstat(folder)  # in a world-writable /tmp someone else may have made it first
+        if os.path.isdir(folder) and not os.path.islink(folder) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+            return folder
+    raise RuntimeError(f"no private folder for the sandbox's uid locks: /run/{UID_LOCKS} and "
+                       f"{tempfile.gettempdir()}/{UID_LOCKS} cannot be made, or are not owned by this user with mode 0700")
+
+
 @functools.cache
 def detect() -> tuple[Sandbox | None, str]:
     """The sandbox this machine allows, or None and the reason (shown to the user)."""
@@ -156,8 +195,10 @@ def detect() -> tuple[Sandbox | None, str]:
     errors = []
     for drop in ([True, False] if os.geteuid() == 0 else [False]):
         sandbox = Sandbox(exe, version[0], drop)
+        # as root, also whether the run uids exist here (a container's user namespace may map only 0-65535)
+        probe = f"import os; os.setresuid({RUN_UIDS[-1]}, {RUN_UIDS[-1]}, {RUN_UIDS[-1]}) if {drop} else None; print('ok')"
         try:
-            proc = run_bwrap(sandbox, os.path.realpath(sys.executable), ["-I", "-S", "-c", "import os; print('ok', os.getuid())"], b"",
+            proc = run_bwrap(sandbox, os.path.realpath(sys.executable), ["-I", "-S", "-c", probe], b"",
                              1 << 20, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
             out, err = proc.communicate(timeout=20)
         except (OSError, subprocess.SubprocessError) as e:

@@ -5,9 +5,9 @@ access, reading secrets, escaping its namespaces, detached processes). Layers, s
 
 Kernel-enforced, when `nanochat.sandbox.bwrap.detect()` finds them (Linux with bubblewrap and libseccomp, as root or with
 unprivileged user namespaces): pid/network/ipc/uts/mount namespaces, a read-only view of only /usr and the Python
-runtime, a size-limited tmpfs working directory, a seccomp filter, no capabilities, no_new_privs, nobody's uid when
-started as root (see nanochat/sandbox/bwrap.py); and a pids + memory cgroup per run wherever one may be created
-(nanochat/sandbox/cgroups.py).
+runtime, a size-limited tmpfs working directory, a seccomp filter, no capabilities, no_new_privs, a uid of each
+run's own when started as root, else a user namespace of its own (see nanochat/sandbox/bwrap.py); and a pids +
+memory cgroup per run wherever one may be created (nanochat/sandbox/cgroups.py).
 Always: wall-clock timeout (the whole process tree is killed), RLIMIT_CPU, RLIMIT_AS (not on macOS, where it cannot
 be set), RLIMIT_FSIZE, RLIMIT_NPROC, no core dumps, an empty environment, stdin closed, output captured
 incrementally and truncated, Python-level guards on process spawning and sockets (best effort only).
@@ -16,6 +16,7 @@ Without the kernel layers the tool is OFF: `execute_code` refuses with a one-lin
 with `--unsafe-python-tool` / NANOCHAT_UNSAFE_PYTHON_TOOL=1, and `python_tool_banner()` says which case holds.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.sandbox import cgroups
-from nanochat.sandbox.bwrap import NOBODY, detect, run_bwrap
+from nanochat.sandbox.bwrap import detect, run_bwrap, run_uid
 
 UNSAFE_ENV = "NANOCHAT_UNSAFE_PYTHON_TOOL"
 REFUSED_PREFIX = "the python tool is off"
@@ -99,11 +100,11 @@ def python_tool_banner() -> str:
 _BOOTSTRAP = r'''
 import json, os, resource, sys
 cfg = json.loads(sys.argv[1])
-if cfg["drop_to_nobody"]:  # root inside a privileged bwrap holding only CAP_SETUID/CAP_SETGID
+if cfg["uid"] is not None:  # root inside a privileged bwrap holding only CAP_SETUID/CAP_SETGID
     import ctypes
     os.setgroups([])
-    os.setresgid(cfg["nobody"], cfg["nobody"], cfg["nobody"])
-    os.setresuid(cfg["nobody"], cfg["nobody"], cfg["nobody"])  # clears the effective and permitted capabilities
+    os.setresgid(cfg["uid"], cfg["uid"], cfg["uid"])
+    os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])  # clears the effective and permitted capabilities
     header, caps = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
     if ctypes.CDLL(None, use_errno=True).capset(header, caps) != 0:  # and the inheritable ones
         raise OSError(ctypes.get_errno(), "capset")
@@ -176,6 +177,8 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256, ma
         error = f"{REFUSED_PREFIX}: no kernel sandbox ({why}); --unsafe-python-tool or {UNSAFE_ENV}=1 runs it anyway"
         return ExecutionResult(stdout="", stderr="", success=False, error=error)
     work_bytes = (work_mb if work_mb is not None else 2 * max_file_mb) << 20
+    claim = contextlib.ExitStack()
+    uid = claim.enter_context(run_uid()) if sandbox and sandbox.switch_uid else None  # as root, the run's own uid
     group, _ = cgroups.create((memory_limit_mb << 20) + work_bytes, max_processes)
     workdir = None if sandbox else tempfile.mkdtemp(prefix="nanochat-sandbox-")
     try:
@@ -183,8 +186,7 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256, ma
         cfg = {"workdir": "/tmp" if sandbox else workdir, "program": "/program.py" if sandbox else "program.py",
                "memory_bytes": memory_limit_mb << 20, "limit_address_space": sys.platform != "darwin",
                "cpu_seconds": max(1, int(timeout) + 1), "file_bytes": max_file_mb << 20,
-               "max_processes": max_processes, "max_files": MAX_OPEN_FILES, "drop_to_nobody": bool(sandbox and sandbox.drop_to_nobody),
-               "nobody": NOBODY}
+               "max_processes": max_processes, "max_files": MAX_OPEN_FILES, "uid": uid}
         args = ["-I", "-S", "-X", "utf8", "-c", _BOOTSTRAP, json.dumps(cfg)]
         prefix = ("/bin/sh", "-c", JOIN_CGROUPS, "sh", *group.procs_files, "--") if group else ()
         pipes = {"stdin": subprocess.DEVNULL, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE,
@@ -232,6 +234,7 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256, ma
             group.destroy()
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+        claim.close()  # after the kill: no process of this run is left to share the uid with the next one
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
