@@ -225,6 +225,18 @@ def test_the_start_line_says_when_memory_has_no_per_run_bound(kernel_sandbox, no
     assert "NO per-run memory bound" in python_tool_banner()
 
 
+def test_an_oom_kill_in_the_cgroup_is_reported_as_the_memory_limit(kernel_sandbox):
+    """Each process stays under RLIMIT_AS; together they pass the cgroup's limit and the kernel kills some."""
+    if not execution._cgroup_probe()[0]:
+        pytest.skip("no cgroup here")
+    result = execute_code("import posix\nfor _ in range(6):\n    if posix.fork() == 0:\n"
+                          "        x = bytearray(100 << 20)\n        for i in range(0, len(x), 4096):\n            x[i] = 1\n"
+                          "        posix._exit(0)\nfor _ in range(6):\n    posix.wait()\nprint('done')",
+                          memory_limit_mb=128, timeout=20, max_file_mb=4, work_mb=8)
+    assert result.memory_exceeded and not result.success, result
+    assert result.error == "memory limit of 128 MB exceeded"
+
+
 def test_cgroups_are_used_in_ci():
     if IN_CI and os.geteuid() == 0:
         assert any(layer.startswith("pids + memory cgroup") for layer in isolation_layers()), isolation_layers()

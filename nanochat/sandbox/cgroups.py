@@ -65,8 +65,10 @@ class Cgroup:
                     events = dict(line.split() for line in (d / "memory.events").read_text().splitlines())
                     if int(events.get("oom_kill", 0)) > 0 or int(events.get("oom", 0)) > 0:
                         return True
-                elif (d / "memory.failcnt").exists() and int((d / "memory.failcnt").read_text()) > 0:
-                    return True
+                elif (d / "memory.oom_control").exists():  # v1: failcnt also counts limits hit and reclaimed
+                    control = dict(line.split() for line in (d / "memory.oom_control").read_text().splitlines())
+                    if int(control.get("oom_kill", 0)) > 0:
+                        return True
             except (OSError, ValueError):
                 pass
         return False

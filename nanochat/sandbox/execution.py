@@ -227,7 +227,7 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256, ma
             error = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit code {code_rc}"
         else:
             error = None
-        return ExecutionResult(stdout=out.text(), stderr=stderr, success=code_rc == 0 and not timed_out,
+        return ExecutionResult(stdout=out.text(), stderr=stderr, success=code_rc == 0 and not timed_out and not memory,
                                timeout=timed_out, memory_exceeded=bool(memory), error=error)
     finally:
         if group:
