@@ -96,6 +96,7 @@ out['no_new_privs'] = libc.prctl(39, 0, 0, 0, 0)
 header, caps = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
 libc.capget(header, caps)
 out['capabilities'] = list(caps)
+out['bounding'] = [cap for cap in range(64) if libc.prctl(23, cap, 0, 0, 0) == 1]
 print(json.dumps(out))
 """
     if os.uname().machine != "x86_64":
@@ -107,7 +108,7 @@ print(json.dumps(out))
         assert name in DENIED_SYSCALLS and out[name] == 1, name  # EPERM from the filter, not EINVAL from the kernel
     assert all(out[f"socket({family})"] == 1 for family in (2, 10, 1, 16))
     assert out["socketpair(AF_UNIX)"] == 0 and out["socketpair(AF_INET)"] == 1
-    assert out["no_new_privs"] == 1 and out["capabilities"] == [0] * 6
+    assert out["no_new_privs"] == 1 and out["capabilities"] == [0] * 6 and out["bounding"] == []
 
 
 def test_only_the_python_runtime_is_visible_and_read_only(kernel_sandbox):

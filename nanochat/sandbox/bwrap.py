@@ -3,14 +3,16 @@
 bubblewrap (`bwrap`, Debian/Ubuntu/Fedora package `bubblewrap`) builds the sandbox's world from nothing: new pid,
 network, ipc and uts namespaces, and a mount namespace whose root is an empty tmpfs holding only read-only binds of
 /usr and the Python installation plus a size-limited tmpfs /tmp (every bind is read-only recursively, submounts
-included; no /home, /etc, /proc, /sys or /run at all; a /dev without ptys). It drops every capability and sets no_new_privs, then loads
-our seccomp program just before it executes Python, so the untrusted code starts inside all of it.
+included; no /home, /etc, /proc, /sys or /run at all; a /dev without ptys). It drops every capability and sets
+no_new_privs, then loads our seccomp program just before it executes Python, so the untrusted code starts inside all
+of it.
 
-Who runs it: as root, bwrap runs privileged (no user namespace) keeping only CAP_SETUID/CAP_SETGID, which the
-bootstrap uses to become the run's own unprivileged uid (no capabilities left) before the untrusted code runs; as
-another user, bwrap makes an unprivileged user namespace per run and disables further ones. Either way RLIMIT_NPROC,
-which the kernel counts per uid (per user namespace), is each run's own: concurrent runs cannot starve each other. Where neither works (no bwrap, Docker's
-default seccomp profile, user namespaces disabled, macOS), `detect()` says why and the tool is off by default.
+Who runs it: as root, bwrap runs privileged (no user namespace) keeping only CAP_SETUID/CAP_SETGID/CAP_SETPCAP, which
+the bootstrap uses to empty the capability bounding set and become the run's own unprivileged uid (no capabilities
+left) before the untrusted code runs; as another user, bwrap makes an unprivileged user namespace per run and disables
+further ones. Either way RLIMIT_NPROC, which the kernel counts per uid (per user namespace), is each run's own:
+concurrent runs cannot starve each other. Where neither works (no bwrap, Docker's default seccomp profile, user
+namespaces disabled, macOS), `detect()` says why and the tool is off by default.
 """
 
 import contextlib
@@ -74,7 +76,7 @@ class Sandbox:
         cmd = [self.bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
                "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
         if self.switch_uid:
-            cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+            cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
         else:
             cmd += ["--unshare-user", "--disable-userns"]
         cmd += ["--clearenv", "--setenv", "HOME", "/tmp", "--setenv", "PATH", "/usr/bin:/bin",
@@ -88,7 +90,7 @@ class Sandbox:
         cmd += ["--perms", "0755", "--dir", "/etc", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
         for path in _python_dirs(python):
             parents = [p for p in _ancestors(path) if not os.path.islink(p)]
-            for parent in parents:  # bwrap would copy the host's modes (/root is 0700), hiding Python from the run's uid
+            for parent in parents:  # bwrap would copy the host's modes (/root is 0700), hiding Python
                 cmd += ["--perms", "0755", "--dir", parent]
             cmd += ["--ro-bind", path, path]
         # an empty /dev/pts leaves /dev/ptmx dangling: the kernel's pty pool is shared by the whole host
@@ -99,7 +101,8 @@ class Sandbox:
         return cmd
 
     def layers(self) -> list[str]:
-        who = (f"each run as a uid of its own ({RUN_UIDS.start}+) with no capabilities" if self.switch_uid else
+        who = (f"each run as a uid of its own ({RUN_UIDS.start}+) with no capabilities and an empty bounding set"
+               if self.switch_uid else
                f"runs as uid {os.getuid()} in a user namespace of its own with no capabilities, further user "
                "namespaces disabled")
         return [f"bubblewrap {self.version}: new pid, network, ipc and uts namespaces",
@@ -173,10 +176,11 @@ def _lock_folder() -> str:
         except OSError:
             continue
         st = os.lstat(folder)  # in a world-writable /tmp someone else may have made it first
-        if os.path.isdir(folder) and not os.path.islink(folder) and st.st_uid == os.geteuid() and not st.st_mode & 0o077:
+        private = st.st_uid == os.geteuid() and not st.st_mode & 0o077
+        if os.path.isdir(folder) and not os.path.islink(folder) and private:
             return folder
     raise RuntimeError(f"no private folder for the sandbox's uid locks: /run/{UID_LOCKS} and "
-                       f"{tempfile.gettempdir()}/{UID_LOCKS} cannot be made, or are not owned by this user with mode 0700")
+                       f"{tempfile.gettempdir()}/{UID_LOCKS} cannot be made or are not this user's with mode 0700")
 
 
 @functools.cache
@@ -196,7 +200,7 @@ def detect() -> tuple[Sandbox | None, str]:
     for drop in ([True, False] if os.geteuid() == 0 else [False]):
         sandbox = Sandbox(exe, version[0], drop)
         # as root, also whether the run uids exist here (a container's user namespace may map only 0-65535)
-        probe = f"import os; os.setresuid({RUN_UIDS[-1]}, {RUN_UIDS[-1]}, {RUN_UIDS[-1]}) if {drop} else None; print('ok')"
+        probe = f"import os; os.setresuid(*[{RUN_UIDS[-1]}] * 3) if {drop} else None; print('ok')"
         try:
             proc = run_bwrap(sandbox, os.path.realpath(sys.executable), ["-I", "-S", "-c", probe], b"",
                              1 << 20, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)

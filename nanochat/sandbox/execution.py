@@ -100,13 +100,17 @@ def python_tool_banner() -> str:
 _BOOTSTRAP = r'''
 import json, os, resource, sys
 cfg = json.loads(sys.argv[1])
-if cfg["uid"] is not None:  # root inside a privileged bwrap holding only CAP_SETUID/CAP_SETGID
+if cfg["uid"] is not None:  # root inside a privileged bwrap holding only CAP_SETUID/CAP_SETGID/CAP_SETPCAP
     import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):  # empty the bounding set: no execve can bring a capability back (PR_CAPBSET_DROP)
+        if libc.prctl(24, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: past the kernel's last cap
+            raise OSError(ctypes.get_errno(), f"dropping capability {cap} from the bounding set")
     os.setgroups([])
     os.setresgid(cfg["uid"], cfg["uid"], cfg["uid"])
     os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])  # clears the effective and permitted capabilities
     header, caps = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
-    if ctypes.CDLL(None, use_errno=True).capset(header, caps) != 0:  # and the inheritable ones
+    if libc.capset(header, caps) != 0:  # and the inheritable ones
         raise OSError(ctypes.get_errno(), "capset")
 os.chdir(cfg["workdir"])
 if cfg["limit_address_space"]:
