@@ -148,6 +148,27 @@ print(total)
     assert result.success and int(result.stdout) == 0, result
 
 
+def test_only_the_python_runtimes_bin_and_lib_are_bound(kernel_sandbox):
+    python = os.path.realpath(sys.executable)
+    prefix = os.path.dirname(os.path.dirname(python))
+    if prefix.startswith("/usr/"):
+        pytest.skip("a Python under /usr is shown with /usr")
+    cmd = kernel_sandbox.command(python, 1 << 20, 3, 4)
+    binds = {cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--ro-bind"}
+    assert prefix not in binds and f"{prefix}/bin" in binds and f"{prefix}/lib" in binds
+
+
+@pytest.mark.parametrize("prefix", ["/", "home"])
+def test_a_python_installed_at_the_root_or_in_a_home_folder_is_refused(monkeypatch, prefix):
+    import pwd
+    from nanochat.sandbox import bwrap
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    monkeypatch.setattr(bwrap.sys, "base_prefix", home if prefix == "home" else prefix)
+    sandbox, why = bwrap.detect.__wrapped__()
+    assert sandbox is None and f"the Python runtime's prefix is {os.path.realpath(home) if prefix == 'home' else '/'}" in why
+    assert "a prefix of its own" in why
+
+
 def test_root_runs_the_code_as_an_unprivileged_uid_of_its_own(kernel_sandbox):
     if not kernel_sandbox.switch_uid:
         pytest.skip("only a root caller switches uid")

@@ -120,12 +120,27 @@ def _ancestors(path: str) -> list[str]:
 
 
 def _python_dirs(python: str) -> list[str]:
-    """The Python installation to show read-only inside, unless /usr already holds it."""
+    """The Python installation's bin and lib folders to show read-only inside, unless /usr already holds them."""
     dirs = []
-    for path in (os.path.realpath(sys.base_prefix), os.path.dirname(os.path.dirname(os.path.realpath(python)))):
-        if not (path == "/usr" or path.startswith("/usr/")) and not any(path.startswith(d + "/") for d in dirs):
-            dirs.append(path)
+    for prefix in (os.path.realpath(sys.base_prefix), os.path.dirname(os.path.dirname(os.path.realpath(python)))):
+        if prefix == "/usr" or prefix.startswith("/usr/"):
+            continue
+        if prefix == "/" or prefix in _home_dirs():
+            raise ValueError(f"the Python runtime's prefix is {prefix}, {'the root' if prefix == '/' else 'a home'} "
+                             "folder, whose bin/ and lib/ would be shown to the code: run nanochat with a Python "
+                             "installed under a prefix of its own (a venv made from /usr/bin/python3, pyenv, uv)")
+        for sub in ("bin", "lib", "lib64"):
+            path = os.path.join(prefix, sub)
+            if os.path.isdir(path) and not any(path == d or path.startswith(d + "/") for d in dirs):
+                dirs.append(path)
     return sorted(set(dirs))
+
+
+def _home_dirs() -> set[str]:
+    """This user's $HOME and every account's home folder."""
+    import pwd
+    homes = {os.path.expanduser("~"), *(entry.pw_dir for entry in pwd.getpwall())}
+    return {os.path.realpath(h) for h in homes if h}
 
 
 def run_bwrap(sandbox: Sandbox, python: str, args: list[str], program: bytes, work_bytes: int,
@@ -195,6 +210,10 @@ def detect() -> tuple[Sandbox | None, str]:
         seccomp_program()
     except Exception as e:  # no pyseccomp, no libseccomp, or a syscall it does not know on this architecture
         return None, f"no seccomp filter: {e} (pip install pyseccomp; apt-get install libseccomp2)"
+    try:
+        _python_dirs(os.path.realpath(sys.executable))
+    except ValueError as e:
+        return None, str(e)
     version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.split()[-1:] or ["?"]
     errors = []
     for drop in ([True, False] if os.geteuid() == 0 else [False]):
