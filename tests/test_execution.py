@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 import nanochat
-from nanochat.sandbox import execution
+from nanochat.sandbox import cgroups, execution
 from nanochat.sandbox.execution import REFUSED_PREFIX, UNSAFE_ENV, execute_code, isolation_layers, python_tool_banner
 from nanochat.sandbox.bwrap import DENIED_SYSCALLS, RUN_UIDS, detect, run_uid
 
@@ -261,7 +261,38 @@ def test_an_oom_kill_in_the_cgroup_is_reported_as_the_memory_limit(kernel_sandbo
 
 def test_cgroups_are_used_in_ci():
     if IN_CI and os.geteuid() == 0:
-        assert any(layer.startswith("pids + memory cgroup") for layer in isolation_layers()), isolation_layers()
+        assert any(layer.startswith("pids + memory + cpu cgroup") for layer in isolation_layers()), isolation_layers()
+
+
+def cpu_controller_mounted() -> bool:
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, point, fstype, options = line.split()[:4]
+        if fstype == "cgroup" and "cpu" in options.split(","):
+            return True
+        if fstype == "cgroup2" and "cpu" in (Path(point) / "cgroup.controllers").read_text().split():
+            return True
+    return False
+
+
+def test_each_run_has_a_quota_of_one_cpu_where_a_cpu_controller_exists(kernel_sandbox, monkeypatch):
+    if not execution._cgroup_probe()[0] or not cpu_controller_mounted():
+        pytest.skip("no cgroup with a cpu controller here")
+    made, real_create = [], cgroups.create
+
+    def create(*args):
+        group, where = real_create(*args)
+        quota = {name: (d / name).read_text().strip() for d in group.dirs for name in ("cpu.max", "cpu.cfs_quota_us")
+                 if (d / name).exists()}
+        made.append((group, where, quota))
+        return group, where
+
+    monkeypatch.setattr(execution.cgroups, "create", create)
+    assert execute_code("print(1)").success
+    (group, where, quota), = made
+    assert group.cpu_quota and "a quota of 1 CPU" in where
+    assert quota in ({"cpu.max": f"{cgroups.CPU_PERIOD_US} {cgroups.CPU_PERIOD_US}"},
+                     {"cpu.cfs_quota_us": str(cgroups.CPU_PERIOD_US)})
+    assert "a quota of 1 CPU" in isolation_layers()[-1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""A pids + memory cgroup per sandbox run, on cgroup v2 or v1, wherever this user may create one.
+"""A pids + memory cgroup per sandbox run, on cgroup v2 or v1, wherever this user may create one, with a quota of one
+CPU where the cpu controller is there too.
 
 Candidates, most respectful of the host's own limits first: a child of this process's own cgroup (a delegated
 subtree on v2, e.g. a systemd user service or `systemd-run --user -p Delegate=yes`), then a child of the hierarchy's
@@ -16,6 +17,7 @@ from pathlib import Path
 
 CGROUP_FS = Path("/sys/fs/cgroup")
 SLACK_BYTES = 64 << 20  # bwrap, the interpreter and its page tables, on top of the program's own limit
+CPU_PERIOD_US = 100_000  # quota = period: one CPU per run, so busy runs cannot take all of the host's cores
 
 
 def _own_paths() -> dict[str, str]:
@@ -40,7 +42,7 @@ def _mounts() -> dict[str, Path]:
             if fstype == "cgroup2" and "v2" not in found:
                 found["v2"] = Path(point)
             elif fstype == "cgroup":
-                for c in ("pids", "memory"):
+                for c in ("pids", "memory", "cpu"):
                     if c in options.split(","):
                         found.setdefault(c, Path(point))
     except (OSError, ValueError):
@@ -53,6 +55,7 @@ class Cgroup:
     """One run's cgroup(s): a single v2 group, or a pids and a memory group on v1."""
     version: int
     dirs: list[Path]
+    cpu_quota: bool = False
 
     @property
     def procs_files(self) -> list[str]:
@@ -109,6 +112,11 @@ def _try_v2(parent: Path, memory_bytes: int, max_processes: int) -> Cgroup:
     missing = [c for c in ("pids", "memory") if c not in enabled]
     if missing:
         (parent / "cgroup.subtree_control").write_text(" ".join("+" + c for c in missing))
+    if "cpu" not in enabled and "cpu" in (parent / "cgroup.controllers").read_text().split():
+        try:
+            (parent / "cgroup.subtree_control").write_text("+cpu")
+        except OSError:  # optional: the run goes without a CPU quota, and the start line says so
+            pass
     group = parent / f"nanochat-sandbox-{uuid.uuid4().hex[:12]}"
     group.mkdir()
     try:
@@ -119,7 +127,9 @@ def _try_v2(parent: Path, memory_bytes: int, max_processes: int) -> Cgroup:
     except OSError:
         group.rmdir()
         raise
-    return Cgroup(2, [group])
+    made = Cgroup(2, [group])
+    made.cpu_quota = _write_all({group / "cpu.max": f"{CPU_PERIOD_US} {CPU_PERIOD_US}"})
+    return made
 
 
 def _try_v1(parents: dict[str, Path], memory_bytes: int, max_processes: int) -> Cgroup:
@@ -139,7 +149,29 @@ def _try_v1(parents: dict[str, Path], memory_bytes: int, max_processes: int) -> 
     except OSError:
         made.destroy()
         raise
+    if "cpu" in parents:
+        try:
+            (parents["cpu"] / name).mkdir()
+            made.dirs.append(parents["cpu"] / name)
+        except OSError:
+            return made
+        made.cpu_quota = _write_all({parents["cpu"] / name / "cpu.cfs_period_us": str(CPU_PERIOD_US),
+                                     parents["cpu"] / name / "cpu.cfs_quota_us": str(CPU_PERIOD_US)})
     return made
+
+
+def _write_all(values: dict[Path, str]) -> bool:
+    try:
+        for path, value in values.items():
+            path.write_text(value)
+        return True
+    except OSError:
+        return False
+
+
+def _where(group: Cgroup, parent: Path) -> str:
+    cpu = "a quota of 1 CPU" if group.cpu_quota else "no CPU quota: no cpu controller here"
+    return f"cgroup v{group.version} under {parent}, {cpu}"
 
 
 def create(memory_bytes: int, max_processes: int) -> tuple[Cgroup | None, str]:
@@ -152,14 +184,17 @@ def create(memory_bytes: int, max_processes: int) -> tuple[Cgroup | None, str]:
         if {"pids", "memory"} <= set(available):
             for parent in dict.fromkeys([root / own[""].lstrip("/"), root]):
                 try:
-                    return _try_v2(parent, memory_bytes, max_processes), f"cgroup v2 under {parent}"
+                    group = _try_v2(parent, memory_bytes, max_processes)
+                    return group, _where(group, parent)
                 except OSError as e:
                     errors.append(f"v2 {parent}: {e.strerror or e}")
     if "pids" in mounts and "memory" in mounts:
         for use_own in (True, False):
-            parents = {c: mounts[c] / (own.get(c, "/").lstrip("/") if use_own else "") for c in ("pids", "memory")}
+            parents = {c: mounts[c] / (own.get(c, "/").lstrip("/") if use_own else "")
+                       for c in ("pids", "memory", "cpu") if c in mounts}
             try:
-                return _try_v1(parents, memory_bytes, max_processes), f"cgroup v1 under {parents['memory']}"
+                group = _try_v1(parents, memory_bytes, max_processes)
+                return group, _where(group, parents["memory"])
             except OSError as e:
                 errors.append(f"v1 {parents['memory']}: {e.strerror or e}")
     if not errors:
