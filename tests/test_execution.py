@@ -84,9 +84,9 @@ def call(name, *args):
     rc = getattr(libc, 'syscall')(NR[name], *args)
     return 0 if rc >= 0 else ctypes.get_errno()
 NR = {'mount': 165, 'umount2': 166, 'pivot_root': 155, 'unshare': 272, 'setns': 308, 'ptrace': 101, 'bpf': 321,
-      'keyctl': 250, 'socket': 41, 'socketpair': 53, 'memfd_create': 319}
+      'keyctl': 250, 'socket': 41, 'socketpair': 53, 'memfd_create': 319, 'pidfd_getfd': 438}
 out = {name: call(name, 0, 0, 0, 0) for name in ('mount', 'umount2', 'pivot_root', 'unshare', 'setns', 'ptrace',
-                                                  'bpf', 'keyctl', 'memfd_create')}
+                                                  'bpf', 'keyctl', 'memfd_create', 'pidfd_getfd')}
 for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.AF_NETLINK):
     out[f'socket({family})'] = call('socket', family, socket.SOCK_STREAM, 0)
 pair = (ctypes.c_int * 2)()
@@ -104,7 +104,8 @@ print(json.dumps(out))
     result = execute_code(probe)
     assert result.success, result.stderr
     out = json.loads(result.stdout)
-    for name in ("mount", "umount2", "pivot_root", "unshare", "setns", "ptrace", "bpf", "keyctl", "memfd_create"):
+    for name in ("mount", "umount2", "pivot_root", "unshare", "setns", "ptrace", "bpf", "keyctl", "memfd_create",
+                 "pidfd_getfd"):
         assert name in DENIED_SYSCALLS and out[name] == 1, name  # EPERM from the filter, not EINVAL from the kernel
     assert all(out[f"socket({family})"] == 1 for family in (2, 10, 1, 16))
     assert out["socketpair(AF_UNIX)"] == 0 and out["socketpair(AF_INET)"] == 1

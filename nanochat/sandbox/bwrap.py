@@ -29,14 +29,15 @@ from dataclasses import dataclass
 
 # Refused with EPERM: changing mounts (old and new mount API), new namespaces, other processes' memory, kernel
 # keyrings (shared per uid with the host), eBPF, io_uring (which can open sockets behind seccomp's back), modules,
-# and memfd_create: a memfd's pages count against no rlimit, so without a cgroup it would hold memory past the limit.
+# memfd_create (a memfd's pages count against no rlimit, so without a cgroup it would hold memory past the limit), and
+# pidfd_getfd (in a user namespace the code shares its uid with bwrap's init, and could copy that process's fds).
 DENIED_SYSCALLS = (
     "mount", "umount2", "pivot_root", "unshare", "setns", "ptrace", "bpf", "keyctl", "add_key", "request_key",
     "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick", "mount_setattr", "chroot",
     "io_uring_setup", "io_uring_enter", "io_uring_register", "perf_event_open", "userfaultfd",
     "process_vm_readv", "process_vm_writev", "name_to_handle_at", "open_by_handle_at", "kexec_load",
     "kexec_file_load", "init_module", "finit_module", "delete_module", "swapon", "swapoff", "reboot", "acct",
-    "syslog", "socket", "memfd_create",
+    "syslog", "socket", "memfd_create", "pidfd_getfd",
 )
 NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x80)
 ROOT_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -108,8 +109,8 @@ class Sandbox:
         return [f"bubblewrap {self.version}: new pid, network, ipc and uts namespaces",
                 "mount namespace: only /usr and the Python runtime, read-only (recursively); no /home, /etc, /proc, "
                 "/sys or /run; no ptys; a size-limited tmpfs /tmp as the working directory",
-                "seccomp: mount, umount2, pivot_root, unshare, setns, ptrace, bpf, keyctl, io_uring, memfd_create, new "
-                "namespaces and socket() refused (socketpair(AF_UNIX) allowed)",
+                "seccomp: mount, umount2, pivot_root, unshare, setns, ptrace, pidfd_getfd, bpf, keyctl, io_uring, "
+                "memfd_create, new namespaces and socket() refused (socketpair(AF_UNIX) allowed)",
                 f"no_new_privs; {who}"]
 
 
