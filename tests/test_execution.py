@@ -180,6 +180,17 @@ def test_root_runs_the_code_as_an_unprivileged_uid_of_its_own(kernel_sandbox):
             f"{uid + 1} {uid + 1} []\n"
 
 
+def test_a_run_with_every_uid_taken_answers_with_an_error(kernel_sandbox, monkeypatch):
+    if not kernel_sandbox.switch_uid:
+        pytest.skip("only a root caller switches uid")
+    from nanochat.sandbox import bwrap
+    monkeypatch.setattr(bwrap, "RUN_UIDS", range(RUN_UIDS.start, RUN_UIDS.start + 1))
+    with run_uid():
+        result = execute_code("print(1)")
+    assert not result.success and result.error.startswith("all 1 sandbox uids are in use by concurrent runs"), result
+    assert execute_code("print(1)").stdout == "1\n"  # and free again afterwards
+
+
 HOLDER, FULL = "nc-holder", "nc-full"
 
 

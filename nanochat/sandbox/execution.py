@@ -182,7 +182,10 @@ def execute_code(code: str, timeout: float = 5.0, memory_limit_mb: int = 256, ma
         return ExecutionResult(stdout="", stderr="", success=False, error=error)
     work_bytes = (work_mb if work_mb is not None else 2 * max_file_mb) << 20
     claim = contextlib.ExitStack()
-    uid = claim.enter_context(run_uid()) if sandbox and sandbox.switch_uid else None  # as root, the run's own uid
+    try:
+        uid = claim.enter_context(run_uid()) if sandbox and sandbox.switch_uid else None  # as root, the run's own uid
+    except RuntimeError as e:  # every uid taken, or no private folder for the locks
+        return ExecutionResult(stdout="", stderr="", success=False, error=str(e))
     group, _ = cgroups.create((memory_limit_mb << 20) + work_bytes, max_processes)
     workdir = None if sandbox else tempfile.mkdtemp(prefix="nanochat-sandbox-")
     try:
