@@ -52,7 +52,7 @@ def _mounts() -> dict[str, Path]:
 
 @dataclass
 class Cgroup:
-    """One run's cgroup(s): a single v2 group, or a pids and a memory group on v1."""
+    """One run's cgroup(s): a single v2 group, or a pids, a memory and (where mounted) a cpu group on v1."""
     version: int
     dirs: list[Path]
     cpu_quota: bool = False
@@ -170,7 +170,7 @@ def _write_all(values: dict[Path, str]) -> bool:
 
 
 def _where(group: Cgroup, parent: Path) -> str:
-    cpu = "a quota of 1 CPU" if group.cpu_quota else "no CPU quota: no cpu controller here"
+    cpu = "a quota of 1 CPU" if group.cpu_quota else "no CPU quota: the cpu controller is not available here"
     return f"cgroup v{group.version} under {parent}, {cpu}"
 
 

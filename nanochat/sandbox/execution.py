@@ -67,7 +67,7 @@ def isolation_layers() -> list[str]:
     if sandbox is None:
         return []
     ok, where = _cgroup_probe()
-    cgroup = f"pids + memory + cpu cgroup per run ({where})" if ok else \
+    cgroup = f"pids + memory cgroup per run ({where})" if ok else \
         (f"NO per-run memory bound: no cgroup ({where}); RLIMIT_AS caps each process, so a run may hold its limit "
          "once per process")
     return [*sandbox.layers(), cgroup]
