@@ -162,7 +162,8 @@ def shards_from_text(paths: list[Path], name: str, docs_per_shard: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Download pretraining shards, or make shards from your own text.")
+    parser = argparse.ArgumentParser(description="Download pretraining shards, or make shards from your own text.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-n", "--num-files", type=int, default=8, help="training shards to download (plus val)")
     parser.add_argument("--dataset", default=None, help="Hub dataset repo of parquet shards (default: "
                         "$NANOCHAT_DATASET or karpathy/fineweb-edu-100b-shuffle)")

@@ -224,7 +224,8 @@ def get_report(model_tag: str | None = None) -> Report:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Generate or reset the report card.")
+    parser = argparse.ArgumentParser(description="Generate or reset the report card.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("command", choices=["generate", "reset"])
     parser.add_argument("--model-tag", default=None, help="only this model's report (default: every model's)")
     args = parser.parse_args()

@@ -17,7 +17,8 @@ from nanochat.training import print_samples
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="CORE, bits per byte and samples of a base model checkpoint.")
+    p = argparse.ArgumentParser(description="CORE, bits per byte and samples of a base model checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-tag", default=None, help="default: the largest base model")
     p.add_argument("--step", type=int, default=None, help="default: the last step")
     p.add_argument("--eval", default="core,bpb,sample", help="comma-separated: core, bpb, sample")

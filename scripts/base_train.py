@@ -25,7 +25,8 @@ from nanochat.training import Progress, Timer, print_samples, restore_training_s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Pretrain a base GPT; every size and rate follows from --depth.")
+    p = argparse.ArgumentParser(description="Pretrain a base GPT; every size and rate follows from --depth.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--depth", type=int, default=20, help="number of transformer layers: the one dial")
     p.add_argument("--aspect-ratio", type=int, default=64, help="n_embd = depth × aspect ratio (rounded)")
     p.add_argument("--head-dim", type=int, default=128)

@@ -212,7 +212,8 @@ def parse_overrides(items: list[str]) -> dict[str, int]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Size runs/cpu.sh to a time budget on this machine.")
+    p = argparse.ArgumentParser(description="Size runs/cpu.sh to a time budget on this machine.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--minutes", type=float, default=15.0, help="target time of the whole pipeline after setup")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
                    help="compute dtype (default: the CPU's compute dtype, $NANOCHAT_DTYPE else fp32)")

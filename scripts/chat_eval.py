@@ -21,7 +21,8 @@ from nanochat.report import get_report
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Evaluate a chat model on multiple-choice and generative tasks.")
+    p = argparse.ArgumentParser(description="Evaluate a chat model on multiple-choice and generative tasks.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--source", choices=["sft", "rl", "base"], default="sft", help="which checkpoints")
     p.add_argument("-a", "--task-name", default=",".join(ALL_TASKS), help="comma-separated tasks")
     p.add_argument("-g", "--model-tag", default=None)

@@ -30,7 +30,8 @@ from tasks.gsm8k import GSM8K
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="GRPO-style RL of the SFT model on GSM8K.")
+    p = argparse.ArgumentParser(description="GRPO-style RL of the SFT model on GSM8K.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-tag", default=None, help="SFT model to start from (default: the largest)")
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--num-steps", type=int, default=None, help="default: one pass over GSM8K train")

@@ -26,7 +26,8 @@ from nanochat.training import Progress, Timer, restore_training_state, train_ste
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Supervised fine-tuning of a base model on a chat task mixture.")
+    p = argparse.ArgumentParser(description="Supervised fine-tuning of a base model on a chat task mixture.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-tag", default=None, help="base model to start from (default: the largest)")
     p.add_argument("--step", type=int, default=None, help="base checkpoint step (default: the last)")
     p.add_argument("--num-iterations", type=int, default=None, help="default: stop after one epoch (counted)")

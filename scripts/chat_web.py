@@ -25,7 +25,8 @@ from nanochat.serving.server import CLIENT_LIMIT, LIMITS, create_app
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Web chat UI + OpenAI-compatible API for a nanochat model.")
+    p = argparse.ArgumentParser(description="Web chat UI + OpenAI-compatible API for a nanochat model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--source", choices=["sft", "rl", "base"], default=None,
                    help="which checkpoints (default: rl, else sft, else base)")
     p.add_argument("--model-tag", default=None)

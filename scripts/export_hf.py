@@ -20,7 +20,8 @@ from nanochat.report import get_report
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Export a nanochat checkpoint to Hugging Face transformers.")
+    p = argparse.ArgumentParser(description="Export a nanochat checkpoint to Hugging Face transformers.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", choices=["base", "sft", "rl"], required=True, help="which training phase's model")
     p.add_argument("--model-tag", default=None, help="checkpoint folder (default: the deepest tag)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")

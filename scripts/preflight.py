@@ -481,7 +481,8 @@ def verdict(checks: list[Check]) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Check a machine before a run: versions, GPUs, FA3, compile, "
-                                            "all-reduce, training speed and memory, predicted time and cost, decode.")
+                                            "all-reduce, training speed and memory, predicted time and cost, decode.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device-type", default="", help="cuda|cpu (default: autodetect; cpu runs the tiny version)")
     p.add_argument("--depth", type=int, default=None, help="the run's depth (default 20 on CUDA, 2 on a CPU)")
     p.add_argument("--nproc", type=int, default=None, help="GPUs the run uses (default: every visible GPU)")

@@ -31,7 +31,8 @@ def other_encodings() -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Bytes per token of the tokenizer on held-out text.")
+    p = argparse.ArgumentParser(description="Bytes per token of the tokenizer on held-out text.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--val-docs", type=int, default=200, help="documents of the validation shard to measure on")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)

@@ -13,7 +13,8 @@ from nanochat.tokenizer import Tokenizer, iter_capped, tokenizer_dir
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Train the BPE tokenizer (rustbpe) and save it for tiktoken.")
+    p = argparse.ArgumentParser(description="Train the BPE tokenizer (rustbpe) and save it for tiktoken.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="characters of training text to use")
     p.add_argument("--doc-cap", type=int, default=10_000, help="characters kept from each document")
     p.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size incl. 9 special tokens")

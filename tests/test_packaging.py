@@ -54,3 +54,14 @@ def test_console_command_dispatches_to_the_stage(base_dir, monkeypatch, capsys):
         cli.main()
     assert exit_info.value.code == 2 and "unknown command" in capsys.readouterr().err
     assert project()["scripts"]["nanochat"] == "scripts.cli:main"
+
+
+def test_every_stage_shows_its_defaults_in_help(monkeypatch, capsys):
+    from scripts import cli
+    for name in cli.COMMANDS:
+        monkeypatch.setattr(sys, "argv", ["nanochat", name, "--help"])
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main()
+        out = capsys.readouterr().out
+        assert exit_info.value.code == 0 and "usage:" in out, name
+        assert "(default:" in out, f"nanochat {name} --help does not show its defaults"
