@@ -1,5 +1,10 @@
 """A preallocated key/value cache with one slot per sequence, each slot at its own position (continuous batching),
-and `StaticRows`, the fixed-shape view of it that a decode step (nanochat/decode.py) appends to."""
+`StaticRows`, the fixed-shape view of it that a decode step (nanochat/decode.py) appends to, and `PrefixCache`, the
+keys and values of token prefixes kept for reuse after their request left its slot."""
+
+import hashlib
+from array import array
+from collections import OrderedDict
 
 import torch
 
@@ -158,3 +163,113 @@ class StaticRows:
 
     def advance(self, slots, t: int) -> None:
         self.cache.pos[:self.rows] += self.active
+
+
+class PrefixCache:
+    """Keys and values of token prefixes seen before, kept in blocks of `block_size` positions for later requests
+    that start with the same tokens (the next turn of a conversation, a shared system prompt, the n samples of
+    one prompt): their slot gets the blocks copied in and prefills only the rest.
+
+    k, v: (n_layer, n_kv_head, blocks, block_size, head_dim), allocated once beside a KVCache and in its dtype.
+    A block is named by a digest of every token up to its end (a chain: the digest of the previous block plus
+    this block's tokens), so it only ever matches the same whole prefix; sha256 rather than Python's hash, so that
+    no crafted prompt can collide with another user's prefix and read their conversation. Only whole blocks are
+    kept. When full, the least recently used block is evicted; a chain is touched from its end back to its first
+    block, so a chain loses its tail before its head (vLLM's order: the head is what other prompts share).
+
+    Copies rather than rows kept alive: the slots stay free for new requests the moment one finishes, the memory is
+    bounded on its own (`blocks`), and a block shared by many prompts (a system prompt) is stored once.
+    """
+
+    def __init__(self, cache: KVCache, blocks: int, block_size: int = 16):
+        if blocks < 1 or block_size < 1:
+            raise ValueError(f"a prefix cache needs at least one block of at least one position, not {blocks} "
+                             f"blocks of {block_size}")
+        n_layer, _, n_kv_head, _, head_dim = cache.k.shape
+        shape = (n_layer, n_kv_head, blocks, block_size, head_dim)
+        self.k = torch.zeros(shape, device=cache.k.device, dtype=cache.k.dtype)
+        self.v = torch.zeros(shape, device=cache.k.device, dtype=cache.k.dtype)
+        self.cache, self.blocks, self.block_size = cache, blocks, block_size
+        self.index: OrderedDict[bytes, int] = OrderedDict()  # digest → block, least recently used first
+        self.free = list(range(blocks - 1, -1, -1))
+        self.counts = {"lookups": 0, "hits": 0, "prompt_tokens": 0, "reused_tokens": 0, "stored_blocks": 0,
+                       "evicted_blocks": 0}
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def _digests(self, tokens: list[int], limit: int) -> list[bytes]:
+        """The digests of the whole blocks among tokens[:limit], first block first."""
+        digests, previous = [], b""
+        for start in range(0, limit - self.block_size + 1, self.block_size):
+            block = array("q", tokens[start:start + self.block_size]).tobytes()
+            previous = hashlib.sha256(previous + block).digest()
+            digests.append(previous)
+        return digests
+
+    def _touch(self, digests: list[bytes]) -> None:
+        for digest in reversed(digests):  # the chain's head ends up the most recently used
+            self.index.move_to_end(digest)
+
+    def load(self, tokens: list[int], slot: int) -> int:
+        """Copy the longest kept prefix of tokens[:-1] into `slot` (whose history is replaced) and return its
+        length: a request always prefills at least its last token, whose logits give its first sample."""
+        digests = self._digests(tokens, len(tokens) - 1)
+        found = 0
+        while found < len(digests) and digests[found] in self.index:
+            found += 1
+        self.counts["lookups"] += 1
+        self.counts["prompt_tokens"] += len(tokens)
+        n = found * self.block_size
+        self.cache.pos[slot] = n
+        if not found:
+            return 0
+        self._touch(digests[:found])
+        blocks = torch.tensor([self.index[d] for d in digests[:found]], device=self.k.device)
+        c = self.cache
+        # (n_layer, n_kv_head, found, block_size, head_dim) → the row's first n positions
+        c.k[:, slot, :, :n] = self.k[:, :, blocks].flatten(2, 3)
+        c.v[:, slot, :, :n] = self.v[:, :, blocks].flatten(2, 3)
+        self.counts["hits"] += 1
+        self.counts["reused_tokens"] += n
+        return n
+
+    def store(self, tokens: list[int], slot: int) -> None:
+        """Keep the whole blocks of `tokens`, which slot `slot` holds the keys and values of (its first
+        len(tokens) positions). Blocks already kept are only touched; at most `blocks` are kept of one prefix."""
+        digests = self._digests(tokens, min(len(tokens), self.blocks * self.block_size))
+        kept = [d for d in digests if d in self.index]
+        self._touch(kept)  # before evicting: a block of this chain is never the one evicted for it
+        new, places = [], []
+        for i, digest in enumerate(digests):
+            if digest in self.index:
+                continue
+            if self.free:
+                block = self.free.pop()
+            else:
+                _, block = self.index.popitem(last=False)
+                self.counts["evicted_blocks"] += 1
+            self.index[digest] = block
+            new.append(block)
+            places.append(i)
+        self._touch(digests)
+        if not new:
+            return
+        bs, c = self.block_size, self.cache
+        blocks = torch.tensor(new, device=self.k.device)
+        positions = (torch.tensor(places)[:, None] * bs + torch.arange(bs)[None, :]).flatten().to(self.k.device)
+        # the row's positions of the new blocks (n_layer, n_kv_head, new * block_size, head_dim) → their blocks
+        shape = (c.k.size(0), c.k.size(2), len(new), bs, c.k.size(-1))
+        self.k[:, :, blocks] = c.k[:, slot].index_select(2, positions).view(shape)
+        self.v[:, :, blocks] = c.v[:, slot].index_select(2, positions).view(shape)
+        self.counts["stored_blocks"] += len(new)
+
+    def stats(self) -> dict:
+        """What /stats reports: reuse (hit_rate = prompt tokens whose keys and values were copied rather than
+        computed / all prompt tokens looked up) and memory."""
+        counts = dict(self.counts)
+        prompt = counts["prompt_tokens"]
+        return dict(counts, hit_rate=round(counts["reused_tokens"] / prompt, 4) if prompt else 0.0,
+                    blocks=self.blocks, block_size=self.block_size, used_blocks=len(self.index),
+                    bytes=self.nbytes, used_bytes=self.nbytes * len(self.index) // self.blocks)

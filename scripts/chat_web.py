@@ -44,6 +44,10 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=50, help="default when a request gives none (0 = no top-k)")
     p.add_argument("--max-tokens", type=int, default=512, help="default when a request gives none")
     p.add_argument("--slots", type=int, default=8, help="concurrent sequences per worker (continuous batching)")
+    p.add_argument("--prefix-cache", type=float, default=0.5,
+                   help="memory kept for reusing the keys and values of earlier prompts (the conversation so far, a "
+                        "shared system prompt), as a fraction of the slots' KV cache; least recently used goes "
+                        "first (0 = off)")
     p.add_argument("--num-gpus", type=int, default=None, help="workers on CUDA (default: every visible GPU)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--dry-run", action="store_true", help="check the arguments and the model, then exit")
@@ -54,6 +58,9 @@ def main(argv=None) -> None:
             raise UserError(f"{flag} must be between {low} and {high}")
     if args.slots < 1 or not 0 <= args.port < 65536 or args.client_limit < 1:
         raise UserError("--slots and --client-limit must be >= 1 and --port within 0..65535")
+    if not 0 <= args.prefix_cache <= 4:
+        raise UserError(f"--prefix-cache must be between 0 (off) and 4 (a fraction of the KV cache), not "
+                        f"{args.prefix_cache}")
     if args.unsafe_python_tool:
         allow_unsafe_python_tool()
     print0(python_tool_banner())
@@ -77,7 +84,8 @@ def main(argv=None) -> None:
             return
         model, tokenizer, meta = loaded
         name = f"nanochat-{meta.model_tag}-{meta.phase}"
-        workers.append(BatchScheduler(model, tokenizer, slots=args.slots, dtype=dtype))
+        workers.append(BatchScheduler(model, tokenizer, slots=args.slots, dtype=dtype,
+                                      prefix_cache=args.prefix_cache))
     if args.dry_run:
         print0(f"chat_web dry run: {len(workers)} worker(s) × {args.slots} slots ready for {name}")
         for w in workers:

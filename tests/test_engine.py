@@ -47,6 +47,23 @@ def tool_model(model, tiny_tokenizer, tool_prompt):
 
 
 @pytest.fixture(scope="module")
+def sharp_tool_model(model, tiny_tokenizer, tool_prompt):
+    """`tool_model` made from the sharpened tiny model (see `sharpen`)."""
+    return closing_the_call(sharpen(copy.deepcopy(model)), tiny_tokenizer, tool_prompt)
+
+
+def closing_the_call(model, tok, tool_prompt):
+    """The model (in place) with two rows of its output layer swapped, so that greedy decoding of `tool_prompt`
+    closes the call right away: <|python_end|> takes the place of the token the model would have written first."""
+    python_end = tok.encode_special("<|python_end|>")
+    with torch.no_grad():
+        first = int(model(torch.tensor([tool_prompt]))[0, -1].argmax())
+        w = model.lm_head.weight
+        w[[first, python_end]] = w[[python_end, first]]
+    return model
+
+
+@pytest.fixture(scope="module")
 def stopping_model(model, tiny_tokenizer):
     """The tiny model with a strong, context-dependent <|assistant_end|>, so samples stop at different steps."""
     end = tiny_tokenizer.encode_special("<|assistant_end|>")
@@ -466,3 +483,164 @@ def test_shutdown_ends_every_open_request(model, tiny_tokenizer):
         collect(r, timeout=30)
         assert r.finish_reason in ("shutdown", "length")
     assert not scheduler.thread.is_alive()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prefix reuse in the scheduler (PrefixCache, nanochat/kv_cache.py)
+
+def sharpen(model):
+    """The tiny model with larger output projections and LM head (in place), so that a reply depends on the whole
+    history: a wrong key, value or embedding anywhere in a reused prefix changes the greedy tokens."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight"):
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+        model.lm_head.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+@pytest.fixture(scope="module")
+def sharp_model(model):
+    return sharpen(copy.deepcopy(model))
+
+
+USER_TURNS = ["Tell me about the weather in Paris in the spring, please.", "And what about the autumn there?",
+              "Which month is the best one to visit, all things considered?", "Thanks! Anything else?"]
+
+
+def next_turn(tok, history: list[int], reply: list[int], user: str) -> list[int]:
+    """The conversation so far, the assistant's reply closed, a new user message and the assistant's turn opened."""
+    s = tok.encode_special
+    return (history + reply + [s("<|assistant_end|>"), s("<|user_start|>")] + tok.encode(user)
+            + [s("<|user_end|>"), s("<|assistant_start|>")])
+
+
+def converse(scheduler, tok, *conversations: list, max_tokens: int = 10):
+    """Run conversations side by side, turn by turn: each round submits the next turn of every conversation at
+    once (they share the slots, so a slot holds another conversation between two turns of one). Each turn's prompt
+    holds every earlier turn and reply as generated; a conversation's first turn is a user message or a whole
+    prompt (token ids). → per conversation, [(prompt, reply tokens, reply masks)]."""
+    s = tok.encode_special
+    results = [[] for _ in conversations]
+    for turn in range(max(len(c) for c in conversations)):
+        requests = {}
+        for i, user_turns in enumerate(conversations):
+            if turn >= len(user_turns):
+                continue
+            if turn > 0:
+                history, reply, _ = results[i][-1]
+                prompt = next_turn(tok, history, reply, user_turns[turn])
+            elif isinstance(user_turns[0], list):
+                prompt = user_turns[0]
+            else:
+                prompt = ([tok.get_bos_token_id(), s("<|user_start|>")] + tok.encode(user_turns[0])
+                          + [s("<|user_end|>"), s("<|assistant_start|>")])
+            requests[i] = (prompt, scheduler.submit(Request(tokens=prompt, max_tokens=max_tokens, temperature=0.0)))
+        for i, (prompt, request) in requests.items():
+            results[i].append((prompt, *collect(request)))
+    return results
+
+
+def replies(results):
+    return [[(reply, masks) for _, reply, masks in conversation] for conversation in results]
+
+
+OTHER_TURNS = ["Write a short poem about the sea and the sky, with waves, birds, boats and the wind, please.",
+               "Now make it rhyme, and give it a title about the evening light over the harbour.",
+               "Lovely. One more verse?", "Make it about the moon."]
+
+
+def test_multi_turn_conversations_reuse_earlier_turns_and_decode_the_same(sharp_model, tiny_tokenizer,
+                                                                          scheduler_factory):
+    """Three conversations batched together on two slots: every turn after the first reuses its conversation so
+    far (its prompt and its reply, decoded tokens included), whichever slot held it, and prefills only the new
+    message, in chunks; the replies equal those of a scheduler without reuse."""
+    tok, model = tiny_tokenizer, sharp_model
+    plain = scheduler_factory(model, tok, slots=2, use_tools=False, prefill_chunk=7, prefix_cache=0)
+    reusing = scheduler_factory(model, tok, slots=2, use_tools=False, prefill_chunk=7, prefix_cache=2.0)
+    conversations = (USER_TURNS, OTHER_TURNS, USER_TURNS[1:])
+    got = converse(reusing, tok, *conversations)
+    assert replies(got) == replies(converse(plain, tok, *conversations))
+    assert plain.status()["prefix_cache"] is None
+    stats = reusing.status()["prefix_cache"]
+    turns = sum(len(c) for c in conversations)
+    assert stats["lookups"] == turns and stats["hits"] == turns - len(conversations)
+    assert stats["evicted_blocks"] == 0  # room for all: every block stays reusable
+    # each later turn reuses every whole block of the previous turn's prompt and the reply decoded after it
+    # (all but the reply's last token, which was never fed back)
+    held = [len(prompt) + len(reply) - 1 for c in got for prompt, reply, _ in c[:-1]]
+    assert stats["reused_tokens"] == sum(n // 16 * 16 for n in held)
+    prompts = sum(len(prompt) for c in got for prompt, _, _ in c)
+    assert 0 < stats["hit_rate"] == round(stats["reused_tokens"] / prompts, 4)
+
+
+def test_prefix_reuse_restores_the_embedding_that_smear_reads(tiny_tokenizer, scheduler_factory):
+    """With smear each token adds its predecessor's embedding: the prefill after a reused prefix must see the
+    embedding of the prefix's last token, not of whatever the slot held last."""
+    model = sharpen(make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=256, n_layer=4, smear=True,
+                                    backout=True).eval())
+    with torch.no_grad():
+        model.smear_lambda.fill_(2.0)  # init is 0 (no smear): give it an effect to get wrong
+        model.smear_gate.weight.normal_(0, 1.0)
+    tok = tiny_tokenizer
+    plain = scheduler_factory(model, tok, slots=1, use_tools=False, prefix_cache=0)
+    reusing = scheduler_factory(model, tok, slots=1, use_tools=False)
+    conversations = (USER_TURNS[:3], OTHER_TURNS[:3])
+    assert replies(converse(reusing, tok, *conversations)) == replies(converse(plain, tok, *conversations))
+    assert reusing.status()["prefix_cache"]["hits"] == 4
+
+
+def test_a_tool_call_mid_conversation_is_reused_with_its_forced_output(sharp_tool_model, tiny_tokenizer,
+                                                                      tool_prompt, scheduler_factory):
+    """Turn 1 runs a tool call whose output is forced into the sequence; turn 2 reuses the whole of turn 1, the
+    forced tokens included, and replies as a scheduler without reuse does (turn 1 as full forward passes do)."""
+    tok, tool_model = tiny_tokenizer, sharp_tool_model
+    plain = scheduler_factory(tool_model, tok, slots=1, prefix_cache=0)
+    reusing = scheduler_factory(tool_model, tok, slots=1)
+    conversations = ([tool_prompt, "What was that number again?"], OTHER_TURNS[:2])
+    got, other = converse(reusing, tok, *conversations, max_tokens=24)
+    assert replies([got, other]) == replies(converse(plain, tok, *conversations, max_tokens=24))
+    _, first_reply, first_masks = got[0]
+    assert 0 in first_masks, "turn 1 should have forced a tool output"
+    reference = oracle(tool_model, tok, tool_prompt, 1, 24)[0]
+    assert (first_reply, first_masks) == (reference[0][len(tool_prompt):], reference[1][len(tool_prompt):])
+    stats = reusing.status()
+    last_forced = len(tool_prompt) + max(i for i, m in enumerate(first_masks) if m == 0)
+    reused_by_turn_2 = (len(tool_prompt) + len(first_reply) - 1) // 16 * 16
+    assert reused_by_turn_2 > last_forced, "the test should reuse the forced tool output too"
+    reused_by_the_other = (len(other[0][0]) + len(other[0][1]) - 1) // 16 * 16
+    assert stats["prefix_cache"]["reused_tokens"] == reused_by_turn_2 + reused_by_the_other
+    assert stats["tool_calls"] >= 1
+
+
+def test_an_evicted_prefix_is_prefilled_again_and_decodes_the_same(sharp_model, tiny_tokenizer,
+                                                                   scheduler_factory):
+    """A cache of 4 blocks (64 positions): a longer second conversation evicts the first one's blocks (least
+    recently used first); the first conversation, started again (beside a third one in the same slot), finds
+    nothing of itself, prefills it all and replies as without reuse, and its next turn reuses its first again."""
+    tok, model = tiny_tokenizer, sharp_model
+    one, other = USER_TURNS[:2], OTHER_TURNS[:2]
+    plain = scheduler_factory(model, tok, slots=1, use_tools=False, prefix_cache=0)
+    small = scheduler_factory(model, tok, slots=1, use_tools=False, prefix_cache=64 / 256)
+    assert small.prefixes.blocks == 4
+    third = OTHER_TURNS[2:]
+    expected = [*converse(plain, tok, one), *converse(plain, tok, other), *converse(plain, tok, one, third)]
+    got = [*converse(small, tok, one), *converse(small, tok, other)]
+    before = small.status()["prefix_cache"]
+    got += converse(small, tok, one, third)
+    after = small.status()["prefix_cache"]
+    assert replies(got) == replies(expected)
+    assert before["evicted_blocks"] > 0 and after["used_blocks"] == 4
+    assert after["hits"] - before["hits"] == 2  # the second turns only: the first conversation was evicted
+
+
+def test_the_samples_of_one_prompt_prefill_it_once(sharp_model, tiny_tokenizer, scheduler_factory):
+    """Three requests for one prompt admitted together: the first prefills it, the others copy it in."""
+    tok, model = tiny_tokenizer, sharp_model
+    prompt = encode(tok, "The samples of one prompt share its keys and values: " * 3)
+    scheduler = scheduler_factory(model, tok, slots=3, use_tools=False, prefill_chunk=16)
+    requests = [scheduler.submit(Request(tokens=prompt, max_tokens=6, temperature=0.0)) for _ in range(3)]
+    outputs = [collect(r)[0] for r in requests]
+    assert outputs == [oracle(model, tok, prompt, 1, 6, use_tools=False)[0][0][len(prompt):]] * 3
+    stats = scheduler.status()["prefix_cache"]
+    assert stats["hits"] == 2 and stats["reused_tokens"] == 2 * ((len(prompt) - 1) // 16 * 16)

@@ -4,6 +4,11 @@ Each request gets a cache slot; a finished request frees its slot for a waiting 
 One thread runs the loop (`BatchScheduler`); callers submit `Request`s and read their events. Decoding goes through
 the engine's static decode steps (nanochat/decode.py): the active slots are kept in the lowest rows, so a step runs
 on the smallest batch-size bucket that holds them, and joining or leaving never recaptures a step.
+
+Prefix reuse: a request's prompt, once prefilled, and its whole sequence, once finished, are kept in a
+`PrefixCache` (nanochat/kv_cache.py); a later request that starts with the same tokens (the next turn of the
+conversation, a shared system prompt, another sample of the prompt) gets them copied into its slot when its prefill
+begins and prefills only the rest. Nothing of it runs per decoded token.
 """
 
 import queue
@@ -15,9 +20,14 @@ from typing import Any
 
 import torch
 
+from nanochat.common import UserError
 from nanochat.decode import DecodePolicy, rows_bucket
 from nanochat.engine import Engine, SequenceState, run_tool
+from nanochat.kv_cache import PrefixCache
 from nanochat.sampling import sample_tokens, sampler_candidates
+
+
+PREFIX_BLOCK = 16  # positions per block of the prefix cache: what a prefix is matched and kept in
 
 
 class PromptTooLong(ValueError):
@@ -61,6 +71,7 @@ class Slot:
     state: SequenceState
     generator: torch.Generator  # the request's own RNG stream: its samples do not depend on its neighbours
     prefilled: int = 0  # prompt tokens already in the cache
+    sequence: list[int] = field(default_factory=list)  # prompt + tokens taken; the cache holds its first `length`
     length: int = 0  # tokens in the cache
     pending: int | None = None  # the token to feed next, once the prompt is in
     tool: Future | None = None  # a running tool call; the slot sits out decode steps until it returns
@@ -73,17 +84,23 @@ class BatchScheduler:
     tokens (so a long prompt never stalls the others for long), then one decode step for every ready slot
     together. Tool calls run on a small thread pool while their slot waits; everyone else keeps decoding.
     The model's device and `dtype` (the caller's compute dtype, `compute.dtype`) are used as `Engine` uses them.
+    `prefix_cache`: memory kept for reusable prefixes, as a fraction of the slots' KV cache (0: no reuse).
     """
 
     def __init__(self, model, tokenizer, slots: int = 8, max_seq_len: int | None = None,
                  use_tools: bool = True, prefill_chunk: int = 512,
-                 dtype: torch.dtype | None = None, policy: DecodePolicy | None = None):
+                 dtype: torch.dtype | None = None, policy: DecodePolicy | None = None, prefix_cache: float = 0.5):
         self.engine = Engine(model, tokenizer, use_tools, dtype, policy)
         self.tools = self.engine.tools
         self.max_seq_len = min(max_seq_len or model.config.sequence_len, self.engine.max_context)
         self.vocab_size = model.config.vocab_size
         self.decoder = self.engine.new_decoder(slots, self.max_seq_len)
         self.cache = self.decoder.cache
+        blocks = int(prefix_cache * slots * self.max_seq_len) // PREFIX_BLOCK
+        if prefix_cache < 0 or (prefix_cache > 0 and blocks < 1):
+            raise UserError(f"--prefix-cache {prefix_cache} must be 0 (off) or at least one block of {PREFIX_BLOCK} "
+                            f"positions ({PREFIX_BLOCK / (slots * self.max_seq_len):.4f} with these slots)")
+        self.prefixes = PrefixCache(self.cache, blocks, PREFIX_BLOCK) if blocks else None
         self.prefill_chunk = prefill_chunk
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.active: dict[int, Slot] = {}
@@ -116,9 +133,11 @@ class BatchScheduler:
         with self.lock:
             stats = dict(self.stats)
             active = list(self.active.values())
+        prefixes = self.prefixes.stats() if self.prefixes is not None else None
         return dict(stats, active=len(active), waiting=self.waiting.qsize(), slots=self.cache.batch_size,
                     free_slots=self.cache.batch_size - len(active),
-                    prefilling=sum(s.prefilled < len(s.request.tokens) for s in active), in_tool=sum(s.tool is not None for s in active))
+                    prefilling=sum(s.prefilled < len(s.request.tokens) for s in active), in_tool=sum(s.tool is not None for s in active),
+                    prefix_cache=prefixes)
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -133,6 +152,9 @@ class BatchScheduler:
             self.stats[key] += n
 
     def _finish(self, slot: int, reason: str) -> None:
+        if self.prefixes is not None and not reason.startswith("error"):  # an error may leave the row half-written
+            s = self.active[slot]
+            self.prefixes.store(s.sequence[:s.length], slot)
         with self.lock:
             request = self.active.pop(slot).request
             self.free.append(slot)
@@ -152,7 +174,8 @@ class BatchScheduler:
             with self.lock:
                 slot = min(self.free)
                 self.free.remove(slot)
-                self.active[slot] = Slot(request, self.tools.initial_state(request.tokens), generator)
+                self.active[slot] = Slot(request, self.tools.initial_state(request.tokens), generator,
+                                         sequence=list(request.tokens))
             self.cache.reset([slot])
 
     def _compact(self) -> None:
@@ -184,6 +207,7 @@ class BatchScheduler:
         """The slot's next token (the sampled one, or a forced one): stream it, then finish or feed it next."""
         token, mask = self.tools.next_token(s.state, sampled)
         self.tools.advance(s.state, token, mask)
+        s.sequence.append(token)
         s.request.events.put(("token", token, mask))
         self._count("tokens")
         if s.state.done:
@@ -207,6 +231,16 @@ class BatchScheduler:
                               torch.rand(1, generator=s.generator).to(device), candidates)
         self._take(slot, s, int(token[0]))
 
+    def _reuse(self, slot: int, tokens: list[int]) -> int:
+        """Copy the longest kept prefix of the prompt into the slot; how many of its tokens that covers."""
+        n = self.prefixes.load(tokens, slot)
+        if n and self.cache.prev_embedding is not None:
+            # a model with smear adds the previous token's embedding to the next one: the embedding of the last
+            # token copied in, as GPT._forward computes it (wte, in the compute dtype)
+            last = torch.tensor([tokens[n - 1]], device=self.engine.device)
+            self.cache.remember_embeddings(slice(slot, slot + 1), self.engine.model.wte(last))
+        return n
+
     @torch.no_grad()
     def _prefill(self) -> bool:
         """Feed up to `prefill_chunk` prompt tokens of newly admitted requests into their cache rows; a request
@@ -218,8 +252,10 @@ class BatchScheduler:
                 continue
             if budget <= 0:
                 break
-            end = min(len(tokens), s.prefilled + budget)
             try:
+                if s.prefilled == 0 and self.prefixes is not None:
+                    s.prefilled = s.length = self._reuse(slot, tokens)
+                end = min(len(tokens), s.prefilled + budget)
                 x = torch.tensor([tokens[s.prefilled:end]], device=self.engine.device)
                 logits = self.engine.forward_last(x, self.cache, [slot])[0]
             except Exception as e:  # fail this request only
@@ -229,6 +265,10 @@ class BatchScheduler:
             s.prefilled = s.length = end
             if end == len(tokens):
                 self._sample_first(slot, s, logits)
+                # kept now, not only when the request ends, so that another sample of the prompt reuses it (a
+                # request that already ended was kept whole by _finish)
+                if self.prefixes is not None and slot in self.active:
+                    self.prefixes.store(tokens, slot)
         return budget < self.prefill_chunk
 
     @torch.no_grad()
