@@ -1,11 +1,12 @@
 """Inference benchmark: prefill and KV-cached decode tokens/s with their hardware utilisation (prefill MFU, decode
-memory-bandwidth utilisation), continuous batching, HTTP time to first token, and KV-cache decoding against
-recomputing the whole prefix.
+memory-bandwidth utilisation), continuous batching, HTTP time to first token, KV-cache decoding against
+recomputing the whole prefix, and time to first token along a conversation with and without prefix reuse.
 
     python -m bench.inference --depth 4 6
     python -m bench.inference --depth 4 --tokens 64 --vocab-size 8192 --parts decode      # a quick check
     python -m bench.inference --device cuda --depth 12 --prompt-len 512 --batches 1 8 32 --parts decode
     python -m bench.inference --device cuda --source sft --model-tag d20 --parts decode     # a checkpoint
+    python -m bench.inference --depth 4 --parts turns         # TTFT at turns 1, 5, 10 (~2,000 tokens of history)
 Random-weight models of the given depths (speed does not depend on the weights), or a saved checkpoint; one JSON
 object per model. Generation never stops early: stop tokens are ignored, so every run decodes its full length.
 
@@ -37,7 +38,8 @@ GPU_PEAK_BANDWIDTH = {  # bytes/s of device memory, by a substring of torch.cuda
     "H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "B200": 8.0e12, "A100-SXM4-40GB": 1.555e12,
     "A100": 2.039e12, "L40S": 0.864e12, "A10": 0.6e12, "RTX 4090": 1.008e12, "RTX 3090": 0.936e12,
 }
-PARTS = ("decode", "recompute", "cb", "http")
+PARTS = ("decode", "recompute", "cb", "http", "turns")
+MEASURED_TURNS = (1, 5, 10)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -253,6 +255,62 @@ def http_ttft(model, vocab, clients: int, prompt_chars: int, tokens: int, **engi
     return statistics.median(firsts) if firsts else float("nan")
 
 
+def conversation_ttft(model, vocab, user_len: int, reply_len: int, slots: int, **engine) -> dict:
+    """Seconds from submitting each turn of a scripted conversation to its first token, at MEASURED_TURNS, with
+    prefix reuse (the scheduler's default) and without; each turn a user message of `user_len` random tokens and
+    a reply of `reply_len`, so turn t holds every earlier turn. Both schedulers serve the same prompts (those of
+    the run with reuse, whose replies they hold) and generate every reply to its full length."""
+    special = vocab.encode_special
+    words = torch.randint(0, 256, (MEASURED_TURNS[-1], user_len), generator=torch.Generator().manual_seed(1))
+    timings, prompts = {}, []
+    for reuse in (True, False):
+        scheduler = BatchScheduler(model, vocab, slots=slots, use_tools=False, prefix_cache=0.5 if reuse else 0,
+                                   **engine)
+        scheduler.tools.stops = set()
+        try:
+            needed = 1 + MEASURED_TURNS[-1] * (user_len + reply_len + 4)
+            if needed > scheduler.max_seq_len:
+                raise SystemExit(f"the scripted conversation needs {needed} positions, over the model's context of "
+                                 f"{scheduler.max_seq_len}: lower --turn-len / --turn-reply")
+            # two requests that share no block with the conversation first: the first prefills and steps of a
+            # process and the prefix cache's first miss and store are not counted in turn 1
+            for _ in range(2):
+                warm = [vocab.get_bos_token_id()] + torch.randint(0, 256, (user_len + 3,)).tolist()
+                list(scheduler.submit(Request(tokens=warm, max_tokens=2)).stream(timeout=1800))
+            before = scheduler.status()["prefix_cache"]
+            history, seconds = [vocab.get_bos_token_id()], {}
+            for turn in range(1, MEASURED_TURNS[-1] + 1):
+                if reuse:
+                    prompt = (history + [special("<|user_start|>")] + words[turn - 1].tolist()
+                              + [special("<|user_end|>"), special("<|assistant_start|>")])
+                    prompts.append(prompt)
+                else:
+                    prompt = prompts[turn - 1]
+                t0 = time.perf_counter()
+                request = scheduler.submit(Request(tokens=prompt, max_tokens=reply_len, temperature=1.0, seed=turn))
+                stream = request.stream(timeout=1800)
+                reply = [next(stream)[0]]
+                seconds[turn] = time.perf_counter() - t0
+                reply += [token for token, _ in stream]
+                history = prompt + reply + [special("<|assistant_end|>")]
+            timings[reuse] = seconds
+            if reuse:
+                after = scheduler.status()["prefix_cache"]
+                reused = after["reused_tokens"] - before["reused_tokens"]
+                hit_rate = reused / (after["prompt_tokens"] - before["prompt_tokens"])
+        finally:
+            scheduler.shutdown()
+    result = {"history_tokens": {f"turn{t}": len(prompts[t - 1]) for t in MEASURED_TURNS}}
+    for reuse, name in ((True, "reuse"), (False, "no_reuse")):
+        result[f"ttft_s_{name}"] = {f"turn{t}": round(timings[reuse][t], 4) for t in MEASURED_TURNS}
+    last = f"turn{MEASURED_TURNS[-1]}"
+    result[f"{last}_over_turn1_reuse"] = round(result["ttft_s_reuse"][last] / result["ttft_s_reuse"]["turn1"], 2)
+    result[f"{last}_over_turn1_no_reuse"] = round(result["ttft_s_no_reuse"][last]
+                                                  / result["ttft_s_no_reuse"]["turn1"], 2)
+    result["prefix_hit_rate"] = round(hit_rate, 4)  # prompt tokens copied from the prefix cache / all prompt tokens
+    return result
+
+
 def load(args, device: torch.device):
     """(name, model, tokenizer) for each model to measure: random weights per --depth, or one checkpoint."""
     if args.source:
@@ -278,7 +336,9 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=256, help="generated tokens per sequence")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--cb-requests", type=int, default=16)
-    p.add_argument("--cb-slots", type=int, default=8)
+    p.add_argument("--cb-slots", type=int, default=8, help="slots of the continuous-batching and turns parts")
+    p.add_argument("--turn-len", type=int, default=160, help="user tokens per turn of the scripted conversation")
+    p.add_argument("--turn-reply", type=int, default=40, help="reply tokens per turn of the scripted conversation")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="inference weights and KV cache")
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the decode step")
@@ -342,6 +402,10 @@ def main(argv=None) -> None:
                 result[f"http_ttft_s_{clients}_client{'s' if clients > 1 else ''}"] = round(
                     http_ttft(model, tokenizer, clients, args.prompt_len - 1, min(args.tokens, 32), dtype=dtype,
                               policy=policy), 3)
+        if "turns" in args.parts:
+            log(f"{name}: time to first token along a conversation, with and without prefix reuse")
+            result["conversation"] = conversation_ttft(model, tokenizer, args.turn_len, args.turn_reply, args.cb_slots,
+                                                       dtype=dtype, policy=policy)
         print(json.dumps(result), flush=True)
 
 

@@ -120,3 +120,19 @@ def test_stats_report_the_reuse_of_a_conversations_earlier_turn(tmp_path, tiny_t
     assert stats["reused_tokens"] >= first["usage"]["prompt_tokens"] // 16 * 16 > 0
     assert stats["blocks"] == int(0.25 * 2 * 512) // 16 and stats["bytes"] > 0 and 0 < stats["hit_rate"] < 1
 
+
+def test_bench_inference_measures_time_to_first_token_along_a_conversation(capsys):
+    """At a toy size (no timing asserted): the turns part reports TTFT at turns 1, 5 and 10 with and without reuse
+    and the hit rate, which is high because every turn holds the one before."""
+    import json
+    from bench.inference import main
+    main(["--device", "cpu", "--depth", "1", "--vocab-size", "512", "--prompt-len", "16", "--turn-len", "12",
+          "--turn-reply", "6", "--cb-slots", "2", "--dtype", "fp32", "--compile", "off", "--peak-bandwidth", "1",
+          "--parts", "turns"])
+    (result,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    conversation = result["conversation"]
+    for name in ("ttft_s_reuse", "ttft_s_no_reuse"):
+        assert set(conversation[name]) == {"turn1", "turn5", "turn10"}
+        assert all(s > 0 for s in conversation[name].values())
+    assert conversation["history_tokens"]["turn10"] == 1 + 9 * (12 + 6 + 4) + 12 + 3
+    assert 0.5 < conversation["prefix_hit_rate"] < 1
