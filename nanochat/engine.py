@@ -43,8 +43,14 @@ def tool_program(code: str) -> str:
 
 
 def run_tool(code: str, timeout: float = 3.0) -> str:
-    result = execute_code(tool_program(code), timeout=timeout)
-    text = result.stdout.strip() if result.success else f"Error: {result.error}"
+    """The output the model sees for its call: stdout, or "Error: ..." for whatever went wrong. It never raises: the
+    code is the model's, and a failure while preparing or running it (`ast` recursing too deep on `1+1+…+1` in this
+    process, a sandbox that cannot start) must end that call, not the chat, eval or RL run around it."""
+    try:
+        result = execute_code(tool_program(code), timeout=timeout)
+        text = result.stdout.strip() if result.success else f"Error: {result.error}"
+    except Exception as e:
+        text = f"Error: the tool call could not run: {type(e).__name__}: {e}"
     return text[:TOOL_OUTPUT_LIMIT]
 
 

@@ -32,13 +32,12 @@ def tool_prompt(tiny_tokenizer):
             + tok.encode("2+3"))
 
 
-@pytest.fixture(scope="module")
-def tool_model(model, tiny_tokenizer, tool_prompt):
-    """The tiny model with two rows of its output layer swapped, so that greedy decoding of `tool_prompt` closes the
-    call right away: <|python_end|> takes the place of the token the model would have written first."""
-    python_end = tiny_tokenizer.encode_special("<|python_end|>")
+def closing_the_call(model, tok, prompt):
+    """The model with two rows of its output layer swapped, so that greedy decoding of `prompt` closes the call
+    right away: <|python_end|> takes the place of the token the model would have written first."""
+    python_end = tok.encode_special("<|python_end|>")
     with torch.no_grad():
-        first = int(model(torch.tensor([tool_prompt]))[0, -1].argmax())
+        first = int(model(torch.tensor([prompt]))[0, -1].argmax())
     swapped = copy.deepcopy(model)
     with torch.no_grad():
         w = swapped.lm_head.weight
@@ -47,20 +46,14 @@ def tool_model(model, tiny_tokenizer, tool_prompt):
 
 
 @pytest.fixture(scope="module")
+def tool_model(model, tiny_tokenizer, tool_prompt):
+    return closing_the_call(model, tiny_tokenizer, tool_prompt)
+
+
+@pytest.fixture(scope="module")
 def sharp_tool_model(model, tiny_tokenizer, tool_prompt):
     """`tool_model` made from the sharpened tiny model (see `sharpen`)."""
     return closing_the_call(sharpen(copy.deepcopy(model)), tiny_tokenizer, tool_prompt)
-
-
-def closing_the_call(model, tok, tool_prompt):
-    """The model (in place) with two rows of its output layer swapped, so that greedy decoding of `tool_prompt`
-    closes the call right away: <|python_end|> takes the place of the token the model would have written first."""
-    python_end = tok.encode_special("<|python_end|>")
-    with torch.no_grad():
-        first = int(model(torch.tensor([tool_prompt]))[0, -1].argmax())
-        w = model.lm_head.weight
-        w[[first, python_end]] = w[[python_end, first]]
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +174,20 @@ def test_greedy_engine_with_a_tool_call_equals_full_forward_passes(tool_model, t
     assert tok.decode(new[2:end]) == "5"  # the sandbox ran 2+3
     assert new_masks[0] == 1 and new_masks[1:end + 1] == [0] * end  # forced tokens are masked out
     assert len(new) > end + 1  # and the model carried on after the tool's output
+
+
+def test_a_call_that_breaks_the_tool_becomes_its_error_output(tiny_tokenizer):
+    """`1+1+…+1` with 600 terms makes `ast` recurse past Python's limit in this process while the call is
+    prepared: the call's output says so and generation carries on (it used to raise RecursionError)."""
+    tok = tiny_tokenizer
+    prompt = encode(tok, "Sum:") + [tok.encode_special("<|python_start|>")] + tok.encode("+".join(["1"] * 600))
+    model = closing_the_call(make_tiny_model(tok.get_vocab_size(), sequence_len=512).eval(), tok, prompt)
+    results, masks = Engine(model, tok).generate_batch(prompt, max_tokens=100, temperature=0.0)
+    new, output_start = results[0][len(prompt):], tok.encode_special("<|output_start|>")
+    assert new[:2] == [tok.encode_special("<|python_end|>"), output_start]
+    end = new.index(tok.encode_special("<|output_end|>"))
+    assert tok.decode(new[2:end]).startswith("Error: the tool call could not run: RecursionError")
+    assert len(new) > end + 1  # the model carried on after the error
 
 
 def test_prompts_without_a_tool_call_are_unaffected_by_tools(tool_model, tiny_tokenizer):
