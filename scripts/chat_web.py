@@ -5,6 +5,8 @@
     NANOCHAT_API_KEY=secret python -m scripts.chat_web --host 0.0.0.0   # reachable from the network, with a key
 
 Only this machine can reach it unless --host says otherwise; exposing it without an API key prints a warning.
+Without a key it answers only requests addressed to localhost, 127.0.0.1, [::1], the --host address and the names
+given with --allowed-host (a web page on a DNS-rebinding domain must not drive it).
 
 Endpoints: GET / (the chat page), POST /chat/completions (the page's stream), POST /v1/chat/completions
 (OpenAI-compatible), GET /v1/models, GET /health, GET /stats.
@@ -38,6 +40,8 @@ def main(argv=None) -> None:
                         "out of the process list)")
     p.add_argument("--client-limit", type=int, default=CLIENT_LIMIT,
                    help="concurrent generations per client address")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="without an API key, also answer requests addressed to NAME (the Host header; repeatable)")
     p.add_argument("--unsafe-python-tool", action="store_true",
                    help="run the model's Python tool even where the kernel sandbox is unavailable (rlimits only)")
     p.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
@@ -91,11 +95,12 @@ def main(argv=None) -> None:
         for w in workers:
             w.shutdown()
         return
+    wildcard, shown = args.host in ("0.0.0.0", "::"), f"[{args.host}]" if ":" in args.host else args.host
+    allowed = args.allowed_host + ([] if wildcard else [shown])
     app = create_app(workers, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
                                                 "max_tokens": args.max_tokens},
-                     api_key=args.api_key, client_limit=args.client_limit)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    where = "" if loopback else " (every interface)" if args.host in ("0.0.0.0", "::") else " (reachable from the network)"
+                     api_key=args.api_key, client_limit=args.client_limit, allowed_hosts=allowed)
+    where = "" if loopback else " (every interface)" if wildcard else " (reachable from the network)"
     print0(f"serving {name} on http://{shown}:{args.port}{where} with {len(workers)} worker(s) × {args.slots} slots"
            f"{', API key required' if args.api_key else ''}")
     try:

@@ -22,7 +22,8 @@ def server(tmp_path_factory, tiny_tokenizer):
     """One server for the module: a tiny model that talks until max_tokens (default 24 per request here)."""
     base = tmp_path_factory.mktemp("web")
     save_long_talking_model(base, tiny_tokenizer)
-    s = ChatServer(base, "--slots", str(SLOTS), "--max-tokens", "24", "--temperature", "1.0")
+    s = ChatServer(base, "--slots", str(SLOTS), "--max-tokens", "24", "--temperature", "1.0",
+                   "--allowed-host", "chat.example")
     yield s
     s.stop()
 
@@ -215,6 +216,23 @@ def test_developer_is_the_system_role_and_model_is_echoed(server):
     as_system, as_developer = reply("system"), reply("developer", model="my-alias")
     assert as_developer["choices"][0]["message"] == as_system["choices"][0]["message"]
     assert as_developer["model"] == "my-alias" and as_system["model"] == "nanochat-d2-sft"
+
+
+HOSTS_SERVED = ["127.0.0.1", "localhost", "[::1]", "LocalHost", "chat.example", "chat.example:443"]
+HOSTS_REFUSED = ["evil.example", "127.0.0.1.evil.example", "localhost.evil.example:80", "[::2]", ""]
+
+
+def test_without_a_key_only_loopback_and_allowed_host_names_are_served(server):
+    """DNS rebinding: a page on evil.example, once its name points at 127.0.0.1, sends `Host: evil.example`."""
+    for host in HOSTS_SERVED:
+        name = host if ":" in host.replace("[::1]", "") else f"{host}:{server.port}"
+        assert httpx.get(server.url + "/v1/models", headers={"Host": name}).status_code == 200, host
+    for host in HOSTS_REFUSED:
+        for method, path in (("GET", "/"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions"),
+                             ("POST", "/chat/completions"), ("GET", "/health")):
+            r = httpx.request(method, server.url + path, json=chat(), headers={"Host": host}, timeout=30)
+            assert r.status_code == 421, (host, path)
+            assert "--allowed-host" in r.json()["error"]["message"]
 
 
 def test_a_stop_string_ends_the_reply_before_it(server):
@@ -451,6 +469,11 @@ def test_a_missing_or_wrong_key_is_refused(guarded, headers):
 
 def test_the_right_key_is_accepted(guarded):
     assert httpx.get(guarded + "/v1/models", headers=AUTH, timeout=10).json()["data"][0]["id"] == "held"
+
+
+def test_with_a_key_any_host_name_is_served(guarded):
+    r = httpx.get(guarded + "/v1/models", headers={**AUTH, "Host": "evil.example"}, timeout=10)
+    assert r.status_code == 200
 
 
 def test_one_client_cannot_hold_more_than_its_share(guarded):

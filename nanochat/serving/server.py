@@ -26,6 +26,7 @@ from nanochat.serving.scheduler import BatchScheduler, PromptTooLong, Request
 MAX_WAITING = 256  # requests queued per worker beyond its slots before new ones are turned away (503)
 CLIENT_LIMIT = 16  # concurrent generations (choices) per client address, so that a few clients cannot fill the queue
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 class StopText:
@@ -69,6 +70,38 @@ class ClientLimiter:
         self.active[client] -= 1
         if self.active[client] <= 0:
             del self.active[client]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Who may talk to the app
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without its port: 'localhost:8000' → 'localhost', '[::1]:8000' → '[::1]'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[:header.find("]") + 1] or header
+    return header.partition(":")[0]
+
+
+class LoopbackHostsOnly:
+    """ASGI middleware for a server without an API key: only requests addressed to a loopback name, or to one of
+    `extra` (--allowed-host), reach the app; others get a 421. A page on a DNS-rebinding domain reaches 127.0.0.1
+    with its own name in Host:, and without this check could drive the API and read the replies."""
+
+    def __init__(self, app, extra: list[str] = ()):
+        self.app, self.allowed = app, {*LOOPBACK_NAMES, *(host_name(h) for h in extra)}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.allowed:
+                message = (f"this server answers requests for {', '.join(sorted(self.allowed))} only, not Host "
+                           f"{header!r}: start it with --allowed-host NAME to serve that name (or with an API key)")
+                response = JSONResponse(status_code=421, content={
+                    "error": {"message": message, "type": "invalid_request_error", "param": None}})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -256,13 +289,17 @@ class OpenAIChoices:
 # The app
 
 def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nanochat",
-               defaults: dict | None = None, api_key: str | None = None, client_limit: int = CLIENT_LIMIT) -> FastAPI:
-    """The app; with `api_key`, everything but the page, /health and the favicon needs `Authorization: Bearer`."""
+               defaults: dict | None = None, api_key: str | None = None, client_limit: int = CLIENT_LIMIT,
+               allowed_hosts: list[str] = ()) -> FastAPI:
+    """The app; with `api_key`, everything but the page, /health and the favicon needs `Authorization: Bearer`;
+    without one, only requests for a loopback name or one of `allowed_hosts` are answered."""
     defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 512, **(defaults or {})}
     limiter = ClientLimiter(client_limit)
     limits = {**LIMITS, "max_body_bytes": MAX_BODY_BYTES, "max_waiting_per_worker": MAX_WAITING,
               "concurrent_generations_per_client": client_limit}
     app = FastAPI(title="nanochat")
+    if not api_key:
+        app.add_middleware(LoopbackHostsOnly, extra=list(allowed_hosts))
     ui = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
     started = time.time()
     turn = itertools.count()
