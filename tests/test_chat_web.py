@@ -208,14 +208,24 @@ def test_health_states_the_limits(server):
     assert health["limits"]["max_tokens"] == [1, 4096] and health["limits"]["concurrent_generations_per_client"] == 16
 
 
-def test_developer_is_the_system_role_and_model_is_echoed(server):
+def test_developer_is_the_system_role_and_the_served_model_is_named(server):
     def reply(role, **extra):
         body = {"messages": [{"role": role, "content": "Answer in French."}, {"role": "user", "content": "Hi"}],
                 "max_tokens": 8, "seed": 7, "temperature": 1.0, **extra}
         return httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
     as_system, as_developer = reply("system"), reply("developer", model="my-alias")
     assert as_developer["choices"][0]["message"] == as_system["choices"][0]["message"]
-    assert as_developer["model"] == "my-alias" and as_system["model"] == "nanochat-d2-sft"
+    assert as_developer["model"] == as_system["model"] == "nanochat-d2-sft"
+
+
+def test_a_large_model_field_is_not_multiplied_into_the_stream(server):
+    """The request's `model` used to be echoed into every chunk: 195 KiB in, megabytes out."""
+    body = chat(model="x" * 150_000, stream=True, max_tokens=8)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        streamed = b"".join(r.iter_bytes())
+    chunks = [json.loads(line[6:]) for line in streamed.decode().splitlines() if line.startswith("data: {")]
+    assert r.status_code == 200 and all(c["model"] == "nanochat-d2-sft" for c in chunks)
+    assert len(streamed) < 16_000  # ten chunks of a few hundred bytes, whatever the request held
 
 
 HOSTS_SERVED = ["127.0.0.1", "localhost", "[::1]", "LocalHost", "chat.example", "chat.example:443"]
@@ -263,7 +273,7 @@ def test_the_openai_client_streaming_loop_works_unchanged(server):
         text += chunk.choices[0].delta.content or ""
     whole = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": "Hello"}],
                                            max_tokens=8, stop=["\x00"])
-    assert text and whole.choices[0].message.content and whole.model == "nanochat"
+    assert text and whole.choices[0].message.content and whole.model == "nanochat-d2-sft"
     with_usage = list(client.chat.completions.create(
         model="nanochat", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, stream=True,
         stream_options={"include_usage": True}))

@@ -126,7 +126,7 @@ def validate(body, defaults: dict) -> dict:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise BadRequest("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-    model = body.get("model")
+    model = body.get("model")  # checked only: the reply names the served model (see server.OpenAIChoices)
     if model is not None and not isinstance(model, str):
         raise BadRequest(f"'model' must be a string, got {model!r}", "model")
     return {"messages": chat,
@@ -136,8 +136,7 @@ def validate(body, defaults: dict) -> dict:
             "max_tokens": _number(body, "max_tokens", defaults["max_tokens"], int),
             "n": _number(body, "n", 1, int),
             "seed": _number(body, "seed", None, int),
-            "stream": stream, "include_usage": options.get("include_usage", False), "stop": _stop(body.get("stop")),
-            "model": model or None}
+            "stream": stream, "include_usage": options.get("include_usage", False), "stop": _stop(body.get("stop"))}
 
 
 def _stop(value) -> list[str]:

@@ -201,14 +201,14 @@ class OpenAIChoices:
     """OpenAI's chat completions (POST /v1/chat/completions) for the n choices of one request: a stream of
     chat.completion.chunk events, or one chat.completion. Tool calls and outputs appear inline in the content as
     the model's own <|python_start|>…<|python_end|><|output_start|>…<|output_end|> markup. A choice that reaches one
-    of the `stop` strings is cut before it and cancelled (finish_reason "stop")."""
+    of the `stop` strings is cut before it and cancelled (finish_reason "stop"). Every chunk names the served model,
+    whatever the request's `model` said: echoing it would let a large `model` field multiply into every chunk."""
 
     def __init__(self, tokenizer, requests: list[Request], params: dict, prompt_tokens: int, model_name: str):
         self.tokenizer, self.requests, self.prompt_tokens = tokenizer, requests, prompt_tokens
         self.stop, self.include_usage = params["stop"], params["include_usage"]
         self.stops = tokenizer.stop_tokens()
-        self.head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
-                     "model": params["model"] or model_name}
+        self.head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
         n = len(requests)
         self.texts, self.cutters = [TextStream(tokenizer) for _ in range(n)], [StopText(self.stop) for _ in range(n)]
 
