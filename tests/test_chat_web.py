@@ -245,6 +245,13 @@ def test_without_a_key_only_loopback_and_allowed_host_names_are_served(server):
             assert "--allowed-host" in r.json()["error"]["message"]
 
 
+def test_json_nested_too_deeply_is_a_400(server):
+    deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    r = httpx.post(server.url + "/v1/chat/completions", content=deep, timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+
+
 def test_a_stop_string_ends_the_reply_before_it(server):
     body = chat("Tell me about dogs", seed=99, temperature=1.0, max_tokens=24)
     free = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()

@@ -154,7 +154,8 @@ def _stop(value) -> list[str]:
 
 async def read_json(http: HTTPRequest):
     """The request body as JSON, refusing other content types (a cross-site form or `text/plain` POST needs no CORS
-    preflight; JSON does) and bodies over MAX_BODY_BYTES before reading them whole."""
+    preflight; JSON does), bodies over MAX_BODY_BYTES before reading them whole and JSON nested too deeply to
+    parse (json.loads recurses)."""
     content_type = http.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise BadRequest(f"the request body must be JSON sent with 'Content-Type: application/json', got "
@@ -171,6 +172,8 @@ async def read_json(http: HTTPRequest):
         return json.loads(bytes(body))
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"malformed JSON in the request body: {e}") from None
+    except RecursionError:
+        raise BadRequest("the request body's JSON is nested too deeply") from None
 
 
 def authorized(http: HTTPRequest, api_key: str | None) -> None:
