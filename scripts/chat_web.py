@@ -17,13 +17,11 @@ import os
 
 import torch
 
-import uvicorn
-
 from nanochat.checkpoint import load_chat_model
 from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, print0, run_cli
 from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.serving.scheduler import BatchScheduler
-from nanochat.serving.server import CLIENT_LIMIT, LIMITS, create_app
+from nanochat.serving.server import CLIENT_LIMIT, LIMITS, READ_TIMEOUT, create_app, serve_http
 
 
 def main(argv=None) -> None:
@@ -42,6 +40,8 @@ def main(argv=None) -> None:
                    help="concurrent generations per client address")
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                    help="without an API key, also answer requests addressed to NAME (the Host header; repeatable)")
+    p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
+                   help="seconds a client has to send a request's headers, and again its body")
     p.add_argument("--unsafe-python-tool", action="store_true",
                    help="run the model's Python tool even where the kernel sandbox is unavailable (rlimits only)")
     p.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
@@ -65,6 +65,8 @@ def main(argv=None) -> None:
     if not 0 <= args.prefix_cache <= 4:
         raise UserError(f"--prefix-cache must be between 0 (off) and 4 (a fraction of the KV cache), not "
                         f"{args.prefix_cache}")
+    if not args.read_timeout > 0:
+        raise UserError(f"--read-timeout must be a positive number of seconds, got {args.read_timeout}")
     if args.unsafe_python_tool:
         allow_unsafe_python_tool()
     print0(python_tool_banner())
@@ -99,12 +101,13 @@ def main(argv=None) -> None:
     allowed = args.allowed_host + ([] if wildcard else [shown])
     app = create_app(workers, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
                                                 "max_tokens": args.max_tokens},
-                     api_key=args.api_key, client_limit=args.client_limit, allowed_hosts=allowed)
+                     api_key=args.api_key, client_limit=args.client_limit, allowed_hosts=allowed,
+                     read_timeout=args.read_timeout)
     where = "" if loopback else " (every interface)" if wildcard else " (reachable from the network)"
     print0(f"serving {name} on http://{shown}:{args.port}{where} with {len(workers)} worker(s) × {args.slots} slots"
            f"{', API key required' if args.api_key else ''}")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        serve_http(app, args.host, args.port, args.read_timeout)
     finally:
         for w in workers:
             w.shutdown()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 from webserver import ChatServer, save_long_talking_model
 
 SLOTS = 4
+READ_TIMEOUT = 3  # seconds the module's server gives a client for its headers, and again for its body
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def server(tmp_path_factory, tiny_tokenizer):
     base = tmp_path_factory.mktemp("web")
     save_long_talking_model(base, tiny_tokenizer)
     s = ChatServer(base, "--slots", str(SLOTS), "--max-tokens", "24", "--temperature", "1.0",
-                   "--allowed-host", "chat.example")
+                   "--allowed-host", "chat.example", "--read-timeout", str(READ_TIMEOUT))
     yield s
     s.stop()
 
@@ -250,6 +252,25 @@ def test_json_nested_too_deeply_is_a_400(server):
     r = httpx.post(server.url + "/v1/chat/completions", content=deep, timeout=30,
                    headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "nested too deeply" in r.json()["error"]["message"]
+
+
+def answer_to(server, request: bytes) -> bytes:
+    """What the server sends back on a raw connection that sends `request` and then nothing, up to its message."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10 * READ_TIMEOUT) as s:
+        s.sendall(request)
+        while b"did not arrive" not in answer and (more := s.recv(65536)):
+            answer += more
+    return answer
+
+
+def test_a_client_too_slow_with_its_headers_or_body_gets_a_408(server):
+    head = answer_to(server, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # the blank line never comes
+    assert head.startswith(b"HTTP/1.1 408") and b"headers did not arrive" in head
+    body = answer_to(server, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: 100\r\n\r\n{\"messages\"")
+    assert body.startswith(b"HTTP/1.1 408") and b"body did not arrive" in body
+    assert httpx.get(server.url + "/health").status_code == 200
 
 
 def test_a_stop_string_ends_the_reply_before_it(server):

@@ -4,6 +4,7 @@ Everything here raises `BadRequest` (status 400 unless said otherwise) with the 
 are in LIMITS and reported by the server's /health.
 """
 
+import asyncio
 import hmac
 import json
 
@@ -152,10 +153,11 @@ def _stop(value) -> list[str]:
     return stops
 
 
-async def read_json(http: HTTPRequest):
+async def read_json(http: HTTPRequest, timeout: float):
     """The request body as JSON, refusing other content types (a cross-site form or `text/plain` POST needs no CORS
-    preflight; JSON does), bodies over MAX_BODY_BYTES before reading them whole and JSON nested too deeply to
-    parse (json.loads recurses)."""
+    preflight; JSON does), bodies over MAX_BODY_BYTES before reading them whole, bodies that take longer than
+    `timeout` seconds to arrive (a slow client would hold its connection) and JSON nested too deeply to parse
+    (json.loads recurses)."""
     content_type = http.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         raise BadRequest(f"the request body must be JSON sent with 'Content-Type: application/json', got "
@@ -164,10 +166,14 @@ async def read_json(http: HTTPRequest):
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise BadRequest(f"the request body is over {MAX_BODY_BYTES} bytes", status=413)
     body = bytearray()
-    async for chunk in http.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise BadRequest(f"the request body is over {MAX_BODY_BYTES} bytes", status=413)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in http.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise BadRequest(f"the request body is over {MAX_BODY_BYTES} bytes", status=413)
+    except TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {timeout:g} s", status=408) from None
     try:
         return json.loads(bytes(body))
     except (ValueError, UnicodeDecodeError) as e:

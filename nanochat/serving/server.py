@@ -6,6 +6,7 @@ the others. A client that disconnects cancels its requests and frees their slots
 """
 
 import asyncio
+import functools
 import itertools
 import json
 import os
@@ -15,8 +16,11 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import h11
+import uvicorn
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.serving.chat_request import LIMITS, MAX_BODY_BYTES, BadRequest, authorized, read_json, validate
 from nanochat.common import UserError
@@ -27,6 +31,7 @@ MAX_WAITING = 256  # requests queued per worker beyond its slots before new ones
 CLIENT_LIMIT = 16  # concurrent generations (choices) per client address, so that a few clients cannot fill the queue
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+READ_TIMEOUT = 10.0  # seconds a client has to send a request's headers, and again its body
 
 
 class StopText:
@@ -73,7 +78,7 @@ class ClientLimiter:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Who may talk to the app
+# Who may talk to the app, and how slowly
 
 def host_name(header: str) -> str:
     """The name in a Host header, without its port: 'localhost:8000' → 'localhost', '[::1]:8000' → '[::1]'."""
@@ -102,6 +107,46 @@ class LoopbackHostsOnly:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class HeaderDeadlineProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's headers, which uvicorn lacks: without one, a client
+    that sends a byte now and then holds its connection open forever. (The body's deadline is in `read_json`.)"""
+
+    def __init__(self, *args, header_timeout: float = READ_TIMEOUT, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout, self.header_deadline = header_timeout, None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:  # the next request's headers get the full time again
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc) -> None:
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+        self.header_deadline = self.loop.call_later(self.header_timeout, self._headers_overdue)
+
+    def _headers_overdue(self) -> None:
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # no complete headers yet
+            message = f"the request headers did not arrive within {self.header_timeout:g} s"
+            self.transport.write(f"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                                 f"content-length: {len(message)}\r\nconnection: close\r\n\r\n{message}".encode())
+            self.transport.close()
+
+
+def serve_http(app: FastAPI, host: str, port: int, read_timeout: float = READ_TIMEOUT) -> None:
+    """Run `app` with uvicorn until interrupted, giving each request `read_timeout` seconds for its headers."""
+    protocol = functools.partial(HeaderDeadlineProtocol, header_timeout=read_timeout)
+    uvicorn.run(app, host=host, port=port, log_level="warning", http=protocol)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -290,13 +335,13 @@ class OpenAIChoices:
 
 def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nanochat",
                defaults: dict | None = None, api_key: str | None = None, client_limit: int = CLIENT_LIMIT,
-               allowed_hosts: list[str] = ()) -> FastAPI:
+               allowed_hosts: list[str] = (), read_timeout: float = READ_TIMEOUT) -> FastAPI:
     """The app; with `api_key`, everything but the page, /health and the favicon needs `Authorization: Bearer`;
     without one, only requests for a loopback name or one of `allowed_hosts` are answered."""
     defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 512, **(defaults or {})}
     limiter = ClientLimiter(client_limit)
     limits = {**LIMITS, "max_body_bytes": MAX_BODY_BYTES, "max_waiting_per_worker": MAX_WAITING,
-              "concurrent_generations_per_client": client_limit}
+              "concurrent_generations_per_client": client_limit, "read_timeout_s": read_timeout}
     app = FastAPI(title="nanochat")
     if not api_key:
         app.add_middleware(LoopbackHostsOnly, extra=list(allowed_hosts))
@@ -312,7 +357,7 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
 
     async def read_request(http: HTTPRequest) -> dict:
         authorized(http, api_key)
-        return validate(await read_json(http), defaults)
+        return validate(await read_json(http, read_timeout), defaults)
 
     def submit(params: dict, http: HTTPRequest) -> tuple[list[Request], asyncio.Queue, int]:
         """Queue n requests for the conversation; (requests, their shared event queue, prompt tokens)."""
