@@ -273,6 +273,12 @@ def test_a_client_too_slow_with_its_headers_or_body_gets_a_408(server):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_the_page_may_not_be_framed(server):
+    page = httpx.get(server.url + "/")
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["content-security-policy"] == "frame-ancestors 'none'"
+
+
 def test_a_stop_string_ends_the_reply_before_it(server):
     body = chat("Tell me about dogs", seed=99, temperature=1.0, max_tokens=24)
     free = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
@@ -512,6 +518,13 @@ def test_the_right_key_is_accepted(guarded):
 def test_with_a_key_any_host_name_is_served(guarded):
     r = httpx.get(guarded + "/v1/models", headers={**AUTH, "Host": "evil.example"}, timeout=10)
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/docs", "/redoc", "/openapi.json"])
+def test_the_api_docs_need_the_key(guarded, path):
+    r = httpx.get(guarded + path, timeout=10)
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    assert httpx.get(guarded + path, headers=AUTH, timeout=10).status_code == 200
 
 
 def test_one_client_cannot_hold_more_than_its_share(guarded):

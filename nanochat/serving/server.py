@@ -19,6 +19,7 @@ from pathlib import Path
 import h11
 import uvicorn
 from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -30,6 +31,7 @@ from nanochat.serving.scheduler import BatchScheduler, PromptTooLong, Request
 MAX_WAITING = 256  # requests queued per worker beyond its slots before new ones are turned away (503)
 CLIENT_LIMIT = 16  # concurrent generations (choices) per client address, so that a few clients cannot fill the queue
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}  # no framing
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 READ_TIMEOUT = 10.0  # seconds a client has to send a request's headers, and again its body
 
@@ -336,13 +338,13 @@ class OpenAIChoices:
 def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nanochat",
                defaults: dict | None = None, api_key: str | None = None, client_limit: int = CLIENT_LIMIT,
                allowed_hosts: list[str] = (), read_timeout: float = READ_TIMEOUT) -> FastAPI:
-    """The app; with `api_key`, everything but the page, /health and the favicon needs `Authorization: Bearer`;
-    without one, only requests for a loopback name or one of `allowed_hosts` are answered."""
+    """The app; with `api_key`, everything but the page, /health and the favicon needs `Authorization: Bearer` (the
+    API docs too); without one, only requests for a loopback name or one of `allowed_hosts` are answered."""
     defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 512, **(defaults or {})}
     limiter = ClientLimiter(client_limit)
     limits = {**LIMITS, "max_body_bytes": MAX_BODY_BYTES, "max_waiting_per_worker": MAX_WAITING,
               "concurrent_generations_per_client": client_limit, "read_timeout_s": read_timeout}
-    app = FastAPI(title="nanochat")
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)  # served below, with the key
     if not api_key:
         app.add_middleware(LoopbackHostsOnly, extra=list(allowed_hosts))
     ui = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
@@ -400,7 +402,24 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
-        return ui
+        return HTMLResponse(ui, headers=PAGE_HEADERS)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(http: HTTPRequest):
+        authorized(http, api_key)
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(http: HTTPRequest):
+        authorized(http, api_key)
+        return HTMLResponse(get_swagger_ui_html(openapi_url="/openapi.json", title="nanochat API").body,
+                            headers=PAGE_HEADERS)
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(http: HTTPRequest):
+        authorized(http, api_key)
+        return HTMLResponse(get_redoc_html(openapi_url="/openapi.json", title="nanochat API").body,
+                            headers=PAGE_HEADERS)
 
     @app.get("/favicon.ico")
     async def favicon():
