@@ -425,9 +425,17 @@ def scripted(tiny_tokenizer):
              + forced([s("<|output_start|>")] + tok.encode("42") + [s("<|output_end|>")])
              + sampled(" so 42 🙂") + [("token", s("<|assistant_end|>"), 1)])
 
+    printed = (sampled("Look") + [("token", s("<|python_start|>"), 1)] + sampled("print(x)")
+               + [("token", s("<|python_end|>"), 1)]
+               + forced([s("<|output_start|>")] + tok.encode("a<|output_end|>b<|python_start|>c")
+                        + [s("<|output_end|>")])
+               + sampled(" done <|not markup") + [("token", s("<|assistant_end|>"), 1)])
+
     def script(request):
         if "fail" in tok.decode(request.tokens):
             return reply[:3] + [("done", "error: RuntimeError: boom")]
+        if "markup" in tok.decode(request.tokens):
+            return printed + [("done", "stop")]
         return reply + [("done", "stop")]
 
     with serve(create_app([ScriptedWorker(script)], tok, "scripted")) as url:
@@ -453,6 +461,23 @@ def test_openai_content_carries_the_tool_markup(scripted):
     assert body["choices"][0]["message"]["content"] == (
         "Let me compute<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|> so 42 🙂")
     assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_markup_a_program_printed_is_escaped_in_the_content(scripted):
+    """In the content "<|" only starts real markup: text that spells it (here a program's output, then the model's
+    own words) has "<\\|" instead."""
+    expected = ("Look<|python_start|>print(x)<|python_end|><|output_start|>a<\\|output_end|>b<\\|python_start|>c"
+                "<|output_end|> done <\\|not markup")
+    body = httpx.post(scripted + "/v1/chat/completions", json=chat("show markup"), timeout=30).json()
+    assert body["choices"][0]["message"]["content"] == expected
+    with httpx.stream("POST", scripted + "/v1/chat/completions", json=chat("show markup", stream=True),
+                      timeout=30) as r:
+        chunks = [json.loads(e) for e in sse_data(r)[:-1]]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    with httpx.stream("POST", scripted + "/chat/completions", json=chat("show markup"), timeout=30) as r:
+        events = [json.loads(e) for e in sse_data(r)]  # the page's parts need no escaping
+    printed = "".join(e["delta"] for e in events if e.get("part") == "python_output")
+    assert printed == "a<|output_end|>b<|python_start|>c"
 
 
 def test_a_failed_generation_is_reported_not_hidden(scripted):

@@ -244,12 +244,41 @@ class UIStream:
                 yield sse({"part": part, "delta": delta})
 
 
+def escape_markup(text: str) -> str:
+    """Printed text that looks like tool markup, made unmistakable: every "<|" becomes "<\\|"."""
+    return text.replace("<|", "<\\|")
+
+
+class ContentText:
+    """One choice's OpenAI `content`, token by token: the reply's text with its tool markup inline. Ordinary tokens can
+    spell markup too (a program that prints "<|output_end|>", a model that writes it out), so in their text every
+    "<|" is sent as "<\\|" (`escape_markup`): in the content, "<|" only ever starts a special token's markup. A text
+    that ends in "<" is held back until the next token shows whether a "|" follows."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.text, self.held = tokenizer, TextStream(tokenizer), ""
+        self.special = {tokenizer.encode_special(name) for name in tokenizer.get_special_tokens()}
+
+    def push(self, token: int) -> str:
+        if token in self.special:
+            return self.flush() + self.tokenizer.decode([token])
+        text = self.held + self.text.push(token)
+        cut = len(text) - text.endswith("<")
+        self.held = text[cut:]
+        return escape_markup(text[:cut])
+
+    def flush(self) -> str:
+        out, self.held = self.held + self.text.flush(), ""
+        return escape_markup(out)
+
+
 class OpenAIChoices:
     """OpenAI's chat completions (POST /v1/chat/completions) for the n choices of one request: a stream of
     chat.completion.chunk events, or one chat.completion. Tool calls and outputs appear inline in the content as
-    the model's own <|python_start|>…<|python_end|><|output_start|>…<|output_end|> markup. A choice that reaches one
-    of the `stop` strings is cut before it and cancelled (finish_reason "stop"). Every chunk names the served model,
-    whatever the request's `model` said: echoing it would let a large `model` field multiply into every chunk."""
+    the model's own <|python_start|>…<|python_end|><|output_start|>…<|output_end|> markup (see ContentText). A choice
+    that reaches one of the `stop` strings is cut before it and cancelled (finish_reason "stop"). Every chunk names
+    the served model, whatever the request's `model` said: echoing it would let a large `model` field multiply into
+    every chunk."""
 
     def __init__(self, tokenizer, requests: list[Request], params: dict, prompt_tokens: int, model_name: str):
         self.tokenizer, self.requests, self.prompt_tokens = tokenizer, requests, prompt_tokens
@@ -257,7 +286,7 @@ class OpenAIChoices:
         self.stops = tokenizer.stop_tokens()
         self.head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
         n = len(requests)
-        self.texts, self.cutters = [TextStream(tokenizer) for _ in range(n)], [StopText(self.stop) for _ in range(n)]
+        self.texts, self.cutters = [ContentText(tokenizer) for _ in range(n)], [StopText(self.stop) for _ in range(n)]
 
     def usage(self, completion_tokens: int) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
@@ -328,7 +357,8 @@ class OpenAIChoices:
                 "usage": self.usage(sum(len(ts) for ts in tokens))}
 
     def content(self, tokens: list[int]) -> str:
-        text = self.tokenizer.decode([t for t in tokens if t not in self.stops])
+        stream = ContentText(self.tokenizer)
+        text = "".join(stream.push(t) for t in tokens if t not in self.stops) + stream.flush()
         return text[:min([i for i in (text.find(s) for s in self.stop) if i >= 0], default=len(text))]
 
 
