@@ -80,7 +80,8 @@ class Tokenizer:
             with open(path, "rb") as f:
                 state = _DataOnlyUnpickler(f).load()
             return cls(state["mergeable_ranks"], state["pattern"])
-        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError) as e:
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, AttributeError, ValueError) as e:
+            # ValueError: an EXT1/2/4 opcode naming an extension code nobody registered, bytes that are not UTF-8
             raise UserError(f"{path} is not a nanochat tokenizer ({e}): retrain it with `python -m scripts.tok_train`")
 
 

@@ -85,6 +85,16 @@ def test_a_tokenizer_file_naming_a_class_is_refused_not_run(tiny_tokenizer, tmp_
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.parametrize("opcodes", [b"\x82\x01", b"\x83\x00\x01", b"\x84\x00\x00\x00\x01"],
+                         ids=["EXT1", "EXT2", "EXT4"])
+def test_a_tokenizer_file_with_an_extension_opcode_gets_the_one_line_error(tiny_tokenizer, tmp_path, opcodes):
+    """pickle's EXT opcodes name a class through copyreg's registry; an unregistered code raised a bare ValueError."""
+    tiny_tokenizer.save(tmp_path)
+    (tmp_path / "tokenizer.pkl").write_bytes(b"\x80\x02" + opcodes + b".")
+    with pytest.raises(UserError, match="not a nanochat tokenizer.*extension code.*tok_train"):
+        Tokenizer.from_directory(tmp_path)
+
+
 def test_parse_assistant_inverts_rendering_with_tool_calls(tiny_tokenizer):
     tok = tiny_tokenizer
     tokens = (tok.encode("Let me see.") + [tok.encode_special("<|python_start|>")] + tok.encode("6*7")
