@@ -73,7 +73,8 @@ def main(argv=None) -> None:
     loopback = args.host in ("127.0.0.1", "::1", "localhost")
     if not loopback and not args.api_key:
         print0(f"warning: --host {args.host} without an API key: anyone who can reach port {args.port} can use the "
-               "model and its Python tool; set NANOCHAT_API_KEY (or --api-key)")
+               "model and its Python tool; set NANOCHAT_API_KEY (or --api-key). Without a key, only requests "
+               "addressed to a loopback name, the --host address or an --allowed-host NAME are answered")
 
     device_type = args.device_type or autodetect_device_type()
     if device_type == "cuda":

@@ -613,4 +613,4 @@ def test_exposing_the_server_without_a_key_warns(base_dir):
                            "--device-type", "cpu"], env={**env, "NANOCHAT_BASE_DIR": str(base_dir)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "warning: --host 0.0.0.0 without an API key" in proc.stdout
+    assert "warning: --host 0.0.0.0 without an API key" in proc.stdout and "--allowed-host NAME" in proc.stdout
