@@ -159,6 +159,16 @@ def test_model_card_comes_from_the_report(exported):
     assert "3 layers, width 64" in card and "128, 256, 256" in card and "smear and backout on" in card
 
 
+def test_the_model_cards_snippet_runs_as_written(exported, capsys):
+    """The card's code block, run with DIR set to the export: it loads with remote code trusted for the model and
+    the tokenizer alike (a tokenizer with code of its own would not load otherwise), and prints a reply."""
+    card = (exported[2] / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert snippet.count("trust_remote_code=True") == 2, snippet
+    exec(compile(snippet, "model card snippet", "exec"), {"DIR": str(exported[2])})
+    assert capsys.readouterr().out.strip()
+
+
 def test_bf16_export_writes_bf16_weights(exported, tmp_path, monkeypatch):
     from safetensors import safe_open
     from scripts.export_hf import main

@@ -110,7 +110,7 @@ def model_card(model: GPT, sections: list[dict], source: str, model_tag: str, st
         "`trust_remote_code=True`:", "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tok = AutoTokenizer.from_pretrained(DIR)",
+        "tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)",
         "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
         "ids = tok.apply_chat_template([{'role': 'user', 'content': 'Why is the sky blue?'}],",
         "                              add_generation_prompt=True, return_tensors='pt', return_dict=True)",
