@@ -245,7 +245,7 @@ def sharded_step(optimizer) -> None:
 def _unpack_parameters(s: _Shards) -> None:
     buf = s.buffer
     for a in s.plan.adam:
-        p = s.params[a.index].data.view(-1)
+        p = s.params[a.index].view(-1)  # not .data: the write must bump the version the engine's copy watches
         full, tail = divmod(a.numel, a.shard)
         if full:
             p[:full * a.shard].copy_(buf[:full, a.offset:a.offset + a.shard].reshape(-1))
@@ -256,7 +256,7 @@ def _unpack_parameters(s: _Shards) -> None:
         for j, index in enumerate(b.indices):
             rank, slot = b.owner(j)
             start = b.offset + slot * size
-            s.params[index].data.copy_(buf[rank, start:start + size].view(b.shape))
+            s.params[index].copy_(buf[rank, start:start + size].view(b.shape))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

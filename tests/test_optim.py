@@ -232,3 +232,18 @@ def test_d20_on_eight_ranks_keeps_at_most_a_sixth_of_the_state_per_rank():
     assert eight["state_bytes_per_rank"] <= one["state_bytes_per_rank"] / 6
     plan = plan_shards(groups, 8)
     assert sum(len(b.indices) for b in plan.muon) == sum(len(g["params"]) for g in groups if g["kind"] == "muon")
+
+
+def test_engine_copy_follows_sharded_steps_under_torchrun(tmp_path):
+    """RL on several GPUs rolls out from a bf16 copy of the fp32 model: after each sharded step the copy must hold the
+    stepped weights (the engine refreshes it when a parameter's version counter moved)."""
+    worker = Path(__file__).with_name("optim_worker.py")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(worker), str(tmp_path / "engine.pt"), "engine"], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = torch.load(tmp_path / "engine.pt")
+    for r in results:
+        assert r["synced"]
+        assert r["after"] == r["fresh"]
+    assert results[0]["before"] != results[-1]["after"]  # the steps change what the model samples
