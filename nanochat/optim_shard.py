@@ -8,7 +8,8 @@ W) can recompute where every piece of state lives:
   and rank r owns matrices r·k … r·k + k − 1, whose momentum and neuron statistics it keeps (padding matrices are
   zeros, and the update maths keeps zeros at zero).
 A rank's pieces lie end to end in one flat segment of S elements; the whole model is a (W, S) buffer whose row r is
-rank r's segment. One step:
+rank r's segment. The buffers live only inside a step: kept between steps they held 4.4 GiB on every rank at d20 on
+8 ranks (the (W, S) buffer and two segments), six times the rank's optimizer state (0.68 GiB). One step:
   1. pack every gradient into the buffer; one reduce-scatter (sum, then ÷W) leaves rank r its segment of averaged
      gradients;
   2. AdamW on its slices, Muon on its matrices (Newton–Schulz batched over each bucket's k matrices, compiled on
@@ -102,11 +103,8 @@ class _Shards:
         self.plan = plan_shards(optimizer.param_groups, world)
         self.rank, self.world = rank, world
         like = self.params[0]
-        # (W, S): packed gradients before the reduce-scatter, gathered parameters after the all-gather
-        self.buffer = torch.zeros(world, self.plan.segment, dtype=like.dtype, device=like.device)
-        self.grads = torch.zeros(self.plan.segment, dtype=like.dtype, device=like.device)  # my averaged gradients
-        self.values = torch.zeros(self.plan.segment, dtype=like.dtype, device=like.device)  # my updated parameters
-        self.reduced = False  # gradients of the current step already reduce-scattered (by the clip)
+        self.dtype, self.device = like.dtype, like.device
+        self.grads: torch.Tensor | None = None  # my averaged gradients, from the reduce-scatter to the step's end
         self.use_reduce_scatter = True
         self.stacks: dict[int, dict[str, torch.Tensor]] = {}  # bucket number -> stacked Muon state of my matrices
         self.orthogonalize = (torch.compile(orthogonalize_stack, dynamic=False) if like.is_cuda
@@ -121,8 +119,14 @@ def _shards(optimizer) -> _Shards:
     return shards
 
 
-def _pack_gradients(s: _Shards) -> None:
-    buf = s.buffer
+def _buffer(s: _Shards, rows: int) -> torch.Tensor:
+    """A zeroed (rows, S) buffer for one collective: padding must read as zeros, and is never written."""
+    return torch.zeros(rows, s.plan.segment, dtype=s.dtype, device=s.device)
+
+
+def _pack_gradients(s: _Shards) -> torch.Tensor:
+    """(W, S): every gradient, each rank's pieces in its row."""
+    buf = _buffer(s, s.world)
     for a in s.plan.adam:
         grad = s.params[a.index].grad
         full, tail = divmod(a.numel, a.shard)
@@ -145,27 +149,28 @@ def _pack_gradients(s: _Shards) -> None:
                 buf[rank, start:start + size].zero_()
             else:
                 buf[rank, start:start + size].copy_(grad.reshape(-1))
+    return buf
 
 
 def reduce_gradients(optimizer) -> torch.Tensor:
     """This rank's segment of the averaged gradients (once per step; clip_grad_norm_ may already have done it)."""
     s = _shards(optimizer)
-    if s.reduced:
+    if s.grads is not None:
         return s.grads
-    _pack_gradients(s)
+    buf = _pack_gradients(s)
+    s.grads = _buffer(s, 1)[0]
     if s.use_reduce_scatter:
         try:
-            dist.reduce_scatter_tensor(s.grads, s.buffer.view(-1), op=dist.ReduceOp.SUM)
+            dist.reduce_scatter_tensor(s.grads, buf.view(-1), op=dist.ReduceOp.SUM)
         except (RuntimeError, NotImplementedError, ValueError) as e:
             # some gloo builds lack reduce_scatter: an all-reduce then a slice gives the same sums at twice the traffic
             print0(f"note: {dist.get_backend()} has no reduce_scatter_tensor ({str(e).splitlines()[0][:80]}); "
                    "using all_reduce for the gradients")
             s.use_reduce_scatter = False
     if not s.use_reduce_scatter:
-        dist.all_reduce(s.buffer, op=dist.ReduceOp.SUM)
-        s.grads.copy_(s.buffer[s.rank])
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        s.grads.copy_(buf[s.rank])
     s.grads /= s.world
-    s.reduced = True
     return s.grads
 
 
@@ -207,7 +212,7 @@ def _muon_stack(optimizer, s: _Shards, number: int, bucket: MuonBucket) -> dict[
 def sharded_step(optimizer) -> None:
     s = _shards(optimizer)
     grads = reduce_gradients(optimizer)
-    values, groups = s.values, optimizer.param_groups
+    values, groups = _buffer(s, 1)[0], optimizer.param_groups  # my updated parameters (padding stays zero)
     for a in s.plan.adam:
         p, group = s.params[a.index], groups[a.group]
         start = s.rank * a.shard
@@ -234,16 +239,16 @@ def sharded_step(optimizer) -> None:
         if optimizer.neuron_beta2 is not None:
             update = normalize_neurons_stack(update, stack["second"], optimizer.neuron_beta2)
         muon_apply(p_stack, update, group["lr"], group["weight_decay"])
+    s.grads = None
+    buf = torch.empty(s.world, s.plan.segment, dtype=s.dtype, device=s.device)
     try:
-        dist.all_gather_into_tensor(s.buffer.view(-1), values)
+        dist.all_gather_into_tensor(buf.view(-1), values)
     except (RuntimeError, NotImplementedError, ValueError):
-        dist.all_gather(list(s.buffer.unbind(0)), values)
-    _unpack_parameters(s)
-    s.reduced = False
+        dist.all_gather(list(buf.unbind(0)), values)
+    _unpack_parameters(s, buf)
 
 
-def _unpack_parameters(s: _Shards) -> None:
-    buf = s.buffer
+def _unpack_parameters(s: _Shards, buf: torch.Tensor) -> None:
     for a in s.plan.adam:
         p = s.params[a.index].view(-1)  # not .data: the write must bump the version the engine's copy watches
         full, tail = divmod(a.numel, a.shard)

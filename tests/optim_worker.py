@@ -1,5 +1,6 @@
 """Run by test_optim.py under torchrun (and alone): a few optimizer steps on a fixed batch (with a binding grad clip);
-rank 0 saves the weights to argv[1], every rank its optimizer state dict to argv[1] + ".rank<r>".
+rank 0 saves the weights to argv[1], every rank its optimizer state dict to argv[1] + ".rank<r>" and the bytes of
+the tensors its optimizer holds between steps to argv[1] + ".held<r>".
 
 With `engine` as argv[2] it checks instead that an Engine keeping a separate bf16 copy of the fp32 model (as RL's
 rollouts do on CUDA) samples from the weights of the last optimizer step: rank 0 saves, per step, the engine's
@@ -13,6 +14,27 @@ import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from conftest import FIXTURE_TEXT, make_tiny_model  # noqa: E402
+
+
+def held_bytes(optimizer, parameters: set[int]) -> int:
+    """Bytes of the distinct storages the optimizer keeps between steps (its state and any buffers of nanochat
+    objects it holds), the model's parameters and gradients left out."""
+    seen, total, todo = set(), 0, [optimizer.__dict__]
+    while todo:
+        obj = todo.pop()
+        if torch.is_tensor(obj):
+            storage = obj.untyped_storage()
+            if id(obj) not in parameters and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            todo.extend(obj)
+        elif type(obj).__module__.startswith("nanochat"):
+            todo.append(vars(obj))
+    return total
 
 
 def optimizer_steps(out: str, rank: int, world: int) -> None:
@@ -31,6 +53,8 @@ def optimizer_steps(out: str, rank: int, world: int) -> None:
     if rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out)
     torch.save(optimizer.state_dict(), f"{out}.rank{rank}")
+    parameters = {id(t) for p in model.parameters() for t in (p, p.grad) if t is not None}
+    torch.save(held_bytes(optimizer, parameters), f"{out}.held{rank}")
 
 
 def engine_follows_steps(out: str, rank: int, world: int) -> None:

@@ -182,13 +182,17 @@ def test_two_process_torchrun_update_equals_one_process_and_each_rank_holds_half
     for shard in shards:  # each rank keeps about half of the state (a few padding elements more)
         assert shard["world_size"] == 2
         assert 0.45 < state_elements(shard) / state_elements(whole) < 0.55
-    model = make_tiny_model(300)
-    merged = merge_state_dicts(model.setup_optimizer().param_groups, shards)
+    groups = make_tiny_model(300).setup_optimizer().param_groups
+    merged = merge_state_dicts(groups, shards)
     assert merged["state"].keys() == whole["state"].keys()
     for index, entry in whole["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
                 assert torch.allclose(merged["state"][index][key], value, atol=1e-5), (index, key)
+    # between steps a rank holds its optimizer state and nothing else: no communication buffers
+    for world, held in ((1, torch.load(tmp_path / "one.pt.held0")), (2, torch.load(tmp_path / "two.pt.held0")),
+                        (2, torch.load(tmp_path / "two.pt.held1"))):
+        assert held == state_bytes(groups, world)["state_bytes_per_rank"], (world, held)
 
 
 def test_stacked_newton_schulz_matches_one_matrix_at_a_time():
