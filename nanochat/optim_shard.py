@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import print0
-from nanochat.optim import adamw_update, muon_apply, neuron_stat_shape, normalize_neurons_stack, orthogonalize_stack
+from nanochat.optim_math import adamw_update, muon_update, neuron_stat_shape
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,6 @@ class _Shards:
         self.grads: torch.Tensor | None = None  # my averaged gradients, from the reduce-scatter to the step's end
         self.use_reduce_scatter = True
         self.stacks: dict[int, dict[str, torch.Tensor]] = {}  # bucket number -> stacked Muon state of my matrices
-        self.orthogonalize = (torch.compile(orthogonalize_stack, dynamic=False) if like.is_cuda
-                              else orthogonalize_stack)
 
 
 def _shards(optimizer) -> _Shards:
@@ -184,17 +182,19 @@ def clip_sharded_grad_norm_(optimizer, max_norm: float) -> torch.Tensor:
     return total
 
 
-def _muon_stack(optimizer, s: _Shards, number: int, bucket: MuonBucket) -> dict[str, torch.Tensor]:
-    """Stacked momentum / neuron statistics of my matrices of a bucket; each matrix's optimizer state holds views into
-    them (so state_dict() sees per-matrix tensors). Rebuilt after load_state_dict replaced those views."""
-    mine = [(slot, s.params[i]) for j, i in enumerate(bucket.indices) if (slot := bucket.owner(j))[0] == s.rank]
-    stack = s.stacks.get(number)
+def muon_stack(optimizer, params: list[torch.Tensor], stacks: dict[int, dict[str, torch.Tensor]], number: int,
+               bucket: MuonBucket, rank: int) -> dict[str, torch.Tensor]:
+    """Stacked momentum / neuron statistics of rank `rank`'s matrices of a bucket, kept in `stacks`; each matrix's
+    optimizer state holds views into them (so state_dict() sees per-matrix tensors). Rebuilt after load_state_dict
+    replaced those views."""
+    mine = [(slot, params[i]) for j, i in enumerate(bucket.indices) if (slot := bucket.owner(j))[0] == rank]
+    stack = stacks.get(number)
     if stack is not None and all(optimizer.state[p].get("momentum_buffer") is not None and
                                  optimizer.state[p]["momentum_buffer"].data_ptr() == stack["momentum"][slot].data_ptr()
                                  for (_, slot), p in mine):
         return stack
     k, (rows, cols) = bucket.per_rank, bucket.shape
-    like = s.params[bucket.indices[0]]
+    like = params[bucket.indices[0]]
     stack = {"momentum": torch.zeros(k, rows, cols, dtype=like.dtype, device=like.device),
              "second": torch.zeros(k, *neuron_stat_shape(like), dtype=torch.float32, device=like.device)}
     keys = [("momentum_buffer", "momentum")] + ([("second_moment", "second")] if optimizer.neuron_beta2 else [])
@@ -204,7 +204,7 @@ def _muon_stack(optimizer, s: _Shards, number: int, bucket: MuonBucket) -> dict[
             if key in state:
                 stack[name][slot].copy_(state[key])
             state[key] = stack[name][slot]
-    s.stacks[number] = stack
+    stacks[number] = stack
     return stack
 
 
@@ -220,7 +220,7 @@ def sharded_step(optimizer) -> None:
         if mine:
             values[a.offset:a.offset + mine].copy_(p.reshape(-1)[start:start + mine])
         cols = slice(a.offset, a.offset + a.shard)
-        adamw_update(values[cols], grads[cols], optimizer.state[p], group["betas"], group["lr"],
+        adamw_update([values[cols]], [grads[cols]], [optimizer.state[p]], group["betas"], group["lr"],
                      group["weight_decay"], group["eps"])
     for number, b in enumerate(s.plan.muon):
         group = groups[b.group]
@@ -231,14 +231,11 @@ def sharded_step(optimizer) -> None:
             rank, slot = b.owner(j)
             if rank == s.rank:
                 p_stack[slot].copy_(s.params[index])
-        stack = _muon_stack(optimizer, s, number, b)
-        momentum = group["momentum"]
-        stack["momentum"].lerp_(g, 1 - momentum)
-        nesterov = g.lerp(stack["momentum"], momentum)
-        update = s.orthogonalize(nesterov, optimizer._ns_dtype(s.params[b.indices[0]]), optimizer.equalize_rows)
-        if optimizer.neuron_beta2 is not None:
-            update = normalize_neurons_stack(update, stack["second"], optimizer.neuron_beta2)
-        muon_apply(p_stack, update, group["lr"], group["weight_decay"])
+        stack = muon_stack(optimizer, s.params, s.stacks, number, b, s.rank)
+        muon_update(p_stack, g, stack["momentum"], stack["second"], momentum=group["momentum"], lr=group["lr"],
+                    wd=group["weight_decay"], ns_dtype=optimizer._ns_dtype(s.params[b.indices[0]]),
+                    equalize_rows=optimizer.equalize_rows, neuron_beta2=optimizer.neuron_beta2,
+                    orthogonalize_fn=optimizer.orthogonalize)
     s.grads = None
     buf = torch.empty(s.world, s.plan.segment, dtype=s.dtype, device=s.device)
     try:

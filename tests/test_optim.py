@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from conftest import make_tiny_model
-from nanochat.optim import (MuonAdamW, normalize_neurons, normalize_neurons_stack, orthogonalize, orthogonalize_stack,
-                            POLAR_EXPRESS)
+from nanochat.optim import MuonAdamW
+from nanochat.optim_math import normalize_neurons, orthogonalize, POLAR_EXPRESS
 from nanochat.optim_shard import merge_state_dicts, plan_shards, shard_state_dict, state_bytes
 
 
@@ -195,15 +195,23 @@ def test_two_process_torchrun_update_equals_one_process_and_each_rank_holds_half
         assert held == state_bytes(groups, world)["state_bytes_per_rank"], (world, held)
 
 
+def test_update_maths_and_sharding_import_without_the_optimizer():
+    """optim imports optim_shard imports optim_math: no cycle, so neither needs a function-local import."""
+    code = ("import sys, nanochat.optim_shard, nanochat.optim_math; "
+            "assert 'nanochat.optim' not in sys.modules, 'optim_shard imported optim'")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 def test_stacked_newton_schulz_matches_one_matrix_at_a_time():
     torch.manual_seed(0)
     for shape in [(3, 32, 96), (2, 96, 32)]:
         g = torch.randn(shape)
-        stacked = orthogonalize_stack(g)
+        stacked = orthogonalize(g)
         for i in range(shape[0]):
             assert torch.allclose(stacked[i], orthogonalize(g[i]), atol=1e-5)
         second = torch.zeros(shape[0], *((shape[1], 1) if shape[1] >= shape[2] else (1, shape[2])))
-        normalized = normalize_neurons_stack(stacked, second, 0.9)
+        normalized = normalize_neurons(stacked, second, 0.9)
         for i in range(shape[0]):
             assert torch.allclose(normalized[i], normalize_neurons(stacked[i], second[i].clone() * 0, 0.9), atol=1e-5)
 
