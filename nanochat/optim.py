@@ -8,15 +8,17 @@ normalisation; so it is off by default and the neuron normalisation (neutral her
 Under torchrun the optimizer is sharded ZeRO-2 style (no DDP wrapper; see nanochat/optim_shard.py for the layout):
 one reduce-scatter per dtype hands each rank the averaged gradient of its slice of every AdamW tensor and of its
 share of the Muon matrices; the rank keeps only that slice's state, updates it, and one all-gather returns the
-updated parameters to every rank (Newton–Schulz batched over matrices of one shape). A single process runs the plain
-loop.
+updated parameters to every rank. A single process steps each Muon param group's matrices of one shape as one stack
+and each AdamW group in multi-tensor calls. Either way Newton–Schulz is batched over the matrices of one shape, and
+compiled once per shape on CUDA.
 """
 
 import torch
 import torch.distributed as dist
 
-from nanochat.optim_math import adamw_update, muon_update, neuron_stat_shape, orthogonalize
-from nanochat.optim_shard import clip_sharded_grad_norm_, merge_state_dicts, shard_state_dict, sharded_step
+from nanochat.optim_math import adamw_update, muon_update, orthogonalize
+from nanochat.optim_shard import (clip_sharded_grad_norm_, merge_state_dicts, muon_stack, plan_shards,
+                                  shard_state_dict, sharded_step)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -38,6 +40,8 @@ class MuonAdamW(torch.optim.Optimizer):
         on_cuda = any(p.is_cuda for g in self.param_groups for p in g["params"])
         # one graph per stack shape (a handful per model), fused by Inductor; CPUs run it eagerly
         self.orthogonalize = torch.compile(orthogonalize, dynamic=False) if on_cuda else orthogonalize
+        self._plan = plan_shards(self.param_groups, 1)  # one process: each group's matrices of one shape, stacked
+        self._stacks: dict[int, dict[str, torch.Tensor]] = {}  # their stacked Muon state, by bucket number
 
     def _ns_dtype(self, p: torch.Tensor) -> torch.dtype:
         if self.ns_dtype is not None:
@@ -56,25 +60,10 @@ class MuonAdamW(torch.optim.Optimizer):
             return
         for group in self.param_groups:
             if group["kind"] == "adamw":
-                for p in group["params"]:
-                    if p.grad is not None:
-                        adamw_update([p], [p.grad], [self.state[p]], group["betas"], group["lr"],
-                                     group["weight_decay"], group["eps"])
-        for group in self.param_groups:
-            if group["kind"] != "muon":
-                continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                if self.neuron_beta2 is not None and "second_moment" not in state:
-                    state["second_moment"] = torch.zeros(neuron_stat_shape(p), device=p.device)
-                muon_update(p, p.grad, state["momentum_buffer"], state.get("second_moment"),
-                            momentum=group["momentum"], lr=group["lr"], wd=group["weight_decay"],
-                            ns_dtype=self._ns_dtype(p), equalize_rows=self.equalize_rows,
-                            neuron_beta2=self.neuron_beta2)
+                live = [p for p in group["params"] if p.grad is not None]
+                adamw_update(live, [p.grad for p in live], [self.state[p] for p in live], group["betas"], group["lr"],
+                             group["weight_decay"], group["eps"])
+        self._muon_step()
 
     def apply_schedule(self, lr: float, momentum: float | None = None, weight_decay: float | None = None) -> None:
         """This step's settings: every group's rate = its initial rate × `lr`; Muon's momentum = `momentum` and its
@@ -129,3 +118,22 @@ class MuonAdamW(torch.optim.Optimizer):
         if world > 1:
             full = shard_state_dict(self.param_groups, full, dist.get_rank(), world)
         super().load_state_dict(full)
+
+    def _muon_step(self) -> None:
+        """Muon on one process: the matrices of each param group and shape as one stack (k, rows, cols), updated in
+        one batched call chain and copied back. A matrix without a gradient counts as a zero gradient (momentum and
+        decay still move it), as under torchrun; a stack where none has one is skipped."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        for number, bucket in enumerate(self._plan.muon):
+            matrices = [params[i] for i in bucket.indices]
+            if all(p.grad is None for p in matrices):
+                continue
+            group = self.param_groups[bucket.group]
+            grads = torch.stack([torch.zeros_like(p) if p.grad is None else p.grad for p in matrices])
+            stack = muon_stack(self, params, self._stacks, number, bucket, rank=0)
+            p_stack = torch.stack(matrices)  # (k, rows, cols)
+            muon_update(p_stack, grads, stack["momentum"], stack["second"], momentum=group["momentum"],
+                        lr=group["lr"], wd=group["weight_decay"], ns_dtype=self._ns_dtype(matrices[0]),
+                        equalize_rows=self.equalize_rows, neuron_beta2=self.neuron_beta2,
+                        orthogonalize_fn=self.orthogonalize)
+            torch._foreach_copy_(matrices, list(p_stack.unbind(0)))

@@ -46,7 +46,8 @@ def orthogonalize(g: torch.Tensor, dtype: torch.dtype = torch.float32, equalize_
 
 
 def neuron_stat_shape(p: torch.Tensor) -> tuple[int, int]:
-    """Shape of one matrix's neuron statistics: a neuron is a row of a tall (or square) matrix, a column of a wide one."""
+    """Shape of one matrix's neuron statistics: a neuron is a row of a tall (or square) matrix, a column of a wide
+    one."""
     rows, cols = p.shape[-2:]
     return (rows, 1) if rows >= cols else (1, cols)
 

@@ -213,15 +213,21 @@ def sharded_step(optimizer) -> None:
     s = _shards(optimizer)
     grads = reduce_gradients(optimizer)
     values, groups = _buffer(s, 1)[0], optimizer.param_groups  # my updated parameters (padding stays zero)
+    adam: dict[int, tuple[list, list, list]] = {}  # param group -> my slices, their gradients, their states
     for a in s.plan.adam:
-        p, group = s.params[a.index], groups[a.group]
+        p = s.params[a.index]
         start = s.rank * a.shard
         mine = max(0, min(a.numel, start + a.shard) - start)  # real elements in my slice; the rest is padding
         if mine:
             values[a.offset:a.offset + mine].copy_(p.reshape(-1)[start:start + mine])
         cols = slice(a.offset, a.offset + a.shard)
-        adamw_update([values[cols]], [grads[cols]], [optimizer.state[p]], group["betas"], group["lr"],
-                     group["weight_decay"], group["eps"])
+        slices, slice_grads, states = adam.setdefault(a.group, ([], [], []))
+        slices.append(values[cols])
+        slice_grads.append(grads[cols])
+        states.append(optimizer.state[p])
+    for number, (slices, slice_grads, states) in adam.items():
+        group = groups[number]
+        adamw_update(slices, slice_grads, states, group["betas"], group["lr"], group["weight_decay"], group["eps"])
     for number, b in enumerate(s.plan.muon):
         group = groups[b.group]
         k, (rows, cols) = b.per_rank, b.shape
