@@ -1,6 +1,7 @@
 """Sharded optimizer sizing from shapes alone (a meta-device model): optimizer state per rank and bytes each rank
 sends per step, sharded vs. the previous replicated optimizer (every rank held the whole state; one all-reduce of all
-gradients plus one broadcast per Muon matrix).
+gradients plus one broadcast per Muon matrix); the communication buffers a sharded step allocates and frees; and the
+aten calls of one one-process step (counted on the meta device: host overhead grows with them).
 
     python -m bench.optim_shard                      # d20 on 8 ranks, the speedrun
     python -m bench.optim_shard --depth 26 --world 16
@@ -13,10 +14,32 @@ import argparse
 import json
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim_shard import state_bytes
 from nanochat.scaling import model_shape
+
+
+class AtenCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def one_process_step_calls(model) -> int:
+    """Aten calls of a one-process optimizer step after the first (which also creates the state)."""
+    optimizer = model.setup_optimizer()
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    optimizer.step()
+    with AtenCalls() as calls:
+        optimizer.step()
+    return calls.count
 
 
 def main() -> None:
@@ -45,6 +68,9 @@ def main() -> None:
         "state_bytes_per_rank_after": sharded["state_bytes_per_rank"],
         "state_ratio": round(sharded["state_bytes_per_rank"] / whole["state_bytes_per_rank"], 4),
         "padded_elements": sharded["padded_elements"],
+        "static_bytes_per_rank": sharded["state_bytes_per_rank"],  # nothing else persists between steps
+        "step_buffer_bytes_per_rank": 4 * (w + 2) * sharded["segment_elements"],  # peak: (W, S) + 2 segments
+        "aten_calls_per_step_one_process": one_process_step_calls(model),
         "sent_bytes_per_rank_per_step_before": round(before),
         "sent_bytes_per_rank_per_step_after": round(after),
         "collectives_per_step_before": 1 + len(muon), "collectives_per_step_after": 2,
