@@ -90,3 +90,21 @@ def test_the_module_map_lists_every_module_with_its_imports():
     every = {str(p.relative_to(REPO / "nanochat").with_suffix("")).replace("/", ".")
              for p in (REPO / "nanochat").rglob("*.py") if p.stem != "__init__" and "hf_code" not in p.parts}
     assert every <= listed, f"modules missing from docs/architecture.md's module map: {sorted(every - listed)}"
+
+
+def test_no_import_cycles_in_the_library():
+    graph = {}
+    for path in (REPO / "nanochat").rglob("*.py"):
+        if path.stem == "__init__" or "hf_code" in path.parts:
+            continue
+        name = str(path.relative_to(REPO / "nanochat").with_suffix("")).replace("/", ".")
+        graph[name] = {m for m in module_imports(path) if m and m != name}
+
+    def visit(node, trail):
+        if node in trail:
+            raise AssertionError(f"import cycle: {' -> '.join(trail[trail.index(node):] + [node])}")
+        for nxt in graph.get(node, ()):
+            visit(nxt, trail + [node])
+
+    for node in graph:
+        visit(node, [])
