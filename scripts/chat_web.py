@@ -9,7 +9,8 @@ Without a key it answers only requests addressed to localhost, 127.0.0.1, [::1],
 given with --allowed-host (a web page on a DNS-rebinding domain must not drive it).
 
 Endpoints: GET / (the chat page), POST /chat/completions (the page's stream), POST /v1/chat/completions
-(OpenAI-compatible), GET /v1/models, GET /health, GET /stats.
+(OpenAI-compatible), GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus). One JSON access-log line
+per request goes to stderr.
 """
 
 import argparse
@@ -21,6 +22,7 @@ from nanochat.checkpoint import load_chat_model
 from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, print0, run_cli
 from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.serving.scheduler import BatchScheduler
+from nanochat.serving.metrics import log_access_to_stderr
 from nanochat.serving.server import CLIENT_LIMIT, LIMITS, READ_TIMEOUT, create_app, serve_http
 
 
@@ -107,6 +109,7 @@ def main(argv=None) -> None:
     where = "" if loopback else " (every interface)" if wildcard else " (reachable from the network)"
     print0(f"serving {name} on http://{shown}:{args.port}{where} with {len(workers)} worker(s) × {args.slots} slots"
            f"{', API key required' if args.api_key else ''}")
+    log_access_to_stderr()
     try:
         serve_http(app, args.host, args.port, args.read_timeout)
     finally:

@@ -26,6 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from nanochat.serving.chat_request import LIMITS, MAX_BODY_BYTES, BadRequest, authorized, read_json, validate
 from nanochat.common import UserError
 from nanochat.engine import TextStream
+from nanochat.serving.metrics import AccessLog, RequestWatch, ServerMetrics
 from nanochat.serving.scheduler import BatchScheduler, PromptTooLong, Request
 
 MAX_WAITING = 256  # requests queued per worker beyond its slots before new ones are turned away (503)
@@ -377,6 +378,8 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)  # served below, with the key
     if not api_key:
         app.add_middleware(LoopbackHostsOnly, extra=list(allowed_hosts))
+    metrics = ServerMetrics(workers, tokenizer)
+    app.add_middleware(AccessLog, metrics=metrics)  # the outermost: it logs the refusals of the others too
     ui = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
     started = time.time()
     turn = itertools.count()
@@ -404,13 +407,14 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
             raise BadRequest("the server is busy: try again in a moment", status=503)
         client = http.client.host if http.client else "unknown"
         limiter.acquire(client, params["n"])
+        http.state.watch = watch = RequestWatch(metrics, len(tokens))  # for /metrics and the access log
         release = lambda: limiter.release(client)  # noqa: E731
         try:
             for i in range(params["n"]):
                 requests.append(worker.submit(Request(
                     tokens=tokens, max_tokens=params["max_tokens"], temperature=params["temperature"],
                     top_k=params["top_k"], top_p=params["top_p"], seed=seed + i,
-                    events=EventBridge(loop, queue, i, release))))
+                    events=watch.choice(EventBridge(loop, queue, i, release)))))
         except PromptTooLong as e:
             for r in requests:
                 r.cancel()  # each still finishes with "done", which releases its share
@@ -464,6 +468,13 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
         authorized(http, api_key)
         return {"model": model_name, "uptime_s": round(time.time() - started, 1),
                 "workers": [w.status() for w in workers]}
+
+    @app.get("/metrics")
+    async def prometheus_metrics(http: HTTPRequest):
+        """Prometheus text format (see nanochat/serving/metrics.py)."""
+        authorized(http, api_key)
+        body, content_type = metrics.exposition()
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v1/models")
     async def models(http: HTTPRequest):

@@ -1,0 +1,161 @@
+"""What the server's operator sees, through a real `python -m scripts.chat_web` on 127.0.0.1: Prometheus metrics at
+/metrics, one JSON access-log line per request."""
+
+import json
+import threading
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from webserver import ChatServer, save_long_talking_model
+
+PROMPT = "Tell me about the weather in the mountains this week, and what I should pack for a three day hike there"
+
+
+def chat(content=PROMPT, **kwargs):
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 1.0, **kwargs}
+
+
+def scrape(url: str, **kwargs) -> dict:
+    """{(sample name, sorted labels): value} of one /metrics scrape."""
+    r = httpx.get(url + "/metrics", **kwargs)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def sse_data(response) -> list[str]:
+    return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_tokenizer):
+    base = tmp_path_factory.mktemp("ops")
+    save_long_talking_model(base, tiny_tokenizer)
+    s = ChatServer(base, "--slots", "4")
+    yield s
+    s.stop()
+
+
+def test_metrics_move_with_requests(server):
+    before = scrape(server.url)
+    r = httpx.post(server.url + "/v1/chat/completions", json=chat(n=2), timeout=60)
+    assert r.status_code == 200
+    prompt_tokens = r.json()["usage"]["prompt_tokens"]
+    with httpx.stream("POST", server.url + "/chat/completions", json=chat(), timeout=60) as r:
+        assert json.loads(sse_data(r)[-1])["finish_reason"] == "length"
+    after = scrape(server.url)
+
+    def moved(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0.0)
+
+    assert moved("nanochat_requests_total", outcome="length") == 3  # three choices, each cut at max_tokens
+    assert moved("nanochat_generated_tokens_total") == 24
+    assert moved("nanochat_prompt_tokens_total") == 3 * prompt_tokens
+    assert moved("nanochat_time_to_first_token_seconds_count") == 3
+    assert moved("nanochat_time_to_first_token_seconds_sum") > 0
+    assert moved("nanochat_time_per_output_token_seconds_count") == 3 * 7  # between consecutive tokens
+    assert moved("nanochat_http_responses_total", method="POST", path="/v1/chat/completions", status="200") == 1
+    worker = {"worker": "0"}
+    assert after[("nanochat_queue_depth", tuple(worker.items()))] == 0
+    assert after[("nanochat_batch_occupancy", tuple(worker.items()))] == 0  # all done
+    # the second choice and the UI request start with the same prompt: their keys and values were reused
+    assert after[("nanochat_prefix_cache_hit_rate", tuple(worker.items()))] > 0
+    assert moved("nanochat_prefix_cache_reused_tokens_total", **worker) > 0
+    assert 0 < after[("nanochat_prefix_cache_used_bytes", tuple(worker.items()))] <= \
+        after[("nanochat_prefix_cache_capacity_bytes", tuple(worker.items()))]
+
+
+def test_refused_requests_are_counted_by_status(server):
+    before = scrape(server.url)
+    assert httpx.post(server.url + "/v1/chat/completions", json={"messages": []}).status_code == 400
+    after = scrape(server.url)
+    key = ("nanochat_http_responses_total",
+           tuple(sorted({"method": "POST", "path": "/v1/chat/completions", "status": "400"}.items())))
+    assert after[key] - before.get(key, 0.0) == 1
+
+
+def test_one_access_log_line_per_request_without_the_prompt(server):
+    secret = "zebra-umbrella-quartz"
+    httpx.post(server.url + "/v1/chat/completions", json=chat(f"{PROMPT} {secret}"), timeout=60)
+    httpx.get(server.url + "/health")
+    log = server.log_path.read_text()
+    assert secret not in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    chat_line = [x for x in lines if x["path"] == "/v1/chat/completions" and x["status"] == 200][-1]
+    assert chat_line["method"] == "POST" and chat_line["client"] == "127.0.0.1"
+    assert chat_line["prompt_tokens"] > 0 and chat_line["generated_tokens"] == 8 and chat_line["duration_s"] > 0
+    health = [x for x in lines if x["path"] == "/health"][-1]
+    assert health["status"] == 200 and "prompt_tokens" not in health
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# In this process, with a scripted worker: the key, tool calls by outcome, one registry per app
+
+class ScriptedWorker:
+    """Stands in for a BatchScheduler: plays `events` into every request from its own thread."""
+
+    def __init__(self, events: list[tuple]):
+        self.events = events
+
+    def status(self):
+        return {"active": 0, "waiting": 0}
+
+    def submit(self, request):
+        def play():
+            for event in self.events:
+                request.events.put(event)
+        threading.Thread(target=play, daemon=True).start()
+        return request
+
+
+def scripted_app(tokenizer, outputs: list[str] = (), **kwargs):
+    """An app whose worker replies with one tool call per entry of `outputs` (the output the tool gave), then stops."""
+    from nanochat.serving.server import create_app
+    special = tokenizer.encode_special
+    events = [("token", t, 1) for t in tokenizer.encode("Sure")]
+    for output in outputs:
+        events += [("token", t, 1) for t in [special("<|python_start|>"), *tokenizer.encode("1+1"),
+                                             special("<|python_end|>")]]
+        events += [("token", t, 0) for t in [special("<|output_start|>"), *tokenizer.encode(output),
+                                             special("<|output_end|>")]]
+    events += [("token", special("<|assistant_end|>"), 1), ("done", "stop")]
+    return create_app([ScriptedWorker(events)], tokenizer, "scripted", **kwargs)
+
+
+def client_scrape(client, **kwargs) -> dict:
+    r = client.get("/metrics", **kwargs)
+    assert r.status_code == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def test_tool_calls_are_counted_by_outcome(tiny_tokenizer):
+    from starlette.testclient import TestClient
+    app = scripted_app(tiny_tokenizer, ["2", "Error: timed out after 3 s", "Error: NameError: name 'x' is not defined",
+                                        "Error: the python tool is off: no kernel sandbox"])
+    with TestClient(app, base_url="http://localhost") as client:
+        assert client.post("/v1/chat/completions", json=chat()).status_code == 200
+        metrics = client_scrape(client)
+    for outcome in ("ok", "timeout", "error", "refused"):
+        assert metrics[("nanochat_tool_calls_total", (("outcome", outcome),))] == 1
+    assert metrics[("nanochat_requests_total", (("outcome", "stop"),))] == 1
+
+
+def test_metrics_need_the_key_when_one_is_set(tiny_tokenizer):
+    from starlette.testclient import TestClient
+    with TestClient(scripted_app(tiny_tokenizer, api_key="k3y"), base_url="http://localhost") as client:
+        assert client.get("/metrics").status_code == 401
+        assert ("nanochat_queue_depth", (("worker", "0"),)) in client_scrape(
+            client, headers={"Authorization": "Bearer k3y"})
+
+
+def test_each_app_counts_its_own_requests(tiny_tokenizer):
+    from starlette.testclient import TestClient
+    with TestClient(scripted_app(tiny_tokenizer), base_url="http://localhost") as busy, \
+            TestClient(scripted_app(tiny_tokenizer), base_url="http://localhost") as idle:
+        busy.post("/v1/chat/completions", json=chat())
+        assert client_scrape(busy)[("nanochat_requests_total", (("outcome", "stop"),))] == 1
+        assert ("nanochat_requests_total", (("outcome", "stop"),)) not in client_scrape(idle)
