@@ -10,7 +10,7 @@ given with --allowed-host (a web page on a DNS-rebinding domain must not drive i
 
 Endpoints: GET / (the chat page), POST /chat/completions (the page's stream), POST /v1/chat/completions
 (OpenAI-compatible), GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus). One JSON access-log line
-per request goes to stderr.
+per request goes to stderr; SIGTERM drains the requests in flight (--drain-timeout) and exits 0.
 """
 
 import argparse
@@ -23,7 +23,7 @@ from nanochat.common import UserError, autodetect_device_type, get_compute_dtype
 from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.serving.scheduler import BatchScheduler
 from nanochat.serving.metrics import log_access_to_stderr
-from nanochat.serving.server import CLIENT_LIMIT, LIMITS, READ_TIMEOUT, create_app, serve_http
+from nanochat.serving.server import CLIENT_LIMIT, DRAIN_TIMEOUT, LIMITS, READ_TIMEOUT, create_app, serve_http
 
 
 def main(argv=None) -> None:
@@ -44,6 +44,9 @@ def main(argv=None) -> None:
                    help="without an API key, also answer requests addressed to NAME (the Host header; repeatable)")
     p.add_argument("--read-timeout", type=float, default=READ_TIMEOUT,
                    help="seconds a client has to send a request's headers, and again its body")
+    p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT,
+                   help="on SIGTERM, seconds the requests in flight get to finish (new ones get 503) before they are "
+                        "ended with a final 'shutdown' event")
     p.add_argument("--unsafe-python-tool", action="store_true",
                    help="run the model's Python tool even where the kernel sandbox is unavailable (rlimits only)")
     p.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
@@ -69,6 +72,8 @@ def main(argv=None) -> None:
                         f"{args.prefix_cache}")
     if not args.read_timeout > 0:
         raise UserError(f"--read-timeout must be a positive number of seconds, got {args.read_timeout}")
+    if not args.drain_timeout >= 0:
+        raise UserError(f"--drain-timeout must be 0 or more seconds, got {args.drain_timeout}")
     if args.unsafe_python_tool:
         allow_unsafe_python_tool()
     print0(python_tool_banner())
@@ -111,7 +116,7 @@ def main(argv=None) -> None:
            f"{', API key required' if args.api_key else ''}")
     log_access_to_stderr()
     try:
-        serve_http(app, args.host, args.port, args.read_timeout)
+        serve_http(app, args.host, args.port, args.read_timeout, args.drain_timeout)
     finally:
         for w in workers:
             w.shutdown()

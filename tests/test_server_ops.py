@@ -1,7 +1,8 @@
 """What the server's operator sees, through a real `python -m scripts.chat_web` on 127.0.0.1: Prometheus metrics at
-/metrics, one JSON access-log line per request."""
+/metrics, one JSON access-log line per request, and a SIGTERM that drains the streams in flight and exits 0."""
 
 import json
+import signal
 import threading
 
 import httpx
@@ -159,3 +160,64 @@ def test_each_app_counts_its_own_requests(tiny_tokenizer):
         busy.post("/v1/chat/completions", json=chat())
         assert client_scrape(busy)[("nanochat_requests_total", (("outcome", "stop"),))] == 1
         assert ("nanochat_requests_total", (("outcome", "stop"),)) not in client_scrape(idle)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SIGTERM
+
+def test_sigterm_ends_a_stream_cleanly_refuses_new_requests_and_exits_0(tmp_path, tiny_tokenizer):
+    """A stream still running when the drain timeout runs out gets an error and its final chunk and [DONE]; while
+    draining, a new request gets a 503; the process exits 0."""
+    save_long_talking_model(tmp_path, tiny_tokenizer)
+    s = ChatServer(tmp_path, "--slots", "2", "--drain-timeout", "1")
+    try:
+        body = chat(max_tokens=4096, stream=True)  # far longer than the drain: it has to be ended
+        with httpx.stream("POST", s.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            events = []
+            for line in lines:  # a few tokens in, the server is told to stop
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                if len(events) == 3:
+                    break
+            s.proc.send_signal(signal.SIGTERM)
+            refused = None
+            for _ in range(50):  # the drain begins as soon as the signal is handled
+                refused = httpx.post(s.url + "/v1/chat/completions", json=chat(), timeout=10)
+                if refused.status_code == 503:
+                    break
+            events += [line[6:] for line in lines if line.startswith("data: ")]
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        assert events[-1] == "[DONE]"
+        final = json.loads(events[-2])
+        assert final["choices"][0]["finish_reason"] == "stop"  # what OpenAI's shape has for an ended choice
+        assert any("shutting down" in e for e in events[:-1])
+        assert s.proc.wait(30) == 0, s.log()
+    finally:
+        s.stop()
+
+
+def test_sigterm_lets_a_stream_in_flight_finish(tmp_path, tiny_tokenizer):
+    save_long_talking_model(tmp_path, tiny_tokenizer)
+    s = ChatServer(tmp_path, "--slots", "1", "--drain-timeout", "60")
+    try:
+        with httpx.stream("POST", s.url + "/chat/completions", json=chat(max_tokens=600), timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            s.proc.send_signal(signal.SIGTERM)
+            events = [first[6:]] + [line[6:] for line in lines if line.startswith("data: ")]
+        final = json.loads(events[-1])
+        assert final["done"] is True and final["finish_reason"] == "length"
+        assert final["usage"]["completion_tokens"] == 600
+        assert s.proc.wait(30) == 0, s.log()
+        assert "SIGTERM: draining 1 request(s)" in s.log()
+    finally:
+        s.stop()
+
+
+def test_a_negative_drain_timeout_is_refused_in_one_line():
+    from nanochat.common import UserError
+    from scripts.chat_web import main
+    with pytest.raises(UserError, match="--drain-timeout"):
+        main(["--drain-timeout", "-1", "--dry-run"])

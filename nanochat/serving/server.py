@@ -26,6 +26,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from nanochat.serving.chat_request import LIMITS, MAX_BODY_BYTES, BadRequest, authorized, read_json, validate
 from nanochat.common import UserError
 from nanochat.engine import TextStream
+from nanochat.serving.drain import CLOSE_GRACE, DrainGate, Draining, DrainingServer
 from nanochat.serving.metrics import AccessLog, RequestWatch, ServerMetrics
 from nanochat.serving.scheduler import BatchScheduler, PromptTooLong, Request
 
@@ -35,6 +36,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'"}  # no framing
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 READ_TIMEOUT = 10.0  # seconds a client has to send a request's headers, and again its body
+DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get to finish after a SIGTERM before they are ended
 
 
 class StopText:
@@ -146,10 +148,17 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
-def serve_http(app: FastAPI, host: str, port: int, read_timeout: float = READ_TIMEOUT) -> None:
-    """Run `app` with uvicorn until interrupted, giving each request `read_timeout` seconds for its headers."""
+def serve_http(app: FastAPI, host: str, port: int, read_timeout: float = READ_TIMEOUT,
+               drain_timeout: float = DRAIN_TIMEOUT) -> None:
+    """Run `app` with uvicorn until interrupted, giving each request `read_timeout` seconds for its headers; a
+    SIGTERM drains it (see nanochat/serving/drain.py) for up to `drain_timeout` seconds."""
     protocol = functools.partial(HeaderDeadlineProtocol, header_timeout=read_timeout)
-    uvicorn.run(app, host=host, port=port, log_level="warning", http=protocol)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", http=protocol,
+                            timeout_graceful_shutdown=CLOSE_GRACE)
+    server = DrainingServer(config, app.state.draining, drain_timeout)
+    server.run()
+    if not server.started:  # as uvicorn.run: the port could not be bound
+        raise SystemExit(3)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -378,7 +387,8 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)  # served below, with the key
     if not api_key:
         app.add_middleware(LoopbackHostsOnly, extra=list(allowed_hosts))
-    metrics = ServerMetrics(workers, tokenizer)
+    app.state.draining, metrics = Draining(workers), ServerMetrics(workers, tokenizer)
+    app.add_middleware(DrainGate, draining=app.state.draining)
     app.add_middleware(AccessLog, metrics=metrics)  # the outermost: it logs the refusals of the others too
     ui = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
     started = time.time()
