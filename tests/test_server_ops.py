@@ -4,6 +4,7 @@
 import json
 import signal
 import threading
+import time
 
 import httpx
 import pytest
@@ -67,6 +68,25 @@ def test_metrics_move_with_requests(server):
     assert moved("nanochat_prefix_cache_reused_tokens_total", **worker) > 0
     assert 0 < after[("nanochat_prefix_cache_used_bytes", tuple(worker.items()))] <= \
         after[("nanochat_prefix_cache_capacity_bytes", tuple(worker.items()))]
+
+
+def test_batch_occupancy_and_cancellations_show_a_stream_in_flight(server):
+    before = scrape(server.url)
+    worker = (("worker", "0"),)
+    with httpx.stream("POST", server.url + "/chat/completions", json=chat(max_tokens=4096), timeout=60) as r:
+        lines = r.iter_lines()  # kept: a closed iterator would close the connection
+        next(line for line in lines if line.startswith("data: "))  # generating now
+        during = scrape(server.url)
+    assert during[("nanochat_active_sequences", worker)] == 1
+    assert during[("nanochat_batch_occupancy", worker)] == 0.25  # one of the module server's 4 slots
+    for _ in range(100):  # the hang-up cancels it as soon as the server notices
+        after = scrape(server.url)
+        if after.get(("nanochat_requests_total", (("outcome", "cancelled"),)), 0) > \
+                before.get(("nanochat_requests_total", (("outcome", "cancelled"),)), 0):
+            break
+        time.sleep(0.1)
+    assert after[("nanochat_requests_total", (("outcome", "cancelled"),))] == \
+        before.get(("nanochat_requests_total", (("outcome", "cancelled"),)), 0) + 1
 
 
 def test_refused_requests_are_counted_by_status(server):
