@@ -9,8 +9,9 @@ Without a key it answers only requests addressed to localhost, 127.0.0.1, [::1],
 given with --allowed-host (a web page on a DNS-rebinding domain must not drive it).
 
 Endpoints: GET / (the chat page), POST /chat/completions (the page's stream), POST /v1/chat/completions
-(OpenAI-compatible), GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus). One JSON access-log line
-per request goes to stderr; SIGTERM drains the requests in flight (--drain-timeout) and exits 0.
+(OpenAI-compatible), GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus), GET /docs (the API,
+offline). One JSON access-log line per request goes to stderr; SIGTERM drains the requests in flight
+(--drain-timeout) and exits 0.
 """
 
 import argparse
@@ -23,7 +24,8 @@ from nanochat.common import UserError, autodetect_device_type, get_compute_dtype
 from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.serving.scheduler import BatchScheduler
 from nanochat.serving.metrics import log_access_to_stderr
-from nanochat.serving.server import CLIENT_LIMIT, DRAIN_TIMEOUT, LIMITS, READ_TIMEOUT, create_app, serve_http
+from nanochat.serving.server import (CLIENT_LIMIT, DRAIN_TIMEOUT, LIMITS, READ_TIMEOUT, create_app, listen,
+                                     serve_http)
 
 
 def main(argv=None) -> None:
@@ -112,11 +114,17 @@ def main(argv=None) -> None:
                      api_key=args.api_key, client_limit=args.client_limit, allowed_hosts=allowed,
                      read_timeout=args.read_timeout)
     where = "" if loopback else " (every interface)" if wildcard else " (reachable from the network)"
+    try:
+        sock = listen(args.host, args.port)
+    except UserError:
+        for w in workers:
+            w.shutdown()
+        raise
     print0(f"serving {name} on http://{shown}:{args.port}{where} with {len(workers)} worker(s) × {args.slots} slots"
            f"{', API key required' if args.api_key else ''}")
     log_access_to_stderr()
     try:
-        serve_http(app, args.host, args.port, args.read_timeout, args.drain_timeout)
+        serve_http(app, args.host, args.port, args.read_timeout, args.drain_timeout, sock)
     finally:
         for w in workers:
             w.shutdown()

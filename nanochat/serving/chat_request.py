@@ -24,9 +24,9 @@ NO_TOOL_CALLS = ("nanochat has no function calling ('tools', 'tool_calls', role 
 class BadRequest(Exception):
     """A request we refuse, with the one-line reason the client sees."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param, self.status, self.code = param, status, code
 
 
 # ---------------------------------------------------------------------------------------------------------------------

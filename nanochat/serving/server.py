@@ -7,9 +7,11 @@ the others. A client that disconnects cancels its requests and frees their slots
 
 import asyncio
 import functools
+import html
 import itertools
 import json
 import os
+import socket
 import time
 import uuid
 from collections import Counter
@@ -19,8 +21,8 @@ from pathlib import Path
 import h11
 import uvicorn
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.serving.chat_request import LIMITS, MAX_BODY_BYTES, BadRequest, authorized, read_json, validate
@@ -37,6 +39,7 @@ PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-anc
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 READ_TIMEOUT = 10.0  # seconds a client has to send a request's headers, and again its body
 DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get to finish after a SIGTERM before they are ended
+ROUTES = "POST /v1/chat/completions, GET /v1/models, POST /chat/completions, GET /health, GET /stats, GET /docs"
 
 
 class StopText:
@@ -148,15 +151,31 @@ class HeaderDeadlineProtocol(H11Protocol):
             self.transport.close()
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, opened before the server says it is serving: a busy port is an error then,
+    not a message after the claim."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait out TIME_WAIT; Linux still
+    try:                                                          # refuses a port another socket listens on
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"cannot listen on {host} port {port}: {e.strerror or e} (is another server running there? "
+                        "stop it or pick another --port)") from None
+    sock.listen(2048)
+    return sock
+
+
 def serve_http(app: FastAPI, host: str, port: int, read_timeout: float = READ_TIMEOUT,
-               drain_timeout: float = DRAIN_TIMEOUT) -> None:
-    """Run `app` with uvicorn until interrupted, giving each request `read_timeout` seconds for its headers; a
-    SIGTERM drains it (see nanochat/serving/drain.py) for up to `drain_timeout` seconds."""
+               drain_timeout: float = DRAIN_TIMEOUT, sock: socket.socket | None = None) -> None:
+    """Run `app` with uvicorn until interrupted, giving each request `read_timeout` seconds for its headers, on
+    `sock` (see `listen`) when given; a SIGTERM drains it (see nanochat/serving/drain.py) for up to `drain_timeout`
+    seconds."""
     protocol = functools.partial(HeaderDeadlineProtocol, header_timeout=read_timeout)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", http=protocol,
                             timeout_graceful_shutdown=CLOSE_GRACE)
     server = DrainingServer(config, app.state.draining, drain_timeout)
-    server.run()
+    server.run(sockets=[sock] if sock else None)
     if not server.started:  # as uvicorn.run: the port could not be bound
         raise SystemExit(3)
 
@@ -372,6 +391,16 @@ class OpenAIChoices:
         return text[:min([i for i in (text.find(s) for s in self.stop) if i >= 0], default=len(text))]
 
 
+def api_docs_page(schema: dict) -> str:
+    """/docs: every endpoint with its description, from the OpenAPI schema, in one page that loads nothing else.
+    FastAPI's Swagger UI and ReDoc pages fetch their scripts from a CDN, so they stay blank on a machine offline."""
+    rows = "".join(f"<h2><code>{method.upper()} {html.escape(path)}</code></h2>"
+                   f"<pre>{html.escape(op.get('description') or op.get('summary') or '')}</pre>"
+                   for path, ops in schema.get("paths", {}).items() for method, op in ops.items())
+    return ("<!doctype html><meta charset=utf-8><title>nanochat API</title><h1>nanochat API</h1>"
+            f"<p>OpenAI-compatible; the machine-readable schema is <a href=/openapi.json>/openapi.json</a>.</p>{rows}")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The app
 
@@ -437,7 +466,20 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
     async def bad_request(_, exc: BadRequest):
         kind = "server_error" if exc.status >= 500 else "invalid_request_error"
         return JSONResponse(status_code=exc.status, content={
-            "error": {"message": str(exc), "type": kind, "param": exc.param}})
+            "error": {"message": str(exc), "type": kind, "param": exc.param, "code": exc.code}})
+
+    @app.exception_handler(HTTPException)
+    async def no_such_route(http: HTTPRequest, exc: HTTPException):
+        """Unknown routes and methods in OpenAI's error shape, which its clients read (not FastAPI's "detail")."""
+        if exc.status_code == 404:
+            message, code = f"no such endpoint: {http.method} {http.url.path} (this server has {ROUTES})", "not_found"
+        elif exc.status_code == 405:
+            message, code = f"{http.method} is not allowed on {http.url.path}", "method_not_allowed"
+        else:
+            message, code = str(exc.detail), None
+        return JSONResponse(status_code=exc.status_code, headers=exc.headers, content={
+            "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
+
 
     @app.exception_handler(Exception)
     async def server_error(_, exc: Exception):
@@ -454,16 +496,10 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
         return app.openapi()
 
     @app.get("/docs", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False)
     async def docs(http: HTTPRequest):
         authorized(http, api_key)
-        return HTMLResponse(get_swagger_ui_html(openapi_url="/openapi.json", title="nanochat API").body,
-                            headers=PAGE_HEADERS)
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc(http: HTTPRequest):
-        authorized(http, api_key)
-        return HTMLResponse(get_redoc_html(openapi_url="/openapi.json", title="nanochat API").body,
-                            headers=PAGE_HEADERS)
+        return HTMLResponse(api_docs_page(app.openapi()), headers=PAGE_HEADERS)
 
     @app.get("/favicon.ico")
     async def favicon():
