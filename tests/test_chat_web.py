@@ -325,7 +325,7 @@ def test_a_conversation_over_the_context_is_a_400(tmp_path, tiny_tokenizer):
     s = ChatServer(tmp_path, "--slots", "1")
     try:
         r = httpx.post(s.url + "/v1/chat/completions", json=chat("hello " * 200), timeout=30)
-        assert r.status_code == 400 and "new conversation" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "shorten it" in r.json()["error"]["message"]
     finally:
         s.stop()
 
@@ -453,7 +453,9 @@ def test_ui_stream_shows_tool_calls_and_outputs_as_parts(scripted):
     assert [tuple(p) for p in parts if p[1]] == [("text", "Let me compute"), ("python", "6*7"),
                                                   ("python_output", "42"), ("text", " so 42 🙂")]
     assert all("\ufffd" not in e.get("delta", "") for e in events)  # the emoji's bytes arrived as one character
-    assert events[-1] == {"done": True, "finish_reason": "stop", "usage": events[-1]["usage"]}
+    assert events[-1] == {"done": True, "finish_reason": "stop", "usage": events[-1]["usage"],
+                          "nanochat": {"model": "scripted", "dropped_messages": 0, "context": None,
+                                       "prompt_tokens": events[-1]["usage"]["prompt_tokens"]}}
 
 
 def test_openai_content_carries_the_tool_markup(scripted):

@@ -1,6 +1,7 @@
-"""The server's first impressions: a real `python -m scripts.chat_web` on loopback serving the base, SFT and RL
-stages of one run."""
+"""Conversations longer than the context and the server's first impressions: a real `python -m scripts.chat_web` on
+loopback serving the base, SFT and RL stages of one run."""
 
+import json
 import os
 import socket
 import subprocess
@@ -28,6 +29,57 @@ def one(base):
     s = ChatServer(base, "-i", "sft", "--slots", "2", "--max-tokens", "8")
     yield s
     s.stop()
+
+
+def chat(content="Hello there", **kwargs):
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, **kwargs}
+
+
+def sse_events(response) -> list[dict]:
+    return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def long_conversation(turns: int) -> list[dict]:
+    messages = [{"role": "system", "content": "You are terse."}]
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"Tell me about the river number {i} and its long banks."},
+                     {"role": "assistant", "content": f"The river number {i} is long and its banks are green."}]
+    return messages + [{"role": "user", "content": "And the last one?"}]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Conversations longer than the context
+
+def test_a_conversation_longer_than_the_context_drops_its_oldest_turns_and_says_so(one):
+    body = {"messages": long_conversation(12), "max_tokens": 16}  # far over the SFT model's 128 tokens
+    r = httpx.post(one.url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    fit = r.json()["nanochat"]
+    assert fit["dropped_messages"] > 0 and fit["dropped_messages"] % 2 == 0 and fit["context"] == 128
+    assert fit["prompt_tokens"] <= 128 - 16 and json.loads(r.headers["x-nanochat-context"]) == fit
+    with httpx.stream("POST", one.url + "/chat/completions", json=body, timeout=60) as r:
+        events = sse_events(r)
+    assert events[-1]["done"] and events[-1]["nanochat"]["dropped_messages"] == fit["dropped_messages"]
+
+
+def test_a_conversation_that_fits_drops_nothing(one):
+    r = httpx.post(one.url + "/v1/chat/completions", json=chat(), timeout=60)
+    assert r.json()["nanochat"]["dropped_messages"] == 0
+
+
+def test_a_last_message_longer_than_the_context_is_a_clear_400(one):
+    r = httpx.post(one.url + "/v1/chat/completions", json=chat("river banks " * 400), timeout=60)
+    assert r.status_code == 400 and "shorten it" in r.json()["error"]["message"]
+
+
+def test_a_reply_cut_by_the_context_finishes_with_length(one):
+    body = {"messages": long_conversation(12), "max_tokens": 4096}
+    reply = httpx.post(one.url + "/v1/chat/completions", json=body, timeout=120).json()
+    fit = reply["nanochat"]
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert fit["prompt_tokens"] + reply["usage"]["completion_tokens"] == CONTEXTS["sft"]
+    with httpx.stream("POST", one.url + "/chat/completions", json=body, timeout=120) as r:
+        assert sse_events(r)[-1]["finish_reason"] == "length"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ PAGE_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-anc
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 READ_TIMEOUT = 10.0  # seconds a client has to send a request's headers, and again its body
 DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get to finish after a SIGTERM before they are ended
+CONTEXT_HEADER = "X-Nanochat-Context"  # how the prompt fit the model: {"dropped_messages", "context", "prompt_tokens"}
 ROUTES = "POST /v1/chat/completions, GET /v1/models, POST /chat/completions, GET /health, GET /stats, GET /docs"
 
 
@@ -243,10 +244,10 @@ def failure(reason: str) -> str | None:
 class UIStream:
     """The web page's stream of one reply (POST /chat/completions): {"part": "text"|"python"|"python_output",
     "delta": str} events (a new part starts with an empty delta), then {"done": true, "finish_reason", "usage"};
-    {"error": str} before it on a failure."""
+    {"error": str} before it on a failure. `context` (see `prompt_within`) goes into the done event as "nanochat"."""
 
-    def __init__(self, tokenizer, prompt_tokens: int):
-        self.tokenizer, self.prompt_tokens = tokenizer, prompt_tokens
+    def __init__(self, tokenizer, prompt_tokens: int, context: dict | None = None):
+        self.tokenizer, self.prompt_tokens, self.context = tokenizer, prompt_tokens, context or {}
         self.stops, self.part_after = tokenizer.stop_tokens(), tokenizer.tool_markup()
 
     async def stream(self, events: AsyncIterator[tuple[int, tuple]]) -> AsyncIterator[str]:
@@ -258,7 +259,7 @@ class UIStream:
                 if message := failure(event[1]):
                     yield sse({"error": message})
                 usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": generated}
-                yield sse({"done": True, "finish_reason": event[1], "usage": usage})
+                yield sse({"done": True, "finish_reason": event[1], "usage": usage, "nanochat": self.context})
                 return
             token = event[1]
             generated += 1
@@ -309,8 +310,9 @@ class OpenAIChoices:
     the served model, whatever the request's `model` said: echoing it would let a large `model` field multiply into
     every chunk."""
 
-    def __init__(self, tokenizer, requests: list[Request], params: dict, prompt_tokens: int, model_name: str):
-        self.tokenizer, self.requests, self.prompt_tokens = tokenizer, requests, prompt_tokens
+    def __init__(self, tokenizer, requests: list[Request], params: dict, prompt_tokens: int, model_name: str,
+                 context: dict | None = None):
+        self.tokenizer, self.requests, self.prompt_tokens, self.context = tokenizer, requests, prompt_tokens, context
         self.stop, self.include_usage = params["stop"], params["include_usage"]
         self.stops = tokenizer.stop_tokens()
         self.head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
@@ -383,7 +385,7 @@ class OpenAIChoices:
         choices = [{"index": i, "finish_reason": self.finish_reason(i, reasons[i]),
                     "message": {"role": "assistant", "content": self.content(ts)}} for i, ts in enumerate(tokens)]
         return {**self.head, "object": "chat.completion", "choices": choices,
-                "usage": self.usage(sum(len(ts) for ts in tokens))}
+                "usage": self.usage(sum(len(ts) for ts in tokens)), "nanochat": self.context or {}}
 
     def content(self, tokens: list[int]) -> str:
         stream = ContentText(self.tokenizer)
@@ -399,6 +401,23 @@ def api_docs_page(schema: dict) -> str:
                    for path, ops in schema.get("paths", {}).items() for method, op in ops.items())
     return ("<!doctype html><meta charset=utf-8><title>nanochat API</title><h1>nanochat API</h1>"
             f"<p>OpenAI-compatible; the machine-readable schema is <a href=/openapi.json>/openapi.json</a>.</p>{rows}")
+
+
+def prompt_within(tokenizer, context: int | None, messages: list[dict], max_tokens: int) -> tuple[list[int], dict]:
+    """The prompt of a conversation and how it fit the model's `context`: {"dropped_messages", "context",
+    "prompt_tokens"}. The CLI's rule (`Tokenizer.render_within`): a conversation longer than the context minus room
+    for the reply (`max_tokens`, at most half the context) drops its oldest turns, keeping the system prompt and the
+    last message; a last message too long for that room alone still gets whatever room the context leaves. A worker
+    that does not say its context (a test's stand-in) gets the whole conversation."""
+    conversation = {"messages": messages}
+    if context is None:
+        tokens, dropped = tokenizer.render_for_completion(conversation), 0
+    else:
+        try:
+            tokens, dropped = tokenizer.render_within(conversation, context - min(max_tokens, context // 2))
+        except UserError:
+            tokens, dropped = tokenizer.render_within(conversation, context - 1)
+    return tokens, {"dropped_messages": dropped, "context": context, "prompt_tokens": len(tokens)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -422,6 +441,7 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
     ui = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
     started = time.time()
     turn = itertools.count()
+    context = getattr(workers[0], "max_seq_len", None)
 
     def pick_worker() -> BatchScheduler:
         def load(w):
@@ -433,10 +453,11 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
         authorized(http, api_key)
         return validate(await read_json(http, read_timeout), defaults)
 
-    def submit(params: dict, http: HTTPRequest) -> tuple[list[Request], asyncio.Queue, int]:
-        """Queue n requests for the conversation; (requests, their shared event queue, prompt tokens)."""
+    def submit(params: dict, http: HTTPRequest) -> tuple[list[Request], asyncio.Queue, dict]:
+        """Queue n requests for the conversation; (requests, their shared event queue, the prompt's fit as
+        `prompt_within` says it)."""
         try:
-            tokens = tokenizer.render_for_completion({"messages": params["messages"]})
+            tokens, fit = prompt_within(tokenizer, context, params["messages"], params["max_tokens"])
         except UserError as e:
             raise BadRequest(str(e), "messages") from None
         seed = params["seed"] if params["seed"] is not None else int.from_bytes(os.urandom(4), "little")
@@ -460,7 +481,7 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
             for _ in range(params["n"] - len(requests)):
                 release()
             raise BadRequest(str(e), "messages") from None
-        return requests, queue, len(tokens)
+        return requests, queue, fit
 
     @app.exception_handler(BadRequest)
     async def bad_request(_, exc: BadRequest):
@@ -533,20 +554,25 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
         """The UI's stream (see UIStream); always one choice."""
         params = await read_request(http)
         params["n"] = 1
-        requests, queue, prompt_tokens = submit(params, http)
-        reply = UIStream(tokenizer, prompt_tokens)
+        requests, queue, fit = submit(params, http)
+        reply = UIStream(tokenizer, fit["prompt_tokens"], {"model": model_name, **fit})
         return StreamingResponse(reply.stream(drain(requests, queue, http)), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
+                                 headers={**SSE_HEADERS, CONTEXT_HEADER: json.dumps(fit)})
 
     @app.post("/v1/chat/completions")
     async def openai_chat(http: HTTPRequest):
         """OpenAI's chat completions, streamed or not (see OpenAIChoices)."""
         params = await read_request(http)
-        requests, queue, prompt_tokens = submit(params, http)
-        choices = OpenAIChoices(tokenizer, requests, params, prompt_tokens, model_name)
+        requests, queue, fit = submit(params, http)
+        choices = OpenAIChoices(tokenizer, requests, params, fit["prompt_tokens"], model_name, fit)
         events = drain(requests, queue, http)
+        headers = {CONTEXT_HEADER: json.dumps(fit)}
         if params["stream"]:
-            return StreamingResponse(choices.stream(events), media_type="text/event-stream", headers=SSE_HEADERS)
-        return await choices.complete(events)
+            return StreamingResponse(choices.stream(events), media_type="text/event-stream",
+                                     headers={**SSE_HEADERS, **headers})
+        reply = await choices.complete(events)
+        if isinstance(reply, Response):
+            return reply
+        return JSONResponse(reply, headers=headers)
 
     return app
