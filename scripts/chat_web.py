@@ -2,6 +2,7 @@
 
     python -m scripts.chat_web                 # the most trained model available (rl > sft > base)
     python -m scripts.chat_web -i sft --port 8080 --slots 16
+    python -m scripts.chat_web --model sft --model rl --model base:d12:2000   # several, the first is the default
     NANOCHAT_API_KEY=secret python -m scripts.chat_web --host 0.0.0.0   # reachable from the network, with a key
 
 Only this machine can reach it unless --host says otherwise; exposing it without an API key prints a warning.
@@ -9,9 +10,9 @@ Without a key it answers only requests addressed to localhost, 127.0.0.1, [::1],
 given with --allowed-host (a web page on a DNS-rebinding domain must not drive it).
 
 Endpoints: GET / (the chat page), POST /chat/completions (the page's stream), POST /v1/chat/completions
-(OpenAI-compatible), GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus), GET /docs (the API,
-offline). One JSON access-log line per request goes to stderr; SIGTERM drains the requests in flight
-(--drain-timeout) and exits 0.
+(OpenAI-compatible; its `model` picks one of the --model checkpoints), GET /v1/models, GET /health, GET /stats,
+GET /metrics (Prometheus), GET /docs (the API, offline). One JSON access-log line per request goes to stderr;
+SIGTERM drains the requests in flight (--drain-timeout) and exits 0.
 """
 
 import argparse
@@ -19,13 +20,35 @@ import os
 
 import torch
 
-from nanochat.checkpoint import load_chat_model
+from nanochat.checkpoint import PHASE_DIRS, load_chat_model
 from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, print0, run_cli
 from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.serving.scheduler import BatchScheduler
 from nanochat.serving.metrics import log_access_to_stderr
-from nanochat.serving.server import (CLIENT_LIMIT, DRAIN_TIMEOUT, LIMITS, READ_TIMEOUT, create_app, listen,
-                                     serve_http)
+from nanochat.serving.server import (CLIENT_LIMIT, DRAIN_TIMEOUT, LIMITS, READ_TIMEOUT, ServedModel, create_app,
+                                     listen, serve_http)
+
+
+
+def parse_model(spec: str) -> tuple[str, str | None, int | None]:
+    """--model SOURCE[:TAG[:STEP]] → (source, tag or None, step or None): 'sft', 'base:d12', 'rl:d12:700'."""
+    parts = spec.split(":")
+    if len(parts) > 3 or parts[0] not in PHASE_DIRS or "" in parts[1:]:
+        raise UserError(f"--model {spec!r} must be SOURCE[:TAG[:STEP]] with SOURCE one of {', '.join(PHASE_DIRS)} "
+                        "(e.g. sft, base:d12, rl:d12:700)")
+    source, tag, step = parts + [None] * (3 - len(parts))
+    if step is not None and not step.isdigit():
+        raise UserError(f"--model {spec!r}: the step must be a number, got {step!r}")
+    return source, tag, int(step) if step is not None else None
+
+
+def model_ids(metas: list) -> list[str]:
+    """nanochat-TAG-STAGE for each model, with -STEP added where two would share a name."""
+    names = [f"nanochat-{m.model_tag}-{m.phase}" for m in metas]
+    ids = [f"{n}-{m.step}" if names.count(n) > 1 else n for n, m in zip(names, metas)]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"the same checkpoint is given twice among --model ({', '.join(ids)}): give each once")
+    return ids
 
 
 def main(argv=None) -> None:
@@ -35,6 +58,10 @@ def main(argv=None) -> None:
                    help="which checkpoints (default: rl, else sft, else base)")
     p.add_argument("--model-tag", default=None)
     p.add_argument("--step", type=int, default=None)
+    p.add_argument("--model", action="append", default=[], metavar="SOURCE[:TAG[:STEP]]",
+                   help="serve this checkpoint (repeatable: several models behind one API, the first the default; "
+                        "a request's `model` picks one by the id /v1/models lists), e.g. --model sft --model base:d12; "
+                        "in place of -i/--model-tag/--step")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY") or None,
@@ -76,6 +103,9 @@ def main(argv=None) -> None:
         raise UserError(f"--read-timeout must be a positive number of seconds, got {args.read_timeout}")
     if not args.drain_timeout >= 0:
         raise UserError(f"--drain-timeout must be 0 or more seconds, got {args.drain_timeout}")
+    if args.model and (args.source or args.model_tag or args.step is not None):
+        raise UserError("--model replaces -i/--model-tag/--step: give each checkpoint as --model SOURCE[:TAG[:STEP]]")
+    specs = [parse_model(m) for m in args.model] or [(args.source, args.model_tag, args.step)]
     if args.unsafe_python_tool:
         allow_unsafe_python_tool()
     print0(python_tool_banner())
@@ -93,26 +123,32 @@ def main(argv=None) -> None:
     else:
         devices = [torch.device(device_type)]
     dtype = get_compute_dtype(device_type)
-    workers, tokenizer, name = [], None, "nanochat"
-    for device in devices:  # one model copy and one scheduler thread per device
-        loaded = load_chat_model(args.source, device, args.model_tag, args.step, dry_run=args.dry_run)
-        if loaded is None:
-            return
-        model, tokenizer, meta = loaded
-        name = f"nanochat-{meta.model_tag}-{meta.phase}"
-        workers.append(BatchScheduler(model, tokenizer, slots=args.slots, dtype=dtype,
-                                      prefix_cache=args.prefix_cache))
+    loaded_models = []  # (workers, tokenizer, meta) of each model
+    for source, tag, step in specs:
+        workers = []
+        for device in devices:  # one model copy and one scheduler thread per model and device
+            loaded = load_chat_model(source, device, tag, step, dry_run=args.dry_run)
+            if loaded is None:
+                return
+            model, tokenizer, meta = loaded
+            workers.append(BatchScheduler(model, tokenizer, slots=args.slots, dtype=dtype,
+                                          prefix_cache=args.prefix_cache))
+        loaded_models.append((workers, tokenizer, meta))
+    ids = model_ids([meta for _, _, meta in loaded_models])
+    served = [ServedModel(model_id, workers, tokenizer, {"stage": meta.phase, "tag": meta.model_tag, "step": meta.step})
+              for model_id, (workers, tokenizer, meta) in zip(ids, loaded_models)]
+    workers, name = [w for m in served for w in m.workers], ", ".join(m.id for m in served)
     if args.dry_run:
-        print0(f"chat_web dry run: {len(workers)} worker(s) × {args.slots} slots ready for {name}")
+        print0(f"chat_web dry run: {len(devices)} worker(s) × {args.slots} slots ready for {name}")
         for w in workers:
             w.shutdown()
         return
     wildcard, shown = args.host in ("0.0.0.0", "::"), f"[{args.host}]" if ":" in args.host else args.host
     allowed = args.allowed_host + ([] if wildcard else [shown])
-    app = create_app(workers, tokenizer, name, {"temperature": args.temperature, "top_k": args.top_k,
-                                                "max_tokens": args.max_tokens},
+    app = create_app([], None, defaults={"temperature": args.temperature, "top_k": args.top_k,
+                                         "max_tokens": args.max_tokens},
                      api_key=args.api_key, client_limit=args.client_limit, allowed_hosts=allowed,
-                     read_timeout=args.read_timeout)
+                     read_timeout=args.read_timeout, models=served)
     where = "" if loopback else " (every interface)" if wildcard else " (reachable from the network)"
     try:
         sock = listen(args.host, args.port)
@@ -120,8 +156,8 @@ def main(argv=None) -> None:
         for w in workers:
             w.shutdown()
         raise
-    print0(f"serving {name} on http://{shown}:{args.port}{where} with {len(workers)} worker(s) × {args.slots} slots"
-           f"{', API key required' if args.api_key else ''}")
+    print0(f"serving {name} on http://{shown}:{args.port}{where} with {len(devices)} worker(s) × {args.slots} slots"
+           f"{' each' if len(served) > 1 else ''}{', API key required' if args.api_key else ''}")
     log_access_to_stderr()
     try:
         serve_http(app, args.host, args.port, args.read_timeout, args.drain_timeout, sock)

@@ -1,18 +1,21 @@
-"""Conversations longer than the context and the server's first impressions: a real `python -m scripts.chat_web` on
-loopback serving the base, SFT and RL stages of one run."""
+"""Several models behind one API, conversations longer than the context, and the server's first impressions: a real
+`python -m scripts.chat_web` on loopback serving the base, SFT and RL stages of one run."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import httpx
+import openai
 import pytest
 
 from webserver import ChatServer, save_long_talking_model
 
 CONTEXTS = {"base": 256, "sft": 128, "rl": 512}  # a different context per stage shows which model answered
+IDS = {stage: f"nanochat-d2-{stage}" for stage in CONTEXTS}
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +24,14 @@ def base(tmp_path_factory, tiny_tokenizer):
     for stage, context in CONTEXTS.items():
         save_long_talking_model(folder, tiny_tokenizer, stage, sequence_len=context)
     return folder
+
+
+@pytest.fixture(scope="module")
+def server(base):
+    s = ChatServer(base, "--model", "sft", "--model", "base:d2", "--model", "rl:d2:1", "--slots", "2",
+                   "--max-tokens", "8")
+    yield s
+    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +56,70 @@ def long_conversation(turns: int) -> list[dict]:
         messages += [{"role": "user", "content": f"Tell me about the river number {i} and its long banks."},
                      {"role": "assistant", "content": f"The river number {i} is long and its banks are green."}]
     return messages + [{"role": "user", "content": "And the last one?"}]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several models
+
+def test_models_lists_each_with_its_stage_tag_step_and_context_the_default_first(server):
+    data = httpx.get(server.url + "/v1/models").json()["data"]
+    assert [m["id"] for m in data] == [IDS["sft"], IDS["base"], IDS["rl"]]
+    for m in data:
+        assert m["object"] == "model" and m["tag"] == "d2" and m["step"] == 1
+        assert m["context"] == CONTEXTS[m["stage"]] and m["id"] == IDS[m["stage"]]
+    assert httpx.get(server.url + "/health").json()["models"] == [m["id"] for m in data]
+
+
+@pytest.mark.parametrize("stage", ["base", "rl"])
+def test_the_request_model_picks_the_model_that_answers(server, stage):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    reply = client.chat.completions.create(model=IDS[stage], messages=chat()["messages"], max_tokens=4)
+    assert reply.model == IDS[stage]
+    assert reply.model_extra["nanochat"]["context"] == CONTEXTS[stage]  # its own model's context: its own workers
+
+
+def test_a_request_without_model_gets_the_default(server):
+    body = httpx.post(server.url + "/v1/chat/completions", json=chat(), timeout=60).json()
+    assert body["model"] == IDS["sft"] and body["nanochat"]["context"] == CONTEXTS["sft"]
+
+
+def test_the_page_stream_can_name_a_model(server):
+    with httpx.stream("POST", server.url + "/chat/completions", json=chat(model=IDS["rl"]), timeout=60) as r:
+        events = sse_events(r)
+    assert events[-1]["done"] and events[-1]["nanochat"]["model"] == IDS["rl"]
+    assert events[-1]["nanochat"]["context"] == CONTEXTS["rl"]
+
+
+def test_an_unknown_model_is_a_404_in_openai_shape(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=chat()["messages"])
+    error = caught.value.body
+    assert error["code"] == "model_not_found" and error["param"] == "model" and IDS["sft"] in error["message"]
+    r = httpx.post(server.url + "/chat/completions", json=chat(model="x" * 100_000), timeout=60)
+    assert r.status_code == 404 and len(r.text) < 1000  # the name is not echoed whole
+
+
+def test_model_ids_add_the_step_only_where_two_would_share_a_name():
+    from scripts.chat_web import model_ids
+    meta = lambda phase, step: SimpleNamespace(model_tag="d12", phase=phase, step=step)  # noqa: E731
+    assert model_ids([meta("sft", 5), meta("base", 5)]) == ["nanochat-d12-sft", "nanochat-d12-base"]
+    assert model_ids([meta("sft", 5), meta("sft", 9)]) == ["nanochat-d12-sft-5", "nanochat-d12-sft-9"]
+    with pytest.raises(Exception, match="given twice"):
+        model_ids([meta("sft", 5), meta("sft", 5)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "chat"], "SOURCE one of base, sft, rl"),
+    (["--model", "sft:d2:last"], "the step must be a number"),
+    (["--model", "sft::3"], "SOURCE[:TAG[:STEP]]"),
+    (["--model", "sft", "-i", "base"], "--model replaces -i"),
+])
+def test_bad_model_flags_get_one_line_errors(argv, message):
+    from nanochat.common import UserError
+    from scripts.chat_web import main
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        main(argv + ["--dry-run"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def validate(body, defaults: dict) -> dict:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise BadRequest("'stream_options' must be an object like {\"include_usage\": true}", "stream_options")
-    model = body.get("model")  # checked only: the reply names the served model (see server.OpenAIChoices)
+    model = body.get("model")  # picks one of the models served; the reply names it (see server.OpenAIChoices)
     if model is not None and not isinstance(model, str):
         raise BadRequest(f"'model' must be a string, got {model!r}", "model")
     return {"messages": chat,
@@ -137,7 +137,8 @@ def validate(body, defaults: dict) -> dict:
             "max_tokens": _number(body, "max_tokens", defaults["max_tokens"], int),
             "n": _number(body, "n", 1, int),
             "seed": _number(body, "seed", None, int),
-            "stream": stream, "include_usage": options.get("include_usage", False), "stop": _stop(body.get("stop"))}
+            "stream": stream, "include_usage": options.get("include_usage", False), "stop": _stop(body.get("stop")),
+            "model": model}
 
 
 def _stop(value) -> list[str]:

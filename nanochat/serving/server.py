@@ -16,6 +16,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h11
@@ -307,8 +308,8 @@ class OpenAIChoices:
     chat.completion.chunk events, or one chat.completion. Tool calls and outputs appear inline in the content as
     the model's own <|python_start|>…<|python_end|><|output_start|>…<|output_end|> markup (see ContentText). A choice
     that reaches one of the `stop` strings is cut before it and cancelled (finish_reason "stop"). Every chunk names
-    the served model, whatever the request's `model` said: echoing it would let a large `model` field multiply into
-    every chunk."""
+    the model that answers by its id, never the request's `model` as sent: echoing it would let a large `model` field
+    multiply into every chunk."""
 
     def __init__(self, tokenizer, requests: list[Request], params: dict, prompt_tokens: int, model_name: str,
                  context: dict | None = None):
@@ -421,13 +422,39 @@ def prompt_within(tokenizer, context: int | None, messages: list[dict], max_toke
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The models served
+
+@dataclass
+class ServedModel:
+    """One checkpoint behind the API: `id` is what a request's `model` names and every reply carries, `workers` its
+    own schedulers (one per device), `info` what /v1/models says of it beside the id (stage, tag, step, context)."""
+    id: str
+    workers: list[BatchScheduler]
+    tokenizer: object
+    info: dict = field(default_factory=dict)
+
+    @property
+    def context(self) -> int | None:
+        """The tokens the model attends to (None for a stand-in worker that does not say: no turns are dropped)."""
+        return getattr(self.workers[0], "max_seq_len", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The app
 
 def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nanochat",
                defaults: dict | None = None, api_key: str | None = None, client_limit: int = CLIENT_LIMIT,
-               allowed_hosts: list[str] = (), read_timeout: float = READ_TIMEOUT) -> FastAPI:
+               allowed_hosts: list[str] = (), read_timeout: float = READ_TIMEOUT,
+               models: list[ServedModel] | None = None) -> FastAPI:
     """The app; with `api_key`, everything but the page, /health and the favicon needs `Authorization: Bearer` (the
-    API docs too); without one, only requests for a loopback name or one of `allowed_hosts` are answered."""
+    API docs too); without one, only requests for a loopback name or one of `allowed_hosts` are answered.
+    `models` serves several checkpoints in place of the one of `workers`, `tokenizer` and `model_name`: a request's
+    `model` picks one by id (the first when it names none), and an id not served is a 404. With one model, any name
+    is answered by it, as before (clients that insist on a name of their own keep working)."""
+    models = models or [ServedModel(model_name, workers, tokenizer)]
+    if len({m.id for m in models}) != len(models):
+        raise UserError(f"two of the models have the same id ({', '.join(m.id for m in models)}): serve each once")
+    by_id, workers, model_name = {m.id: m for m in models}, [w for m in models for w in m.workers], models[0].id
     defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 512, **(defaults or {})}
     limiter = ClientLimiter(client_limit)
     limits = {**LIMITS, "max_body_bytes": MAX_BODY_BYTES, "max_waiting_per_worker": MAX_WAITING,
@@ -441,28 +468,36 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
     ui = (Path(__file__).parent / "ui.html").read_text(encoding="utf-8")
     started = time.time()
     turn = itertools.count()
-    context = getattr(workers[0], "max_seq_len", None)
 
-    def pick_worker() -> BatchScheduler:
+    def pick_worker(model: ServedModel) -> BatchScheduler:
         def load(w):
             s = w.status()
             return s["active"] + s["waiting"]
-        return min(workers, key=lambda w: (load(w), next(turn)))
+        return min(model.workers, key=lambda w: (load(w), next(turn)))
+
+    def pick_model(name: str | None) -> ServedModel:
+        if len(models) == 1 or name is None:
+            return models[0]
+        if name not in by_id:
+            shown = name if len(name) <= 80 else name[:80] + "…"
+            raise BadRequest(f"the model {shown!r} is not served here: use one of {', '.join(by_id)} (GET /v1/models "
+                             "lists them)", "model", status=404, code="model_not_found")
+        return by_id[name]
 
     async def read_request(http: HTTPRequest) -> dict:
         authorized(http, api_key)
         return validate(await read_json(http, read_timeout), defaults)
 
-    def submit(params: dict, http: HTTPRequest) -> tuple[list[Request], asyncio.Queue, dict]:
+    def submit(params: dict, http: HTTPRequest, model: ServedModel) -> tuple[list[Request], asyncio.Queue, dict]:
         """Queue n requests for the conversation; (requests, their shared event queue, the prompt's fit as
         `prompt_within` says it)."""
         try:
-            tokens, fit = prompt_within(tokenizer, context, params["messages"], params["max_tokens"])
+            tokens, fit = prompt_within(model.tokenizer, model.context, params["messages"], params["max_tokens"])
         except UserError as e:
             raise BadRequest(str(e), "messages") from None
         seed = params["seed"] if params["seed"] is not None else int.from_bytes(os.urandom(4), "little")
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        worker, requests = pick_worker(), []
+        worker, requests = pick_worker(model), []
         if worker.status()["waiting"] >= MAX_WAITING:
             raise BadRequest("the server is busy: try again in a moment", status=503)
         client = http.client.host if http.client else "unknown"
@@ -501,7 +536,6 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
         return JSONResponse(status_code=exc.status_code, headers=exc.headers, content={
             "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
 
-
     @app.exception_handler(Exception)
     async def server_error(_, exc: Exception):
         return JSONResponse(status_code=500, content={
@@ -528,7 +562,8 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "workers": len(workers), "auth": bool(api_key), "limits": limits}
+        return {"status": "ok", "model": model_name, "models": list(by_id), "workers": len(workers),
+                "auth": bool(api_key), "limits": limits}
 
     @app.get("/stats")
     async def stats(http: HTTPRequest):
@@ -544,18 +579,20 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
         return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v1/models")
-    async def models(http: HTTPRequest):
+    async def list_models(http: HTTPRequest):
+        """Every model served, the default first: its id (a request's `model`) and its stage, tag, step, context."""
         authorized(http, api_key)
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
-                                            "owned_by": "nanochat"}]}
+        return {"object": "list", "data": [{"id": m.id, "object": "model", "created": int(started),
+                                            "owned_by": "nanochat", "context": m.context, **m.info} for m in models]}
 
     @app.post("/chat/completions")
     async def ui_chat(http: HTTPRequest):
         """The UI's stream (see UIStream); always one choice."""
         params = await read_request(http)
         params["n"] = 1
-        requests, queue, fit = submit(params, http)
-        reply = UIStream(tokenizer, fit["prompt_tokens"], {"model": model_name, **fit})
+        model = pick_model(params["model"])
+        requests, queue, fit = submit(params, http, model)
+        reply = UIStream(model.tokenizer, fit["prompt_tokens"], {"model": model.id, **fit})
         return StreamingResponse(reply.stream(drain(requests, queue, http)), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, CONTEXT_HEADER: json.dumps(fit)})
 
@@ -563,8 +600,9 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
     async def openai_chat(http: HTTPRequest):
         """OpenAI's chat completions, streamed or not (see OpenAIChoices)."""
         params = await read_request(http)
-        requests, queue, fit = submit(params, http)
-        choices = OpenAIChoices(tokenizer, requests, params, fit["prompt_tokens"], model_name, fit)
+        model = pick_model(params["model"])
+        requests, queue, fit = submit(params, http, model)
+        choices = OpenAIChoices(model.tokenizer, requests, params, fit["prompt_tokens"], model.id, fit)
         events = drain(requests, queue, http)
         headers = {CONTEXT_HEADER: json.dumps(fit)}
         if params["stream"]:
