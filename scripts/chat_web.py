@@ -10,9 +10,9 @@ Without a key it answers only requests addressed to localhost, 127.0.0.1, [::1],
 given with --allowed-host (a web page on a DNS-rebinding domain must not drive it).
 
 Endpoints: GET / (the chat page), POST /chat/completions (the page's stream), POST /v1/chat/completions
-(OpenAI-compatible; its `model` picks one of the --model checkpoints), GET /v1/models, GET /health, GET /stats,
-GET /metrics (Prometheus), GET /docs (the API, offline). One JSON access-log line per request goes to stderr;
-SIGTERM drains the requests in flight (--drain-timeout) and exits 0.
+(OpenAI-compatible; its `model` picks one of the --model checkpoints), POST /v1/completions (plain text, for base
+models), GET /v1/models, GET /health, GET /stats, GET /metrics (Prometheus), GET /docs (the API, offline). One JSON
+access-log line per request goes to stderr; SIGTERM drains the requests in flight (--drain-timeout) and exits 0.
 """
 
 import argparse
@@ -27,7 +27,6 @@ from nanochat.serving.scheduler import BatchScheduler
 from nanochat.serving.metrics import log_access_to_stderr
 from nanochat.serving.server import (CLIENT_LIMIT, DRAIN_TIMEOUT, LIMITS, READ_TIMEOUT, ServedModel, create_app,
                                      listen, serve_http)
-
 
 
 def parse_model(spec: str) -> tuple[str, str | None, int | None]:

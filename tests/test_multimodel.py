@@ -122,6 +122,26 @@ def test_bad_model_flags_get_one_line_errors(argv, message):
         main(argv + ["--dry-run"])
 
 
+def test_text_completions_continue_a_prompt_with_the_named_model(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    whole = client.completions.create(model=IDS["base"], prompt="The river", max_tokens=6, seed=7, temperature=1.0)
+    assert whole.object == "text_completion" and whole.model == IDS["base"] and whole.id.startswith("cmpl-")
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 6
+    streamed = client.completions.create(model=IDS["base"], prompt="The river", max_tokens=6, seed=7,
+                                         temperature=1.0, stream=True)
+    chunks = list(streamed)
+    assert all(c.object == "text_completion" and c.model == IDS["base"] for c in chunks)
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text != ""
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("body, param", [({"prompt": ""}, "prompt"), ({"prompt": ["a", "b"]}, "prompt"),
+                                         ({"prompt": "hi", "max_tokens": 0}, "max_tokens")])
+def test_a_bad_text_completion_is_a_400_naming_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Conversations longer than the context
 
@@ -161,8 +181,8 @@ def test_a_reply_cut_by_the_context_finishes_with_length(one):
 # Routes and first impressions
 
 @pytest.mark.parametrize("method, path, status", [
-    ("POST", "/v1/embeddings", 404), ("POST", "/v1/completions", 404), ("GET", "/v1/anything/else", 404),
-    ("GET", "/v1/chat/completions", 405),
+    ("POST", "/v1/embeddings", 404), ("GET", "/v1/anything/else", 404), ("GET", "/v1/chat/completions", 405),
+    ("GET", "/v1/completions", 405),
 ])
 def test_unknown_api_routes_answer_in_openai_error_shape(one, method, path, status):
     r = httpx.request(method, one.url + path, json={}, timeout=30)

@@ -117,6 +117,30 @@ def validate(body, defaults: dict) -> dict:
         raise BadRequest("the conversation must start with a user message (after any system message)", "messages")
     if system:
         chat.insert(0, {"role": "system", "content": "\n\n".join(system)})
+    return {"messages": chat, **_options(body, defaults)}
+
+
+def validate_completion(body, defaults: dict) -> dict:
+    """Check a text completion request (a `prompt` to continue, OpenAI's /v1/completions); returns normalised
+    parameters or raises BadRequest with a one-line reason."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("'prompt' must be a non-empty string (one prompt per request; use 'n' for several samples)",
+                         "prompt")
+    if len(prompt) > LIMITS["max_total_chars"]:
+        raise BadRequest(f"the prompt is {len(prompt)} characters, over the limit of {LIMITS['max_total_chars']}",
+                         "prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("'prompt' is not valid Unicode (a lone surrogate)", "prompt") from None
+    return {"prompt": prompt, **_options(body, defaults)}
+
+
+def _options(body: dict, defaults: dict) -> dict:
+    """The sampling and streaming options chat and text completions share."""
     if body.get("max_tokens") is None and "max_completion_tokens" in body:  # newer OpenAI clients' name for it
         body = {**body, "max_tokens": body["max_completion_tokens"]}
     stream = body.get("stream", False)
@@ -130,8 +154,7 @@ def validate(body, defaults: dict) -> dict:
     model = body.get("model")  # picks one of the models served; the reply names it (see server.OpenAIChoices)
     if model is not None and not isinstance(model, str):
         raise BadRequest(f"'model' must be a string, got {model!r}", "model")
-    return {"messages": chat,
-            "temperature": _number(body, "temperature", defaults["temperature"], float),
+    return {"temperature": _number(body, "temperature", defaults["temperature"], float),
             "top_k": _number(body, "top_k", defaults["top_k"], int),
             "top_p": _number(body, "top_p", 1.0, float),
             "max_tokens": _number(body, "max_tokens", defaults["max_tokens"], int),

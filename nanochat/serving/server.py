@@ -26,7 +26,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nanochat.serving.chat_request import LIMITS, MAX_BODY_BYTES, BadRequest, authorized, read_json, validate
+from nanochat.serving.chat_request import (LIMITS, MAX_BODY_BYTES, BadRequest, authorized, read_json, validate,
+                                           validate_completion)
 from nanochat.common import UserError
 from nanochat.engine import TextStream
 from nanochat.serving.drain import CLOSE_GRACE, DrainGate, Draining, DrainingServer
@@ -41,7 +42,7 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 READ_TIMEOUT = 10.0  # seconds a client has to send a request's headers, and again its body
 DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get to finish after a SIGTERM before they are ended
 CONTEXT_HEADER = "X-Nanochat-Context"  # how the prompt fit the model: {"dropped_messages", "context", "prompt_tokens"}
-ROUTES = "POST /v1/chat/completions, GET /v1/models, POST /chat/completions, GET /health, GET /stats, GET /docs"
+ROUTES = "POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /chat/completions, GET /health, GET /stats, GET /docs"
 
 
 class StopText:
@@ -310,13 +311,14 @@ class OpenAIChoices:
     that reaches one of the `stop` strings is cut before it and cancelled (finish_reason "stop"). Every chunk names
     the model that answers by its id, never the request's `model` as sent: echoing it would let a large `model` field
     multiply into every chunk."""
+    id_prefix, object_name, chunk_object = "chatcmpl-", "chat.completion", "chat.completion.chunk"
 
     def __init__(self, tokenizer, requests: list[Request], params: dict, prompt_tokens: int, model_name: str,
                  context: dict | None = None):
         self.tokenizer, self.requests, self.prompt_tokens, self.context = tokenizer, requests, prompt_tokens, context
         self.stop, self.include_usage = params["stop"], params["include_usage"]
         self.stops = tokenizer.stop_tokens()
-        self.head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
+        self.head = {"id": f"{self.id_prefix}{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_name}
         n = len(requests)
         self.texts, self.cutters = [ContentText(tokenizer) for _ in range(n)], [StopText(self.stop) for _ in range(n)]
 
@@ -342,8 +344,11 @@ class OpenAIChoices:
         return out + self.cutters[index].flush()
 
     def chunk(self, index: int, delta: dict, finish: str | None) -> str:
-        return sse({**self.head, "object": "chat.completion.chunk",
+        return sse({**self.head, "object": self.chunk_object,
                     "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+
+    def choice(self, index: int, text: str, finish: str) -> dict:
+        return {"index": index, "finish_reason": finish, "message": {"role": "assistant", "content": text}}
 
     async def stream(self, events: AsyncIterator[tuple[int, tuple]]) -> AsyncIterator[str]:
         n = len(self.requests)
@@ -364,7 +369,7 @@ class OpenAIChoices:
                 yield self.chunk(index, {"content": delta}, None)
         if finished == n:
             if self.include_usage:  # OpenAI sends this choice-less chunk only when asked to
-                yield sse({**self.head, "object": "chat.completion.chunk", "choices": [],
+                yield sse({**self.head, "object": self.chunk_object, "choices": [],
                            "usage": self.usage(sum(generated))})
             yield sse("[DONE]")
 
@@ -383,15 +388,29 @@ class OpenAIChoices:
         if message := next(filter(None, map(failure, reasons)), None):
             return JSONResponse(status_code=500 if "failed" in message else 503, content={
                 "error": {"message": message, "type": "server_error", "param": None}})
-        choices = [{"index": i, "finish_reason": self.finish_reason(i, reasons[i]),
-                    "message": {"role": "assistant", "content": self.content(ts)}} for i, ts in enumerate(tokens)]
-        return {**self.head, "object": "chat.completion", "choices": choices,
+        choices = [self.choice(i, self.content(ts), self.finish_reason(i, reasons[i])) for i, ts in enumerate(tokens)]
+        return {**self.head, "object": self.object_name, "choices": choices,
                 "usage": self.usage(sum(len(ts) for ts in tokens)), "nanochat": self.context or {}}
 
     def content(self, tokens: list[int]) -> str:
         stream = ContentText(self.tokenizer)
         text = "".join(stream.push(t) for t in tokens if t not in self.stops) + stream.flush()
         return text[:min([i for i in (text.find(s) for s in self.stop) if i >= 0], default=len(text))]
+
+
+class OpenAITextChoices(OpenAIChoices):
+    """OpenAI's text completions (POST /v1/completions), the way to use a base model: the prompt continued as plain
+    text, in text_completion objects whose choices carry `text` instead of a message or delta."""
+    id_prefix, object_name, chunk_object = "cmpl-", "text_completion", "text_completion"
+
+    def chunk(self, index: int, delta: dict, finish: str | None) -> str:
+        if "role" in delta:  # a chat stream's opening chunk: text completions have none
+            return ""
+        return sse({**self.head, "object": self.chunk_object, "choices": [
+            {"index": index, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}]})
+
+    def choice(self, index: int, text: str, finish: str) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
 
 def api_docs_page(schema: dict) -> str:
@@ -484,15 +503,19 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
                              "lists them)", "model", status=404, code="model_not_found")
         return by_id[name]
 
-    async def read_request(http: HTTPRequest) -> dict:
+    async def read_request(http: HTTPRequest, check=validate) -> dict:
         authorized(http, api_key)
-        return validate(await read_json(http, read_timeout), defaults)
+        return check(await read_json(http, read_timeout), defaults)
 
     def submit(params: dict, http: HTTPRequest, model: ServedModel) -> tuple[list[Request], asyncio.Queue, dict]:
         """Queue n requests for the conversation; (requests, their shared event queue, the prompt's fit as
         `prompt_within` says it)."""
         try:
-            tokens, fit = prompt_within(model.tokenizer, model.context, params["messages"], params["max_tokens"])
+            if "prompt" in params:  # a text completion: the prompt as a document, nothing dropped
+                tokens = model.tokenizer.encode(params["prompt"], prepend=model.tokenizer.get_bos_token_id())
+                fit = {"dropped_messages": 0, "context": model.context, "prompt_tokens": len(tokens)}
+            else:
+                tokens, fit = prompt_within(model.tokenizer, model.context, params["messages"], params["max_tokens"])
         except UserError as e:
             raise BadRequest(str(e), "messages") from None
         seed = params["seed"] if params["seed"] is not None else int.from_bytes(os.urandom(4), "little")
@@ -515,7 +538,7 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
                 r.cancel()  # each still finishes with "done", which releases its share
             for _ in range(params["n"] - len(requests)):
                 release()
-            raise BadRequest(str(e), "messages") from None
+            raise BadRequest(str(e), "prompt" if "prompt" in params else "messages") from None
         return requests, queue, fit
 
     @app.exception_handler(BadRequest)
@@ -612,5 +635,17 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
         if isinstance(reply, Response):
             return reply
         return JSONResponse(reply, headers=headers)
+
+    @app.post("/v1/completions")
+    async def openai_completions(http: HTTPRequest):
+        """OpenAI's text completions, streamed or not (see OpenAITextChoices): a base model continues `prompt`."""
+        params = await read_request(http, validate_completion)
+        model = pick_model(params["model"])
+        requests, queue, fit = submit(params, http, model)
+        choices = OpenAITextChoices(model.tokenizer, requests, params, fit["prompt_tokens"], model.id, fit)
+        events = drain(requests, queue, http)
+        if params["stream"]:
+            return StreamingResponse(choices.stream(events), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await choices.complete(events)
 
     return app
