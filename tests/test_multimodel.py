@@ -68,6 +68,7 @@ def test_models_lists_each_with_its_stage_tag_step_and_context_the_default_first
         assert m["object"] == "model" and m["tag"] == "d2" and m["step"] == 1
         assert m["context"] == CONTEXTS[m["stage"]] and m["id"] == IDS[m["stage"]]
     assert httpx.get(server.url + "/health").json()["models"] == [m["id"] for m in data]
+    assert [w["model"] for w in httpx.get(server.url + "/stats").json()["workers"]] == [m["id"] for m in data]
 
 
 @pytest.mark.parametrize("stage", ["base", "rl"])

@@ -592,7 +592,7 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
     async def stats(http: HTTPRequest):
         authorized(http, api_key)
         return {"model": model_name, "uptime_s": round(time.time() - started, 1),
-                "workers": [w.status() for w in workers]}
+                "workers": [{"model": m.id, **w.status()} for m in models for w in m.workers]}
 
     @app.get("/metrics")
     async def prometheus_metrics(http: HTTPRequest):
