@@ -474,6 +474,7 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
     if len({m.id for m in models}) != len(models):
         raise UserError(f"two of the models have the same id ({', '.join(m.id for m in models)}): serve each once")
     by_id, workers, model_name = {m.id: m for m in models}, [w for m in models for w in m.workers], models[0].id
+    tokenizer = models[0].tokenizer  # the tool markup the metrics count (every served model shares the tokenizer)
     defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 512, **(defaults or {})}
     limiter = ClientLimiter(client_limit)
     limits = {**LIMITS, "max_body_bytes": MAX_BODY_BYTES, "max_waiting_per_worker": MAX_WAITING,
