@@ -20,7 +20,7 @@ import os
 
 import torch
 
-from nanochat.checkpoint import PHASE_DIRS, load_chat_model
+from nanochat.checkpoint import PHASE_DIRS, describe_model, load_chat_model
 from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, print0, run_cli
 from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.serving.scheduler import BatchScheduler
@@ -48,6 +48,13 @@ def model_ids(metas: list) -> list[str]:
     if len(set(ids)) != len(ids):
         raise UserError(f"the same checkpoint is given twice among --model ({', '.join(ids)}): give each once")
     return ids
+
+
+def web_about(meta) -> dict:
+    """What /health and /v1/models say about a model beside its id and context, for the page's header."""
+    description, expectation = describe_model(meta)
+    return {"stage": meta.phase, "tag": meta.model_tag, "step": meta.step, "description": description,
+            "expectation": expectation}
 
 
 def main(argv=None) -> None:
@@ -134,7 +141,7 @@ def main(argv=None) -> None:
                                           prefix_cache=args.prefix_cache))
         loaded_models.append((workers, tokenizer, meta))
     ids = model_ids([meta for _, _, meta in loaded_models])
-    served = [ServedModel(model_id, workers, tokenizer, {"stage": meta.phase, "tag": meta.model_tag, "step": meta.step})
+    served = [ServedModel(model_id, workers, tokenizer, web_about(meta))
               for model_id, (workers, tokenizer, meta) in zip(ids, loaded_models)]
     workers, name = [w for m in served for w in m.workers], ", ".join(m.id for m in served)
     if args.dry_run:

@@ -446,7 +446,8 @@ def prompt_within(tokenizer, context: int | None, messages: list[dict], max_toke
 @dataclass
 class ServedModel:
     """One checkpoint behind the API: `id` is what a request's `model` names and every reply carries, `workers` its
-    own schedulers (one per device), `info` what /v1/models says of it beside the id (stage, tag, step, context)."""
+    own schedulers (one per device), `info` what /v1/models says of it beside the id and context (stage, tag, step,
+    description, and for a tiny model what to expect of it)."""
     id: str
     workers: list[BatchScheduler]
     tokenizer: object
@@ -586,8 +587,8 @@ def create_app(workers: list[BatchScheduler], tokenizer, model_name: str = "nano
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, "models": list(by_id), "workers": len(workers),
-                "auth": bool(api_key), "limits": limits}
+        return {"status": "ok", "model": model_name, **models[0].info, "context": models[0].context,
+                "models": list(by_id), "workers": len(workers), "auth": bool(api_key), "limits": limits}
 
     @app.get("/stats")
     async def stats(http: HTTPRequest):
