@@ -1,5 +1,6 @@
 """The chat page in a real browser (Debian's Chromium driven by Playwright): type, stream, stop, regenerate, edit,
-tool parts, the stream parser and the markdown renderer, at desktop and phone width."""
+tool parts, the stream parser and the markdown renderer, at desktop and phone width. Saved conversations, settings
+and the model header: test_ui_chats.py."""
 
 import json
 import os
@@ -175,11 +176,16 @@ def test_new_chat_and_phone_width_layout(browser, server):
     page.click("#send")
     page.wait_for_function(f"{BUBBLE} && {BUBBLE}.innerText.length > 200")
     assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways
-    for selector in ("#stop", "#new-chat", "#temperature"):
+    for selector in ("#stop", "#new-chat", "#settings-button", "#toggle-sidebar"):
         box = page.query_selector(selector).bounding_box()
         assert box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
     page.click("#stop")
     page.click("#new-chat")
     assert page.query_selector(".msg") is None and page.is_visible("#empty")
+    assert page.is_visible("#model") and page.is_hidden("#sidebar")  # the side panel opens from the ☰ button
     page.screenshot(path=os.path.join(os.environ.get("TMPDIR", "/tmp"), "nanochat-ui-phone.png"))
+    page.click("#toggle-sidebar")
+    assert page.query_selector("#sidebar").bounding_box()["width"] <= 390
+    page.click(".conversation .open-chat")
+    assert page.inner_text(".msg.user .bubble").startswith("hello hello") and page.is_hidden("#sidebar")
     context.close()
