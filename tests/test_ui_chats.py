@@ -112,6 +112,18 @@ def test_a_reload_restores_conversations_and_the_side_panel_switches_between_the
     page.screenshot(path=os.path.join(SHOTS, "nanochat-ui-conversations.png"))
 
 
+def test_a_reply_interrupted_by_a_reload_keeps_its_text_and_says_so(page):
+    page.fill("#input", "tell me everything")
+    page.press("#input", "Enter")
+    page.wait_for_function(f"{BUBBLE} && {BUBBLE}.innerText.length > 20")
+    page.reload()
+    page.wait_for_selector(".msg.assistant .note")
+    assert "interrupted" in page.inner_text(".msg.assistant .note")
+    assert len(page.inner_text(".msg.assistant .bubble")) > 20 + len(page.inner_text(".msg.assistant .note"))
+    assert page.is_visible("button.regenerate") and page.is_visible("#send")
+    assert page.query_selector(".msg.assistant .error") is None
+
+
 def test_conversations_are_renamed_and_deleted(page):
     answer_with(page, reply("ok"))
     ask(page, "keep me")
@@ -167,6 +179,8 @@ def test_copy_buttons_copy_a_code_block_and_a_whole_message(context, page):
         "Here:\n```python\nprint('hi')\n```\nDone.[python]\n1+1\n[/python][output]\n2\n[/output]")
     page.click(".msg.user .copy-message")
     assert page.evaluate("navigator.clipboard.readText()") == "show code"
+    page.click("#settings-button")
+    page.screenshot(path=os.path.join(SHOTS, "nanochat-ui-code-and-settings.png"))
 
 
 def test_settings_are_kept_per_browser_and_sent_with_each_request(page):
