@@ -124,6 +124,21 @@ def test_a_reply_interrupted_by_a_reload_keeps_its_text_and_says_so(page):
     assert page.query_selector(".msg.assistant .error") is None
 
 
+def test_two_tabs_keep_each_others_conversations(context, page, server):  # noqa: F811
+    other = context.new_page()  # same browser profile, same localStorage
+    other.goto(server.url)
+    for tab, text in ((page, "from the first tab"), (other, "from the second tab")):
+        answer_with(tab, reply("ok"))
+        ask(tab, text)
+    page.wait_for_function("document.querySelectorAll('#conversations .open-chat').length === 2")
+    ask(page, "and more from the first")  # its save must not drop the other tab's conversation
+    other.reload()
+    other.wait_for_selector(".conversation >> nth=1")
+    assert sorted(titles(other)) == ["from the first tab", "from the second tab"]
+    other.click(".conversation:has-text('from the first tab') .open-chat")
+    assert len(other.query_selector_all(".msg.user")) == 2
+
+
 def test_conversations_are_renamed_and_deleted(page):
     answer_with(page, reply("ok"))
     ask(page, "keep me")
