@@ -242,6 +242,22 @@ def test_several_models_get_a_selector_and_the_chosen_one_is_asked(page, server)
     assert page.input_value("#model-select") == "nanochat-d20-rl"
 
 
+def test_the_context_meter_warns_when_the_conversation_fills_the_context(page):
+    models = {"object": "list", "data": [{"id": "small", "object": "model", "context": 64}]}  # an id-only server too
+    page.route("**/v1/models", lambda route: route.fulfill(status=200, body=json.dumps(models),
+                                                           headers={"Content-Type": "application/json"}))
+    page.reload()
+    page.wait_for_function("document.getElementById('model').textContent === 'small'")
+    answer_with(page, reply("ok", usage={"prompt_tokens": 40, "completion_tokens": 4}))
+    ask(page, "hi")
+    assert page.inner_text("#context-text") == "context: 44 of 64 tokens (69%)"
+    assert "full" not in (page.get_attribute("#context", "class") or "")
+    answer_with(page, reply("ok", usage={"prompt_tokens": 60, "completion_tokens": 4}))
+    ask(page, "again")
+    assert page.inner_text("#context-text") == "context: 64 of 64 tokens (100%): the oldest messages no longer fit"
+    assert "full" in page.get_attribute("#context", "class")
+
+
 def test_a_busy_server_is_named_as_busy(page):
     page.route("**/chat/completions", lambda route: route.fulfill(status=429, body=json.dumps({"error": {
         "message": "too many concurrent generations from this client (16 running, limit 16): wait for one to finish",
