@@ -139,6 +139,19 @@ def test_two_tabs_keep_each_others_conversations(context, page, server):  # noqa
     assert len(other.query_selector_all(".msg.user")) == 2
 
 
+def test_unreadable_saved_conversations_are_kept_aside_and_named(page):
+    page.evaluate("localStorage.setItem('nanochat-conversations', '[{\"id\": broken')")
+    page.reload()
+    page.wait_for_selector("#banner")
+    assert "could not be read" in page.inner_text("#banner") and page.is_visible("#empty")
+    assert page.evaluate("localStorage.getItem('nanochat-conversations-unreadable')") == '[{"id": broken'
+    answer_with(page, reply("ok"))
+    ask(page, "a fresh start")
+    page.reload()
+    page.wait_for_selector(".msg.user")
+    assert titles(page) == ["a fresh start"] and page.is_hidden("#banner")
+
+
 def test_conversations_are_renamed_and_deleted(page):
     answer_with(page, reply("ok"))
     ask(page, "keep me")
