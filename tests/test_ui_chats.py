@@ -73,6 +73,15 @@ def test_the_page_shows_the_model_its_stage_what_to_expect_and_the_context(page,
     assert page.inner_text("#context-text") == "context: 0 of 8192 tokens (0%)"
 
 
+def test_with_an_api_key_the_model_is_named_from_health(page, server):  # noqa: F811
+    """/v1/models needs the key (asked for at the first message); /health, which does not, names the model too."""
+    page.route("**/v1/models", lambda route: route.fulfill(status=401, body="{}"))
+    page.reload()
+    page.wait_for_function("document.getElementById('model').textContent !== ''")
+    model = httpx.get(server.url + "/health").json()["model"]
+    assert page.inner_text("#model") == f"{model} · sft step 1" and "tiny model" in page.inner_text("#expectation")
+
+
 def test_a_reply_cut_at_max_tokens_says_so_and_the_meter_counts_the_exchange(page):
     page.click("#settings-button")
     page.fill("#max-tokens", "5")
