@@ -278,6 +278,9 @@ def test_the_context_meter_warns_when_the_conversation_fills_the_context(page):
     ask(page, "again")
     assert page.inner_text("#context-text") == "context: 64 of 64 tokens (100%): the oldest messages no longer fit"
     assert "full" in page.get_attribute("#context", "class")
+    answer_with(page, reply("ok", nanochat={"dropped_messages": 2, "context": 64, "prompt_tokens": 50}))
+    ask(page, "and again")  # the server dropped the two oldest messages to fit: the reply says so
+    assert "the 2 oldest messages were left out to fit the model's context" in page.inner_text(".msg.assistant >> nth=-1")
 
 
 def test_a_busy_server_is_named_as_busy(page):
