@@ -1,6 +1,7 @@
 """Things every stage needs: where files live, which device and dtype to compute in, and torchrun's process group."""
 
 import os
+import re
 import subprocess
 import sys
 from contextlib import nullcontext
@@ -123,11 +124,47 @@ class Compute:
         return autocast_ctx(self.device_type, self.dtype)
 
 
+def nvidia_driver_version() -> str | None:
+    """The NVIDIA kernel driver's version (e.g. "535.104.05"), read without CUDA, or None when there is no driver."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        text = ""
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", text)
+    if match:
+        return match.group(1)
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def cuda_unusable_reason() -> str:
+    """Why torch cannot use a CUDA GPU here, naming the NVIDIA driver and the CUDA version torch was built for. A
+    driver older than the torch wheel's CUDA is the usual cause: torch then reports no GPU rather than an error."""
+    driver = nvidia_driver_version()
+    has = f"NVIDIA driver {driver}" if driver else "no NVIDIA driver"
+    if torch.version.cuda is None:
+        return (f"torch {torch.__version__} is a CPU-only build ({has} found): install the CUDA build of torch "
+                "(runs/setup.sh does on a machine where nvidia-smi works)")
+    if driver is None:
+        return (f"no NVIDIA driver found (torch {torch.__version__} is built for CUDA {torch.version.cuda}): "
+                "install the driver, or pass --device-type=cpu")
+    return (f"torch {torch.__version__} (built for CUDA {torch.version.cuda}) cannot use the GPU with NVIDIA driver "
+            f"{driver}: a driver older than torch's CUDA is the usual cause; update the driver or install a torch "
+            "build for an older CUDA")
+
+
 def compute_init(device_type: str = "") -> Compute:
     """Pick the device, the compute dtype, and join torchrun's process group (nccl on CUDA, gloo otherwise)."""
+    requested = device_type
     device_type = device_type or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device-type=cuda but no CUDA GPU is visible; use --device-type=cpu")
+        raise UserError(f"--device-type=cuda but no usable CUDA GPU: {cuda_unusable_reason()}")
+    if not requested and device_type == "cpu" and nvidia_driver_version() is not None:
+        print0(f"warning: running on the CPU although an NVIDIA driver is installed: {cuda_unusable_reason()}")
     info = get_dist_info()
     if device_type == "cuda":
         device = torch.device("cuda", info.local_rank)

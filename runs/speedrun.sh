@@ -5,6 +5,9 @@
 #   DRY_RUN=1 bash runs/speedrun.sh       # validate every stage's arguments without training (works on a CPU)
 #   SKIP_PREFLIGHT=1 bash runs/speedrun.sh  # without checking the node first (python -m scripts.preflight)
 #
+# Every stage runs with --device-type=cuda: a node whose GPUs torch cannot use (say a driver older than the torch
+# wheel's CUDA) stops at the first stage with one line naming both, never trains on its CPUs.
+#
 # Stages: data (240 shards, downloaded in the background while the tokenizer trains) -> tokenizer on ~2B characters
 # -> d20 pretraining on 8 GPUs -> base eval -> SFT -> chat eval -> RL on GSM8K -> chat eval -> report card.
 #
@@ -30,7 +33,9 @@ if [ "$DRY_RUN" = "1" ]; then
     # Every script parses its arguments, derives what it would do, checks its inputs' shape and exits.
     TORCHRUN=(python -m)
     DRY=(--dry-run)
+    DEVICE_TYPE="${DEVICE_TYPE:-}"  # any machine (DEVICE_TYPE=cuda checks the GPU too)
 else
+    DEVICE_TYPE="${DEVICE_TYPE:-cuda}"
     source runs/setup.sh
     TORCHRUN=(torchrun --standalone --nproc_per_node="$NPROC" -m)
     DRY=()
@@ -52,6 +57,7 @@ stage() {
     fi
 }
 RESUME=(--resume-from-step=latest --keep-last=2)
+DEVICE=(--device-type="$DEVICE_TYPE")
 
 # Check the node first (versions, GPUs, FA3, compile, all-reduce, speed, memory, predicted time and cost, decode): a few
 # minutes that can save hours. SKIP_PREFLIGHT=1 skips it; a dry run checks only its arguments and cheap lines.
@@ -77,16 +83,16 @@ if [ "$DRY_RUN" != "1" ]; then
     wait "$DATASET_PID"
 fi
 
-stage "base_train_$TAG" "${TORCHRUN[@]}" scripts.base_train "${DRY[@]}" --depth="$DEPTH" \
+stage "base_train_$TAG" "${TORCHRUN[@]}" scripts.base_train "${DRY[@]}" "${DEVICE[@]}" --depth="$DEPTH" \
     --target-param-data-ratio=10.5 --device-batch-size=32 --model-tag="$TAG" --run="$WANDB_RUN" \
     --save-every="$SAVE_EVERY" "${RESUME[@]}"
-stage "base_eval_$TAG" "${TORCHRUN[@]}" scripts.base_eval "${DRY[@]}" --model-tag="$TAG"
-stage "chat_sft_$TAG" "${TORCHRUN[@]}" scripts.chat_sft "${DRY[@]}" --model-tag="$TAG" --run="$WANDB_RUN" \
+stage "base_eval_$TAG" "${TORCHRUN[@]}" scripts.base_eval "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG"
+stage "chat_sft_$TAG" "${TORCHRUN[@]}" scripts.chat_sft "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG" --run="$WANDB_RUN" \
     --save-every="$SFT_SAVE_EVERY" "${RESUME[@]}"
-stage "sft_eval_$TAG" "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" -i sft --model-tag="$TAG"
-stage "chat_rl_$TAG" "${TORCHRUN[@]}" scripts.chat_rl "${DRY[@]}" --model-tag="$TAG" --run="$WANDB_RUN" \
+stage "sft_eval_$TAG" "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" "${DEVICE[@]}" -i sft --model-tag="$TAG"
+stage "chat_rl_$TAG" "${TORCHRUN[@]}" scripts.chat_rl "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG" --run="$WANDB_RUN" \
     --save-every="$RL_SAVE_EVERY" "${RESUME[@]}"
-stage "rl_eval_$TAG" "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" -i rl --model-tag="$TAG" -a GSM8K
+stage "rl_eval_$TAG" "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" "${DEVICE[@]}" -i rl --model-tag="$TAG" -a GSM8K
 
 if [ "$DRY_RUN" != "1" ]; then
     python -m nanochat.report generate

@@ -4,6 +4,9 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,3 +37,22 @@ def test_readme_opens_with_the_two_commands():
     assert [line.split("#")[0].strip() for line in block] == ["bash runs/cpu.sh", "bash runs/test.sh"]
     ci = (REPO / ".ci" / "run").read_text()
     assert "bash runs/test.sh" in ci
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a usable CUDA GPU")
+def test_speedrun_stages_ask_for_cuda_and_stop_without_a_usable_gpu(base_dir):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), DRY_RUN="1", DEVICE_TYPE="cuda")
+    proc = subprocess.run(["bash", "runs/speedrun.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1
+    assert "+ python -m scripts.base_train --dry-run --device-type=cuda " in proc.stdout
+    assert "scripts.base_eval" not in proc.stdout  # the first stage stopped the run
+    assert proc.stderr.strip().count("\n") == 0 and "no usable CUDA GPU" in proc.stderr, proc.stderr
+
+
+def test_speedrun_runs_every_stage_on_cuda():
+    script = (REPO / "runs" / "speedrun.sh").read_text()
+    assert 'DEVICE_TYPE="${DEVICE_TYPE:-cuda}"' in script
+    for stage in ("base_train", "base_eval", "chat_sft", "chat_eval", "chat_rl"):
+        for line in (line for line in script.splitlines() if f"scripts.{stage} " in line):
+            assert '"${DEVICE[@]}"' in line, line
