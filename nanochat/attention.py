@@ -6,8 +6,8 @@ i-w+1 .. i.
 
 Which path runs, and why:
 - Hopper with the `kernels` package and bf16/fp16 inputs: FA3 (`flash_attn_func` for training, causal with a left
-  window; `flash_attn_with_kvcache` against the cache for prefill and decoding). Anything else on CUDA prints one
-  line saying that attention falls back to SDPA.
+  window; `flash_attn_with_kvcache` against the cache for prefill and decoding). Every stage prints which kernel it
+  will use, and why not FA3 where it is not (`kernel_summary`); `python -m nanochat.attention` checks it alone.
 - Full context: SDPA with `is_causal` (flash kernels on CUDA and CPU).
 - A short window under torch.compile on CUDA: flex_attention with a block mask, so blocks outside the window are
   skipped rather than masked; its block tables come from the window's shape alone, never from a T×T tensor.
@@ -21,35 +21,55 @@ Which path runs, and why:
 """
 
 import functools
-import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-FA3_REPO = "varunneal/flash-attention-3"  # the Hopper build of FA3 that the reference design uses
+# The Hopper builds of FA3 on the Hugging Face kernel hub, in order of preference: the reference design's, then the
+# kernels-community one. `kernels` ≥ 0.15 needs a version or revision with every kernel and, by default, refuses
+# publishers the hub does not mark as trusted; these two are named here on purpose, so they are trusted explicitly.
+FA3_BUILDS = (("varunneal/flash-attention-3", {"revision": "main"}), ("kernels-community/flash-attn3", {"version": 1}))
+FA3_REPO = FA3_BUILDS[0][0]
 FLEX_BLOCK = 128
 
 
 def _load_flash_attn_3():
-    """FA3's interface module on an SM90 GPU, else None with a one-line notice on CUDA machines."""
+    """(FA3's interface module, "") on an SM90 GPU where a build for this torch loads, else (None, why not)."""
     if not torch.cuda.is_available():
-        return None
+        return None, "there is no CUDA GPU"
     major, minor = torch.cuda.get_device_capability()
-    reason = f"the GPU is SM{major}{minor} and FA3 needs Hopper (SM90)"
-    if major == 9:
+    if major != 9:
+        return None, f"the GPU is SM{major}{minor} and FA3 needs Hopper (SM90)"
+    try:
+        from kernels import get_kernel
+    except ImportError:
+        return None, "the `kernels` package is not installed (pip install -e '.[gpu]'; runs/setup.sh does on a GPU)"
+    failures = []
+    for repo, which in FA3_BUILDS:
         try:
-            from kernels import get_kernel
-            return get_kernel(FA3_REPO).flash_attn_interface
-        except Exception as e:  # not installed, no network, no build for this torch: SDPA still works
-            reason = f"{FA3_REPO} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"attention: Flash Attention 3 is not used because {reason}; falling back to PyTorch SDPA", flush=True)
-    return None
+            return get_kernel(repo, trust_remote_code=True, **which).flash_attn_interface, ""
+        except Exception as e:  # no network, no build for this torch, an old `kernels`: SDPA still works
+            failures.append(f"{repo}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    return None, "no FA3 build could be loaded (" + "; ".join(failures) + ")"
 
 
 # Resolved once at import, outside any torch.compile trace (dynamo would trace into a cached loader).
-FA3 = _load_flash_attn_3()
+FA3, FA3_UNUSED_BECAUSE = _load_flash_attn_3()
+
+
+def kernel_summary(device_type: str, dtype: torch.dtype) -> str:
+    """The one line every stage prints at its start (`compute_init`): which attention kernel it will use, and why
+    not FA3 on a GPU where it is not used."""
+    if device_type != "cuda":
+        return f"attention: PyTorch SDPA on {device_type}"
+    if FA3 is None:
+        return f"attention: PyTorch SDPA (flex_attention for windows), not Flash Attention 3: {FA3_UNUSED_BECAUSE}"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return (f"attention: PyTorch SDPA, not Flash Attention 3: FA3 takes bf16/fp16 and the compute dtype is "
+                f"{str(dtype).removeprefix('torch.')}")
+    return "attention: Flash Attention 3 (Hopper) for training, prefill and decoding"
 
 
 def fa3_accepts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -171,3 +191,33 @@ def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tu
     """Unmasked attention (B, H, Tq, D) and its fp32 log-sum-exp (B, H, Tq), by the CPU flash kernel behind SDPA."""
     out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
     return out[0], out[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nanochat.attention [--require-fa3]`: print which kernel attention uses here; on a Hopper GPU without
+    FA3, list the builds the hub has for each repository and, with --require-fa3, exit 1 (runs/speedrun.sh)."""
+    argv = sys.argv[1:] if argv is None else argv
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    print(kernel_summary("cuda" if torch.cuda.is_available() else "cpu", dtype), flush=True)
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    if FA3 is not None or not hopper:
+        return 0
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); FA3 builds on the hub:", flush=True)
+    for repo, which in FA3_BUILDS:
+        try:
+            from kernels import get_kernel_variants
+            found = [f"{d.variant.variant_str}{'' if type(d).__name__ == 'VariantAccepted' else ' (not this system)'}"
+                     for d in get_kernel_variants(repo, **which)]
+            print(f"  {repo}: {', '.join(found) or 'none'}", flush=True)
+        except Exception as e:
+            print(f"  {repo}: could not be listed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})",
+                  flush=True)
+    if "--require-fa3" in argv:
+        print("error: this Hopper GPU would train with SDPA, not FA3 (much slower): install a torch that a build above "
+              "is for (TORCH_VERSION=... bash runs/setup.sh), or set ALLOW_SDPA=1 to run anyway", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -177,7 +177,10 @@ def compute_init(device_type: str = "") -> Compute:
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, device_id=device if device_type == "cuda" else None)
         dist.barrier()
-    return Compute(device=device, device_type=device_type, dtype=get_compute_dtype(device_type), dist=info)
+    dtype = get_compute_dtype(device_type)
+    from nanochat.attention import kernel_summary  # imported here: it resolves FA3 on CUDA machines
+    print0(kernel_summary(device_type, dtype))
+    return Compute(device=device, device_type=device_type, dtype=dtype, dist=info)
 
 
 def compute_cleanup() -> None:

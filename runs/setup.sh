@@ -40,8 +40,18 @@ if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; the
         >/dev/null) || echo "[setup] could not install bubblewrap: the Python tool will be off (README: Sandbox)"
 fi
 
+# With an NVIDIA GPU the `gpu` extra comes too: `kernels` (Flash Attention 3) and `torchao` (fp8); without it attention
+# runs on SDPA, several times slower on Hopper.
+if has_gpu && [[ ",$EXTRAS," != *",gpu,"* ]]; then
+    EXTRAS="${EXTRAS:+$EXTRAS,}gpu"
+fi
 spec="."
 [ -n "$EXTRAS" ] && spec=".[${EXTRAS}]"
 echo "[setup] installing nanochat${EXTRAS:+[$EXTRAS]} and its dependencies"
 pip install -q -e "$spec" 2>&1 | quiet
+if has_gpu; then
+    # Which attention kernel this torch gets here: on Hopper, whether a build of FA3 for it exists on the kernel hub
+    # (downloaded now, so the stages find it cached); runs/speedrun.sh stops where it does not.
+    python -m nanochat.attention || echo "[setup] the attention check failed (see above)"
+fi
 python -c "import torch, nanochat; print(f'[setup] torch {torch.__version__}, python', __import__('sys').version.split()[0])"

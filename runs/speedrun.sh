@@ -37,6 +37,8 @@ if [ "$DRY_RUN" = "1" ]; then
 else
     DEVICE_TYPE="${DEVICE_TYPE:-cuda}"
     source runs/setup.sh
+    # FA3 or stop: a Hopper node would otherwise train for hours on SDPA (ALLOW_SDPA=1 runs anyway)
+    [ "${ALLOW_SDPA:-0}" = "1" ] || python -m nanochat.attention --require-fa3
     TORCHRUN=(torchrun --standalone --nproc_per_node="$NPROC" -m)
     DRY=()
     mkdir -p "$STAGES"

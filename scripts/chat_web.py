@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from nanochat.attention import kernel_summary
 from nanochat.checkpoint import PHASE_DIRS, describe_model, load_chat_model
 from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, print0, run_cli
 from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
@@ -129,6 +130,7 @@ def main(argv=None) -> None:
     else:
         devices = [torch.device(device_type)]
     dtype = get_compute_dtype(device_type)
+    print0(kernel_summary(device_type, dtype))
     loaded_models = []  # (workers, tokenizer, meta) of each model
     for source, tag, step in specs:
         workers = []

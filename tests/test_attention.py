@@ -1,12 +1,17 @@
 """Sliding-window attention paths against a naive mask (the flex_attention block mask and the cached SDPA mask),
-and the decode step's attention to a prompt that every row shares."""
+the decode step's attention to a prompt that every row shares, and which kernel a stage says it will use."""
 
+import os
+import subprocess
+import sys
+import types
 import warnings
 
 import pytest
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
+from nanochat import attention as attention_module
 from nanochat.attention import attention, window_block_mask, window_mask
 from test_gpt import naive_attention
 
@@ -66,22 +71,100 @@ def test_the_block_mask_builds_inside_one_compiled_graph():
     assert torch.allclose(y, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("capability, says", [((8, 0), "SM80"), ((9, 0), "varunneal/flash-attention-3")])
-def test_a_cuda_machine_without_fa3_gets_one_line_saying_why(monkeypatch, capsys, capability, says):
-    import builtins
-    from nanochat import attention as attention_module
+def fake_kernels(monkeypatch, builds: dict | None = None):
+    """A stand-in `kernels` package with the contract of kernels 0.19 (read from its source): get_kernel refuses a
+    call without a version or revision, and an untrusted publisher without trust_remote_code. `builds` maps a repo
+    to its interface module, or to the exception that loading it raises (no build for this torch, say)."""
+    module = types.ModuleType("kernels")
+    calls = []
+
+    def get_kernel(repo_id, *, revision=None, version=None, trust_remote_code=False, **_):
+        calls.append((repo_id, revision, version, trust_remote_code))
+        if revision is None and version is None:
+            raise ValueError("A kernel version or revision must be specified.")
+        if trust_remote_code is not True and not repo_id.startswith("kernels-community/"):
+            raise ValueError(f"Kernel repository '{repo_id}' is not from a trusted publisher.")
+        found = (builds or {}).get(repo_id, FileNotFoundError("no build variant for torch-2.13-cxx11-cu130"))
+        if isinstance(found, Exception):
+            raise found
+        return types.SimpleNamespace(flash_attn_interface=found)
+
+    module.get_kernel = get_kernel
+    module.get_kernel_variants = lambda repo_id, **which: []
+    monkeypatch.setitem(sys.modules, "kernels", module)
+    return calls
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+
+
+def test_fa3_is_loaded_with_a_revision_and_trust_as_current_kernels_requires(monkeypatch, hopper):
+    interface = object()
+    calls = fake_kernels(monkeypatch, {"varunneal/flash-attention-3": interface})
+    assert attention_module._load_flash_attn_3() == (interface, "")
+    assert calls == [("varunneal/flash-attention-3", "main", None, True)]
+
+
+def test_the_kernels_package_refuses_a_kernel_asked_for_without_a_version():
+    """Why FA3 was never loaded: since kernels 0.15 an unversioned get_kernel is an error, raised before any
+    download (the old loader called get_kernel(repo) and fell back to SDPA)."""
+    kernels = pytest.importorskip("kernels", minversion="0.15")
+    with pytest.raises(ValueError, match="version or revision"):
+        kernels.get_kernel(attention_module.FA3_REPO)
+
+
+def test_without_the_preferred_build_the_kernels_community_fa3_is_taken(monkeypatch, hopper):
+    interface = object()
+    fake_kernels(monkeypatch, {"kernels-community/flash-attn3": interface})
+    assert attention_module._load_flash_attn_3() == (interface, "")
+
+
+@pytest.mark.parametrize("capability, builds, says", [
+    ((8, 0), None, "SM80"),
+    ((9, 0), {}, "no build variant for torch-2.13"),
+    ((9, 0), "absent", "`kernels` package is not installed"),
+])
+def test_a_cuda_machine_without_fa3_is_told_why_in_the_stage_line(monkeypatch, capability, builds, says):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
-    real_import = builtins.__import__
+    if builds == "absent":
+        monkeypatch.setitem(sys.modules, "kernels", None)  # import kernels → ImportError
+    else:
+        fake_kernels(monkeypatch, builds)
+    fa3, why = attention_module._load_flash_attn_3()
+    monkeypatch.setattr(attention_module, "FA3", fa3)
+    monkeypatch.setattr(attention_module, "FA3_UNUSED_BECAUSE", why)
+    line = attention_module.kernel_summary("cuda", torch.bfloat16)
+    assert fa3 is None and "\n" not in line
+    assert line.startswith("attention: PyTorch SDPA") and "not Flash Attention 3" in line and says in line
 
-    def no_kernels(name, *args, **kwargs):
-        if name == "kernels":
-            raise ImportError("No module named 'kernels'")
-        return real_import(name, *args, **kwargs)
-    monkeypatch.setattr(builtins, "__import__", no_kernels)
-    assert attention_module._load_flash_attn_3() is None
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 1 and says in lines[0] and "falling back to PyTorch SDPA" in lines[0]
+
+def test_the_stage_line_names_fa3_where_it_is_taken_and_sdpa_for_fp32(monkeypatch):
+    monkeypatch.setattr(attention_module, "FA3", object())
+    assert "Flash Attention 3" in attention_module.kernel_summary("cuda", torch.bfloat16)
+    assert "SDPA" in attention_module.kernel_summary("cuda", torch.float32)
+    assert attention_module.kernel_summary("cpu", torch.float32) == "attention: PyTorch SDPA on cpu"
+
+
+def test_the_fa3_check_fails_a_hopper_gpu_without_fa3_only_when_fa3_is_required(monkeypatch, hopper, capsys):
+    fake_kernels(monkeypatch, {})
+    monkeypatch.setattr(attention_module, "FA3", None)
+    monkeypatch.setattr(attention_module, "FA3_UNUSED_BECAUSE", "no FA3 build could be loaded")
+    assert attention_module.main([]) == 0
+    assert attention_module.main(["--require-fa3"]) == 1
+    assert "ALLOW_SDPA=1" in capsys.readouterr().err
+
+
+def test_every_stage_prints_its_attention_kernel_once_at_start(base_dir):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
+    proc = subprocess.run([sys.executable, "-m", "scripts.base_train", "--depth=2", "--dry-run"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("attention:")]
+    assert len(lines) == 1 and "SDPA" in lines[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

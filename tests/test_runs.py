@@ -53,6 +53,43 @@ def test_speedrun_stages_ask_for_cuda_and_stop_without_a_usable_gpu(base_dir):
 def test_speedrun_runs_every_stage_on_cuda():
     script = (REPO / "runs" / "speedrun.sh").read_text()
     assert 'DEVICE_TYPE="${DEVICE_TYPE:-cuda}"' in script
+    assert "python -m nanochat.attention --require-fa3" in script  # FA3 or stop (ALLOW_SDPA=1 to go on)
     for stage in ("base_train", "base_eval", "chat_sft", "chat_eval", "chat_rl"):
         for line in (line for line in script.splitlines() if f"scripts.{stage} " in line):
             assert '"${DEVICE[@]}"' in line, line
+
+
+def stub_setup(tmp_path: Path, gpu: bool) -> tuple[Path, dict]:
+    """runs/setup.sh in a scratch copy of the repo whose .venv, python, pip (and nvidia-smi when `gpu`) are stubs
+    that log their arguments: what setup would install, without installing anything."""
+    root = tmp_path / "repo"
+    (root / "runs").mkdir(parents=True)
+    (root / "runs" / "setup.sh").write_text((REPO / "runs" / "setup.sh").read_text())
+    bin_dir = root / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+    for name in ["python", "pip", "bwrap"] + (["nvidia-smi"] if gpu else []):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
+        (bin_dir / name).chmod(0o755)
+    path = f"{bin_dir}:/usr/bin:/bin"  # no real nvidia-smi from the machine's own PATH
+    return log, dict(os.environ, PATH=path)
+
+
+def test_setup_installs_the_gpu_extra_and_checks_attention_where_a_gpu_is(tmp_path):
+    log, env = stub_setup(tmp_path, gpu=True)
+    proc = subprocess.run(["bash", "runs/setup.sh"], cwd=log.parent / "repo", env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert "pip install -q -e .[gpu]" in calls
+    assert "python -m nanochat.attention" in calls
+
+
+def test_setup_adds_the_gpu_extra_to_the_ones_asked_for_and_not_without_a_gpu(tmp_path):
+    for gpu, expected in ((True, "pip install -q -e .[dev,gpu]"), (False, "pip install -q -e .[dev]")):
+        log, env = stub_setup(tmp_path / str(gpu), gpu=gpu)
+        subprocess.run(["bash", "runs/setup.sh", "dev"], cwd=log.parent / "repo", env=env, check=True,
+                       capture_output=True, timeout=60)
+        calls = log.read_text().splitlines()
+        assert expected in calls and ("python -m nanochat.attention" in calls) == gpu
