@@ -10,6 +10,9 @@ recomputing the whole prefix, and time to first token along a conversation with 
 Random-weight models of the given depths (speed does not depend on the weights), or a saved checkpoint; one JSON
 object per model. Generation never stops early: stop tokens are ignored, so every run decodes its full length.
 
+With CUDA graphs (the default on CUDA), a decode step timed without its graph (a failed capture) makes the run exit 1
+after its JSON, which counts them (`decode_uncaptured_steps_batch*`).
+
 Bandwidth utilisation = bytes that a decode step must read (every weight once, the embedding rows of its tokens,
 each row's keys and values up to its position) / step time / the device's peak memory bandwidth (a table for known
 GPUs, `--peak-bandwidth` to give it, a memcpy measurement on CPUs).
@@ -182,6 +185,14 @@ def decode_rate(engine: Engine, prompt: list[int], batch: int, tokens: int) -> t
     return (steps - 1) * batch / (end - first), end - t0
 
 
+def uncaptured_during(engine: Engine, run):
+    """run()'s result and how many of its decode steps ran without their CUDA graph (a failed capture); the engine
+    may replace its decoder at the start of a call, so a new decoder's count is all this run's."""
+    before, count = engine.decoder, engine.decoder.uncaptured_steps if engine.decoder is not None else 0
+    result = run()
+    return result, engine.decoder.uncaptured_steps - (count if engine.decoder is before else 0)
+
+
 @torch.no_grad()
 def recompute_seconds(model, prompt: list[int], tokens: int, probes: int = 12) -> float:
     """Time to generate `tokens` tokens without a cache (a full forward pass over the whole prefix per token),
@@ -210,7 +221,7 @@ def continuous_batching(model, vocab, prompt, requests: int, tokens: int, slots:
             time.sleep(gap)
         count = sum(len(list(r.stream(timeout=1800))) for r in submitted)
         return {"tok_s": count / (time.perf_counter() - t0), "requests": requests, "slots": slots,
-                "tokens": count, "arrival_gap_s": gap}
+                "tokens": count, "arrival_gap_s": gap, "uncaptured_steps": scheduler.decoder.uncaptured_steps}
     finally:
         scheduler.shutdown()
 
@@ -374,7 +385,10 @@ def main(argv=None) -> None:
             for batch in args.batches:
                 log(f"{name}: decode batch {batch}")
                 engine.generate_batch(prompt, batch, max_tokens=8, temperature=1.0, top_k=50)  # warm up this bucket
-                rate, seconds = decode_rate(engine, prompt, batch, args.tokens)
+                (rate, seconds), uncaptured = uncaptured_during(
+                    engine, lambda: decode_rate(engine, prompt, batch, args.tokens))
+                if policy.graph:
+                    result[f"decode_uncaptured_steps_batch{batch}"] = uncaptured
                 step_s = batch / rate
                 shared = args.prompt_len if reads_prompt_once(device, policy) else 0
                 needed = decode_bytes_per_step(engine.model, batch, args.prompt_len + args.tokens // 2, bytes_per,
@@ -395,6 +409,8 @@ def main(argv=None) -> None:
             cb = continuous_batching(model, tokenizer, prompt, args.cb_requests, args.tokens, args.cb_slots,
                                      gap=0.05, dtype=dtype, policy=policy)
             result["continuous_batching_tok_s"] = round(cb.pop("tok_s"), 1)
+            if not policy.graph:
+                cb.pop("uncaptured_steps")
             result["continuous_batching"] = cb
         if "http" in args.parts:
             for clients in (1, 16):
@@ -407,6 +423,14 @@ def main(argv=None) -> None:
             result["conversation"] = conversation_ttft(model, tokenizer, args.turn_len, args.turn_reply, args.cb_slots,
                                                        dtype=dtype, policy=policy)
         print(json.dumps(result), flush=True)
+        uncaptured = sum(v for k, v in result.items() if k.startswith("decode_uncaptured_steps")) + \
+            result.get("continuous_batching", {}).get("uncaptured_steps", 0)
+        if uncaptured:  # the figures above are of uncaptured steps, not of what a working capture gives
+            why = "; ".join(sorted(set(engine.decoder.capture_failures.values()))) if engine.decoder else ""
+            print(f"error: {uncaptured} timed decode steps of {name} ran without their CUDA graph (capture failed: "
+                  f"{why[:300] or 'see the warnings above'}); these decode figures are not those of captured steps",
+                  file=sys.stderr, flush=True)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

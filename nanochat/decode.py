@@ -16,7 +16,8 @@ the KV cache, which is an input to it, and CUDA-graph trees skip graphs whose in
 launching every kernel, silently), and hand back outputs that the next replay overwrites. A manual capture of the
 (optionally Inductor-compiled) step records exactly the kernels that run eagerly and writes into buffers we own;
 anything in it that would synchronise with the host makes the capture fail (the step then runs uncaptured, with a
-warning, and `Decoder.captured` says which steps are graphs).
+warning; `Decoder.captured` says which steps are graphs, `capture_failures` which are not and why, and
+`uncaptured_steps` how many steps ran without their graph).
 """
 
 import ctypes
@@ -139,6 +140,10 @@ class Decoder:
         self.exact = not policy.graph and (not policy.compile or device.type == "cpu")
         self._pool = None  # one CUDA graph memory pool for every bucket (steps never run concurrently)
         self.captured: set[tuple[int, int, int]] = set()  # keys whose step replays a CUDA graph
+        # with CUDA graphs: the keys whose capture failed (and why), and how many steps ran uncaptured because of it,
+        # for the callers that must not time or serve them silently (bench.inference, the server)
+        self.capture_failures: dict[tuple[int, int, int], str] = {}
+        self.uncaptured_steps = 0
 
     @property
     def max_seq_len(self) -> int:
@@ -208,9 +213,21 @@ class Decoder:
         self.tokens[:rows].copy_(ids)
 
     def _capture(self, key: tuple[int, int, int]) -> Callable[[], None]:
+        """The step of `key` as a CUDA graph's replay; a step that cannot be captured runs uncaptured (correct, only
+        slower), with a warning, and is recorded in `capture_failures`."""
+        try:
+            replay = self._graph_of(key)
+        except RuntimeError as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            self.capture_failures[key] = reason
+            warnings.warn(f"decode step {key} could not be captured as a CUDA graph, it runs uncaptured: {reason}")
+            return lambda: self._run(*key)
+        self.captured.add(key)
+        return replay
+
+    def _graph_of(self, key: tuple[int, int, int]) -> Callable[[], None]:
         """Warm the step up on a side stream with every row sitting out (so the cache is left as it was: rows that
-        sit out write only to its spare position), then capture it into a CUDA graph. A step that cannot be
-        captured runs uncaptured, with a warning (correct, only slower)."""
+        sit out write only to its spare position), then capture it into a CUDA graph; returns its replay."""
         saved = {name: getattr(self, name).clone() for name in ("tokens", "out", "active")}
         self.active.zero_()
         stream = torch.cuda.Stream()
@@ -222,16 +239,30 @@ class Decoder:
         for name, value in saved.items():
             getattr(self, name).copy_(value)
         graph = torch.cuda.CUDAGraph()
-        try:
-            # thread_local: other threads (another GPU's scheduler) may keep using CUDA while this one captures
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self._run(*key)
-        except RuntimeError as e:
-            warnings.warn(f"decode step {key} could not be captured as a CUDA graph, it runs uncaptured: {e}")
-            return lambda: self._run(*key)
+        # thread_local: other threads (another GPU's scheduler) may keep using CUDA while this one captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._run(*key)
         self._pool = graph.pool()
-        self.captured.add(key)
         return graph.replay
+
+    def _graph_step(self, key: tuple[int, int, int]) -> Callable[[], None]:
+        """The replay of `key`'s step, captured on first use on the cache's device (the server runs one scheduler
+        thread per GPU, whose current device is otherwise cuda:0)."""
+        with torch.cuda.device(self.cache.k.device):
+            run = self._steps.get(key)
+            if run is None:
+                run = self._steps[key] = self._capture(key)
+        return run
+
+    @torch.inference_mode()
+    def check_capture(self) -> str | None:
+        """Capture the one-row greedy step now (what a server does at start): None when it is a CUDA graph or the
+        policy captures nothing, else why the capture failed, so the caller can say so once, up front."""
+        if not self.policy.graph:
+            return None
+        key = (1, self.read_length(1), 0)
+        self._graph_step(key)
+        return self.capture_failures.get(key)
 
     @torch.inference_mode()  # not just no_grad: no view or version-counter bookkeeping (+15% at batch 1 on a CPU)
     def step(self, rows: int, read_length: int, candidates: int, aligned: bool = False,
@@ -252,10 +283,9 @@ class Decoder:
             self._run(*key, aligned, shared if self.exact else 0)
             return self.out[:rows]
         # CUDA graphs are captured and replayed on the current device's streams: make that the cache's device
-        # (the server runs one scheduler thread per GPU, whose current device is otherwise cuda:0)
+        run = self._graph_step(key)
+        if key not in self.captured:
+            self.uncaptured_steps += 1
         with torch.cuda.device(self.cache.k.device):
-            run = self._steps.get(key)
-            if run is None:
-                run = self._steps[key] = self._capture(key)
             run()
         return self.out[:rows]

@@ -17,6 +17,7 @@ access-log line per request goes to stderr; SIGTERM drains the requests in fligh
 
 import argparse
 import os
+import warnings
 
 import torch
 
@@ -56,6 +57,18 @@ def web_about(meta) -> dict:
     description, expectation = describe_model(meta)
     return {"stage": meta.phase, "tag": meta.model_tag, "step": meta.step, "description": description,
             "expectation": expectation}
+
+
+def say_uncaptured_decoding(workers: list[BatchScheduler]) -> None:
+    """Capture each worker's one-row decode step now, and say once, at start, where that fails: its steps would run
+    uncaptured (correct, but each token launches every kernel itself, several times slower)."""
+    for worker in workers:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said below, in one line
+            failure = worker.decoder.check_capture()
+        if failure:
+            print0(f"warning: decode steps on {worker.cache.k.device} run without CUDA graphs, several times slower "
+                   f"(capture failed: {failure})")
 
 
 def main(argv=None) -> None:
@@ -146,6 +159,7 @@ def main(argv=None) -> None:
     served = [ServedModel(model_id, workers, tokenizer, web_about(meta))
               for model_id, (workers, tokenizer, meta) in zip(ids, loaded_models)]
     workers, name = [w for m in served for w in m.workers], ", ".join(m.id for m in served)
+    say_uncaptured_decoding(workers)
     if args.dry_run:
         print0(f"chat_web dry run: {len(devices)} worker(s) × {args.slots} slots ready for {name}")
         for w in workers:

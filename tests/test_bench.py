@@ -46,3 +46,27 @@ def test_the_bandwidth_figure_counts_a_shared_prompt_once_where_the_step_reads_i
     assert reads_prompt_once(torch.device("cpu"), DecodePolicy())
     assert reads_prompt_once(torch.device("cpu"), DecodePolicy(compile=True))
     assert not reads_prompt_once(torch.device("cuda"), DecodePolicy(compile=True, graph=True))
+
+
+def test_bench_inference_exits_non_zero_when_a_timed_step_was_not_captured(capsys, monkeypatch):
+    """A CUDA-graph run whose captures fail (simulated where a real failure is caught: tests/test_decode.py) still
+    prints its figures, then says they are of uncaptured steps and exits 1."""
+    import pytest
+    from bench.inference import main
+    from nanochat.decode import Decoder, DecodePolicy
+    from nanochat.engine import Engine
+    from test_decode import graph_decoder_whose_capture_fails
+
+    def new_decoder(engine, slots, max_seq_len):
+        decoder = Decoder(engine.model, slots, max_seq_len, engine.dtype, DecodePolicy())
+        return graph_decoder_whose_capture_fails(decoder, monkeypatch)
+    monkeypatch.setattr(Engine, "new_decoder", new_decoder)
+    with pytest.raises(SystemExit) as exit_, pytest.warns(UserWarning, match="could not be captured"):
+        main(["--device", "cpu", "--graph", "on", "--compile", "off", "--depth", "1", "--vocab-size", "512",
+              "--prompt-len", "16", "--tokens", "8", "--batches", "1", "--parts", "decode"])
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    (result,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert result["decode_uncaptured_steps_batch1"] == 7  # every timed step: 8 tokens, the first from the prefill
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "ran without their CUDA graph" in errors[0] and "operation not permitted" in errors[0]

@@ -2,6 +2,7 @@
 decodes exactly what the eager step does, rows that sit out a step are left untouched, requests moving between
 batch-size buckets keep their outputs, and the cast inference weights follow the model they were cast from."""
 
+import contextlib
 import copy
 import platform
 import subprocess
@@ -312,3 +313,54 @@ def test_a_cpu_engine_keeps_freed_memory_for_its_next_tensors():
 
     assert faults_per_round("plain") > 200  # glibc's defaults hand the 24 MiB back and fault it in again
     assert faults_per_round("engine") < 20
+
+
+def graph_decoder_whose_capture_fails(decoder: Decoder, monkeypatch) -> Decoder:
+    """A CPU decoder turned into a CUDA-graph one whose every capture fails where a real one raises (inside
+    `_graph_of`, caught by `_capture`): what a GPU with a step that synchronises with the host gets."""
+    decoder.policy = DecodePolicy(graph=True)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+    def capture_fails(key):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+    monkeypatch.setattr(decoder, "_graph_of", capture_fails)
+    return decoder
+
+
+def test_a_failed_capture_is_recorded_and_every_step_it_leaves_uncaptured_is_counted(model, monkeypatch):
+    eager = Decoder(model, 2, 256, torch.float32, DecodePolicy())
+    decoder = graph_decoder_whose_capture_fails(Decoder(model, 2, 256, torch.float32, DecodePolicy()), monkeypatch)
+    outs = []
+    for d in (eager, decoder):
+        d.set_sampling([(0.0, 0, 1.0)] * 2)
+        d.set_active([True, False])
+        d.feed({0: 5})
+        with pytest.warns(UserWarning, match="could not be captured") if d is decoder else contextlib.nullcontext():
+            outs.append([d.step(1, 128, 0).tolist() for _ in range(3)])
+    assert outs[0] == outs[1]  # uncaptured steps are right, only slower
+    assert decoder.captured == set()
+    assert decoder.capture_failures == {(1, 128, 0): "CUDA error: operation not permitted when stream is capturing"}
+    assert decoder.uncaptured_steps == 3 and eager.uncaptured_steps == 0
+
+
+def test_the_start_up_capture_check_names_the_failure(model, monkeypatch):
+    assert Decoder(model, 2, 256, torch.float32, DecodePolicy()).check_capture() is None  # nothing to capture
+    decoder = graph_decoder_whose_capture_fails(Decoder(model, 2, 256, torch.float32, DecodePolicy()), monkeypatch)
+    with pytest.warns(UserWarning):
+        assert "operation not permitted" in decoder.check_capture()
+    assert decoder.uncaptured_steps == 0  # a check, not a step
+
+
+def test_the_server_says_once_at_start_that_its_decode_steps_are_not_captured(model, tiny_tokenizer, monkeypatch,
+                                                                                capsys):
+    from scripts.chat_web import say_uncaptured_decoding
+    worker = BatchScheduler(model, tiny_tokenizer, slots=2, dtype=torch.float32, policy=DecodePolicy())
+    try:
+        say_uncaptured_decoding([worker])
+        assert capsys.readouterr().out == ""  # nothing to capture, nothing said
+        graph_decoder_whose_capture_fails(worker.decoder, monkeypatch)
+        say_uncaptured_decoding([worker])
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == 1 and "run without CUDA graphs" in lines[0] and "operation not permitted" in lines[0]
+    finally:
+        worker.shutdown()
