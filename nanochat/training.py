@@ -67,10 +67,44 @@ class Progress:
         self.ema, self.ema_steps, self.train_time = state["ema"], state["ema_steps"], state["train_time"]
 
 
+class Prefetching:
+    """A loader's batches, where `prefetch()` packs the next one ahead of time and holds it for the next `next()`.
+
+    `state_dict()` is the loader's state before a held batch, so a checkpoint taken while one is held resumes with
+    that batch: prefetching never changes which batches a run (or its resumption) trains on."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self._batches = iter(loader)
+        self._held = None  # (batch, the loader's state before it)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._held is not None:
+            batch, self._held = self._held[0], None
+            return batch
+        return next(self._batches)
+
+    def prefetch(self) -> None:
+        if self._held is None:
+            state = self.loader.state_dict()
+            self._held = (next(self._batches), state)
+
+    def state_dict(self) -> dict:
+        return self._held[1] if self._held is not None else self.loader.state_dict()
+
+
 def train_step(model, optimizer, streams, autocast, grad_clip: float = 0.0) -> float:
     """One optimizer step: a micro-batch from each stream (gradient accumulation), then the update, which averages
     the gradients over processes and clips their global norm (optimizer.step). Returns the mean loss over every
-    micro-batch of every process."""
+    micro-batch of every process.
+
+    The loss is read back (`.item()`, which waits for the GPU) only after the next step's first micro-batch is
+    packed, when that stream is `Prefetching`: the host packs it while the GPU runs the update, instead of the GPU
+    idling while the host packs it after the wait. The other micro-batches are packed while the GPU runs the
+    previous one's backward anyway."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     loss_sum = None
     for stream in streams:
@@ -85,6 +119,8 @@ def train_step(model, optimizer, streams, autocast, grad_clip: float = 0.0) -> f
         world = torch.distributed.get_world_size()
     optimizer.step(grad_clip=grad_clip)
     optimizer.zero_grad(set_to_none=True)
+    if isinstance(streams[0], Prefetching):
+        streams[0].prefetch()
     return loss_sum.item() / (len(streams) * world)
 
 

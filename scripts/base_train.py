@@ -21,7 +21,8 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.scaling import Overrides, derive_hparams, pretraining_schedule
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import Progress, Timer, print_samples, restore_training_state, train_step, training_state
+from nanochat.training import (Prefetching, Progress, Timer, print_samples, restore_training_state, train_step,
+                               training_state)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
         curves, start_step = resumed.curves, resumed.step
         print0(f"resumed from {ckpt_dir} step {start_step}")
     progress.start_step = start_step
-    streams = [iter(loader) for loader in loaders]
+    streams = [Prefetching(loader) for loader in loaders]  # checkpoints take their states (see Prefetching)
     wandb = get_wandb(args.run, "nanochat", hp.to_dict(), dist_info.is_master)
 
     def val_bpb() -> float:
@@ -146,7 +147,7 @@ def main(argv=None) -> None:
         return bpb
 
     def save(step: int) -> None:
-        rank_state = training_state(optimizer, loaders, progress)
+        rank_state = training_state(optimizer, streams, progress)
         meta = CheckpointMeta(phase="base", model_tag=model_tag, model_config=config, hyperparams=hp, curves=curves,
                               args=vars(args), provenance={"dataset": dataset,
                                                            "crop_fraction": loaders[0].stats["crop_fraction"]})
