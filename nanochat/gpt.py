@@ -311,7 +311,9 @@ class GPT(nn.Module):
             # stay in cache (nanochat/softcap_loss.py). GPUs keep the compiled plain form below.
             return softcap_cross_entropy(x, self.lm_head.weight[:self.config.vocab_size], targets, SOFTCAP,
                                          loss_reduction)
-        logits = product(x, self.lm_head.weight.to(x.dtype), LM_HEAD_FORMS)[..., :self.config.vocab_size].float()
+        # GPUs call the module, so that a head converted for fp8 (nanochat/fp8.py) computes in fp8
+        head = self.lm_head(x) if x.is_cuda else product(x, self.lm_head.weight.to(x.dtype), LM_HEAD_FORMS)
+        logits = head[..., :self.config.vocab_size].float()
         if targets is None:
             return soft_cap(logits, SOFTCAP if capped else None)
         logits = soft_cap(logits, SOFTCAP)

@@ -15,7 +15,7 @@ from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import PackedLoader, micro_batch_loaders
 from nanochat.dataset import default_dataset, list_shards
 from nanochat.flops import device_peak_flops
-from nanochat.fp8 import enable_fp8_training, fp8_unavailable_reason
+from nanochat.fp8 import enable_fp8_training, fp8_disabled, fp8_unavailable_reason
 from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="pretraining dataset (default $NANOCHAT_DATASET or FineWeb-Edu)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
-    p.add_argument("--fp8", action="store_true", help="fp8 matmuls in the blocks via torchao (H100+; off by default)")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls via torchao, LM head included (H100+; default off)")
     p.add_argument("--run", default="", help="wandb run name (default: no wandb)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--dry-run", action="store_true", help="derive and print the plan, check inputs, then exit")
@@ -108,7 +108,8 @@ def main(argv=None) -> None:
     # --- model, optimizer, data ---------------------------------------------------------------------------------------
     model = build_model(config, device)
     if args.fp8:
-        print0(f"fp8: {enable_fp8_training(model)} linear layers of the blocks train with fp8 matmuls (torchao)")
+        print0(f"fp8: {enable_fp8_training(model)} linear layers (the blocks' matrices and the LM head) train with fp8 "
+               "matmuls (torchao); evaluation runs without")
     n = model.num_params()
     flops_per_token = model.estimate_flops()
     print0(f"parameters: {n['total']:,} ({', '.join(f'{k} {v:,}' for k, v in n.items() if k != 'total')}); "
@@ -142,7 +143,8 @@ def main(argv=None) -> None:
         val = PackedLoader(tokenizer, hp.device_batch_size, hp.sequence_len, "val", device, dataset,
                            rank=dist_info.rank, world_size=world, buffer_docs=100)
         steps = max(1, args.eval_tokens // (hp.device_batch_size * hp.sequence_len * world))
-        bpb = evaluate_bpb(model, iter(val), steps, token_bytes, autocast=compute.autocast)
+        with fp8_disabled(model):  # evaluation in the compute dtype, comparable with runs without --fp8
+            bpb = evaluate_bpb(model, iter(val), steps, token_bytes, autocast=compute.autocast)
         model.train()
         return bpb
 
@@ -175,12 +177,14 @@ def main(argv=None) -> None:
         wandb.log({"step": step + 1, "loss": loss_value, "lrm": lrm, "val_bpb": last_bpb})
         if args.sample_every > 0 and (step + 1) % args.sample_every == 0 and dist_info.is_master:
             model.eval()
-            print_samples(model, tokenizer)
+            with fp8_disabled(model):
+                print_samples(model, tokenizer)
             model.train()
         if args.core_metric_every > 0 and (step + 1) % args.core_metric_every == 0:
             model.eval()
-            core = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task,
-                                 autocast=compute.autocast)
+            with fp8_disabled(model):
+                core = evaluate_core(model, tokenizer, device, max_per_task=args.core_metric_max_per_task,
+                                     autocast=compute.autocast)
             model.train()
             print0(f"  {core['label']}: {core['core']:.4f}")
         if last or (args.save_every > 0 and (step + 1) % args.save_every == 0):
@@ -191,7 +195,8 @@ def main(argv=None) -> None:
         samples = []
         if tokenizer is not None:
             model.eval()
-            samples = print_samples(model, tokenizer)
+            with fp8_disabled(model):
+                samples = print_samples(model, tokenizer)
         summary = {"model_tag": model_tag, "dataset": dataset, "parameters": n["total"],
                    "scaling_params": hp.scaling_params, "flops_per_token": flops_per_token,
                    "steps": hp.num_iterations, "tokens": hp.num_iterations * hp.total_batch_size,
