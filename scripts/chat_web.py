@@ -23,7 +23,8 @@ import torch
 
 from nanochat.attention import kernel_summary
 from nanochat.checkpoint import PHASE_DIRS, describe_model, load_chat_model
-from nanochat.common import UserError, autodetect_device_type, get_compute_dtype, print0, run_cli
+from nanochat.common import (UserError, autodetect_device_type, cuda_unusable_reason, get_compute_dtype, print0,
+                             run_cli)
 from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.serving.scheduler import BatchScheduler
 from nanochat.serving.metrics import log_access_to_stderr
@@ -138,7 +139,7 @@ def main(argv=None) -> None:
     device_type = args.device_type or autodetect_device_type()
     if device_type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device-type=cuda but no CUDA GPU is visible; use --device-type=cpu")
+            raise UserError(f"--device-type=cuda but no usable CUDA GPU: {cuda_unusable_reason()}")
         devices = [torch.device("cuda", i) for i in range(args.num_gpus or torch.cuda.device_count())]
     else:
         devices = [torch.device(device_type)]

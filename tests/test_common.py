@@ -14,9 +14,10 @@ NO_GPU = not torch.cuda.is_available()
 
 
 @pytest.mark.skipif(not NO_GPU, reason="this machine has a usable CUDA GPU")
-def test_a_cuda_request_on_a_machine_without_a_usable_gpu_stops_with_one_line(base_dir):
+@pytest.mark.parametrize("stage", [["scripts.base_train", "--depth=2"], ["scripts.chat_web"]])
+def test_a_cuda_request_on_a_machine_without_a_usable_gpu_stops_with_one_line(base_dir, stage):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir))
-    proc = subprocess.run([sys.executable, "-m", "scripts.base_train", "--depth=2", "--device-type=cuda", "--dry-run"],
+    proc = subprocess.run([sys.executable, "-m", *stage, "--device-type=cuda", "--dry-run"],
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
