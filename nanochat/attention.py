@@ -51,7 +51,8 @@ def _load_flash_attn_3():
         try:
             return get_kernel(repo, trust_remote_code=True, **which).flash_attn_interface, ""
         except Exception as e:  # no network, no build for this torch, an old `kernels`: SDPA still works
-            failures.append(f"{repo}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            detail = str(e).splitlines()[0][:160] if str(e) else ""
+            failures.append(f"{repo}: {type(e).__name__}: {detail}")
     return None, "no FA3 build could be loaded (" + "; ".join(failures) + ")"
 
 
@@ -210,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                      for d in get_kernel_variants(repo, **which)]
             print(f"  {repo}: {', '.join(found) or 'none'}", flush=True)
         except Exception as e:
-            print(f"  {repo}: could not be listed ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})",
-                  flush=True)
+            detail = str(e).splitlines()[0][:160] if str(e) else ""
+            print(f"  {repo}: could not be listed ({type(e).__name__}: {detail})", flush=True)
     if "--require-fa3" in argv:
         print("error: this Hopper GPU would train with SDPA, not FA3 (much slower): install a torch that a build above "
               "is for (TORCH_VERSION=... bash runs/setup.sh), or set ALLOW_SDPA=1 to run anyway", file=sys.stderr)

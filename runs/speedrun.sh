@@ -89,11 +89,11 @@ stage "base_train_$TAG" "${TORCHRUN[@]}" scripts.base_train "${DRY[@]}" "${DEVIC
     --target-param-data-ratio=10.5 --device-batch-size=32 --model-tag="$TAG" --run="$WANDB_RUN" \
     --save-every="$SAVE_EVERY" "${RESUME[@]}"
 stage "base_eval_$TAG" "${TORCHRUN[@]}" scripts.base_eval "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG"
-stage "chat_sft_$TAG" "${TORCHRUN[@]}" scripts.chat_sft "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG" --run="$WANDB_RUN" \
-    --save-every="$SFT_SAVE_EVERY" "${RESUME[@]}"
+stage "chat_sft_$TAG" "${TORCHRUN[@]}" scripts.chat_sft "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG" \
+    --run="$WANDB_RUN" --save-every="$SFT_SAVE_EVERY" "${RESUME[@]}"
 stage "sft_eval_$TAG" "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" "${DEVICE[@]}" -i sft --model-tag="$TAG"
-stage "chat_rl_$TAG" "${TORCHRUN[@]}" scripts.chat_rl "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG" --run="$WANDB_RUN" \
-    --save-every="$RL_SAVE_EVERY" "${RESUME[@]}"
+stage "chat_rl_$TAG" "${TORCHRUN[@]}" scripts.chat_rl "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG" \
+    --run="$WANDB_RUN" --save-every="$RL_SAVE_EVERY" "${RESUME[@]}"
 stage "rl_eval_$TAG" "${TORCHRUN[@]}" scripts.chat_eval "${DRY[@]}" "${DEVICE[@]}" -i rl --model-tag="$TAG" -a GSM8K
 
 if [ "$DRY_RUN" != "1" ]; then
