@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.common import UserError
+from nanochat.gpt import Linear
 
 FP8_MIN_WIDTH = 128  # narrower layers gain nothing from fp8 and lose precision
 
@@ -63,7 +64,6 @@ def enable_fp8_training(model: nn.Module) -> int:
 def fp8_disabled(model: nn.Module):
     """Evaluate without fp8: each Float8Linear is replaced by a plain nanochat Linear holding the same weight (no copy)
     and put back afterwards. A model without fp8 layers is left as it is."""
-    from nanochat.gpt import Linear
     swapped = []
     for name, module in list(model.named_modules()):
         if is_fp8_linear(module):
