@@ -1,8 +1,9 @@
 """The CORE metric (DCLM): 22 in-context tasks scored by a base model, centered against random guessing.
 
-Scored as the reference harness does, so figures compare with published ones (GPT-2: 0.2565). Each task's items
-are shuffled with Random(1337) and cut to --max-per-task; item i of that list takes its few-shot examples with
-Random(1234 + i) from the list's other items. Task types: multiple_choice (the choice with the lowest mean loss
+Scored as the reference harness does, so figures compare with published ones (GPT-2: 0.2565): every prompt is
+scored whole, however long, as the reference scores its own models (no crop to the training context). Each task's
+items are shuffled with Random(1337) and cut to --max-per-task; item i of that list takes its few-shot examples
+with Random(1234 + i) from the list's other items. Task types: multiple_choice (the choice with the lowest mean loss
 over the tokens after the prefix all choices share), schema (the context under which the shared suffix, the
 continuation, has the lowest mean loss) and language_modeling (every continuation token must be the model's
 greedy prediction). CORE = mean over tasks of (acc − b) / (1 − b), b the random baseline. When task files are
@@ -140,19 +141,16 @@ def scored_spans(task_type: str, seqs: list[list[int]]) -> tuple[list[list[int]]
     raise ValueError(f"unknown CORE task type {task_type!r}")
 
 
-def crop_left(row: list[int], span: tuple[int, int], max_len: int) -> tuple[list[int], tuple[int, int]]:
-    """Keep the last max_len tokens (the scored ones are at the end) and shift the span with them."""
-    cut = max(0, len(row) - max_len)
-    return row[cut:], (max(1, span[0] - cut), span[1] - cut)
-
-
 @torch.no_grad()
-def score_item(model, tokenizer, task_type: str, prompts: list[str], device, max_len: int, autocast) -> int | bool:
+def score_item(model, tokenizer, task_type: str, prompts: list[str], device, autocast) -> int | bool:
     """Index of the option with the lowest mean loss over its scored span (multiple_choice, schema), or whether
-    every continuation token is the model's greedy prediction (language_modeling)."""
+    every continuation token is the model's greedy prediction (language_modeling).
+
+    Whole prompts are scored, never cropped to the training context, as the reference scores its own models (its
+    crop applies only to models that declare a max_seq_len): the rotary tables cover 10x the context (gpt.py).
+    """
     seqs = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
     rows, spans = scored_spans(task_type, seqs)
-    rows, spans = map(list, zip(*(crop_left(r, s, max_len) for r, s in zip(rows, spans))))
     x = pad_rows(rows, tokenizer.get_bos_token_id(), device)
     with autocast():
         logits = model(x)  # (n, T, V)
@@ -172,12 +170,11 @@ def evaluate_task(model, tokenizer, task: dict, device, max_per_task: int = -1, 
     autocast = autocast or nullcontext
     data = prepare_items(task["items"], max_per_task)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    max_len = model.config.sequence_len
     correct = torch.zeros(2, dtype=accumulator_dtype(device), device=device)
     for idx in range(rank, len(data), world):
         item = data[idx]
         prompts = render_prompts(task["type"], item, fewshot_examples(data, idx, task["shots"]), task["delimiter"])
-        result = score_item(model, tokenizer, task["type"], prompts, device, max_len, autocast)
+        result = score_item(model, tokenizer, task["type"], prompts, device, autocast)
         ok = result if task["type"] == "language_modeling" else result == item["gold"]
         correct += torch.tensor([float(ok), 1.0], dtype=correct.dtype, device=device)
     if world > 1:

@@ -32,6 +32,7 @@ SOFTCAP = 15.0
 ROPE_BASE = 100_000
 VE_GATE_CHANNELS = 12
 SMEAR_GATE_CHANNELS = 24
+ROTARY_CONTEXT_MULTIPLE = 10
 
 
 @dataclass
@@ -219,8 +220,9 @@ class GPT(nn.Module):
         if config.backout:
             self.backout_lambda = nn.Parameter(torch.full((1,), 0.2))
         self.windows = config.window_sizes()
-        # RoPE tables with headroom for generation past the training context; not saved in checkpoints.
-        cos, sin = self._rotary_tables(config.sequence_len * 4)
+        # RoPE tables 10x the training context, as the reference's: generation past the context and CORE prompts
+        # scored whole (core_eval.py) fit; not saved in checkpoints.
+        cos, sin = self._rotary_tables(config.sequence_len * ROTARY_CONTEXT_MULTIPLE)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -277,6 +279,9 @@ class GPT(nn.Module):
     def _forward(self, idx, targets, kv_cache, slots, loss_reduction, last_only, dtype, capped):
         B, T = idx.shape
         if kv_cache is None:
+            if T > self.cos.size(1):
+                raise ValueError(f"a sequence of {T} tokens is longer than the rotary tables ({self.cos.size(1)} "
+                                 f"positions, {ROTARY_CONTEXT_MULTIPLE}x the training context)")
             positions = None
             cos, sin = self.cos[:, :T], self.sin[:, :T]
         else:

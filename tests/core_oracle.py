@@ -64,7 +64,7 @@ def reference_spans(task_type: str, tokens: list[list[int]]) -> tuple[list[list[
 
 
 @torch.no_grad()
-def oracle_item_correct(model, tokenizer, task: dict, data: list[dict], idx: int, max_len: int) -> bool:
+def oracle_item_correct(model, tokenizer, task: dict, data: list[dict], idx: int, max_len: int | None) -> bool:
     item = data[idx]
     examples = []
     if task["shots"] > 0:
@@ -74,8 +74,8 @@ def oracle_item_correct(model, tokenizer, task: dict, data: list[dict], idx: int
     prompts = reference_prompts(task["type"], item, examples, task["delimiter"])
     bos = tokenizer.get_bos_token_id()
     tokens, starts, ends = reference_spans(task["type"], [tokenizer.encode(p, prepend=bos) for p in prompts])
-    for i, t in enumerate(tokens):  # models with a maximum length see the last max_len tokens
-        if len(t) > max_len:
+    for i, t in enumerate(tokens):  # models declaring a max_seq_len see its last tokens; nanochat's GPT does not
+        if max_len is not None and len(t) > max_len:
             crop = len(t) - max_len
             tokens[i], starts[i], ends[i] = t[crop:], max(1, starts[i] - crop), ends[i] - crop
     width = max(len(t) for t in tokens)
@@ -92,7 +92,7 @@ def oracle_item_correct(model, tokenizer, task: dict, data: list[dict], idx: int
     return mean_losses.index(min(mean_losses)) == item["gold"]
 
 
-def oracle_task_accuracy(model, tokenizer, task: dict, max_per_task: int, max_len: int) -> float:
+def oracle_task_accuracy(model, tokenizer, task: dict, max_per_task: int, max_len: int | None) -> float:
     data = list(task["items"])
     random.Random(1337).shuffle(data)
     if max_per_task > 0:
@@ -103,7 +103,7 @@ def oracle_task_accuracy(model, tokenizer, task: dict, max_per_task: int, max_le
 def oracle_core(model, tokenizer, root: Path, max_per_task: int) -> dict[str, float]:
     """{label: accuracy} for every task present in the bundle at root."""
     model.eval()
-    return {t["label"]: oracle_task_accuracy(model, tokenizer, t, max_per_task, model.config.sequence_len)
+    return {t["label"]: oracle_task_accuracy(model, tokenizer, t, max_per_task, getattr(model, "max_seq_len", None))
             for t in read_bundle(root)}
 
 

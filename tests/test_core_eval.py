@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from nanochat.core_eval import (core_label, crop_left, evaluate_core, evaluate_task, fewshot_examples, prepare_items,
+from conftest import make_tiny_model
+from nanochat.core_eval import (core_label, evaluate_core, evaluate_task, fewshot_examples, prepare_items,
                                 render_prompts, scored_spans)
 
 
@@ -128,10 +129,23 @@ def test_schema_scores_the_shared_continuation_after_contexts_of_different_lengt
     assert spans_as_text(tiny_tokenizer, "schema", prompts) == [" flew to the Moon.", " flew to the Moon."]
 
 
-def test_crop_keeps_the_last_tokens_and_shifts_the_span():
-    row, span = crop_left(list(range(10)), (6, 10), 5)
-    assert row == [5, 6, 7, 8, 9] and span == (1, 5)
-    assert crop_left(list(range(4)), (2, 4), 8) == ([0, 1, 2, 3], (2, 4))
+def test_prompts_longer_than_the_training_context_are_scored_whole(tiny_tokenizer):
+    # A real GPT with a 16-token context, and 3-shot prompts several times that long: the model must see every
+    # prompt token (the reference scores nanochat models uncropped), which its 10x rotary tables allow.
+    tok = tiny_tokenizer
+    model = make_tiny_model(tok.get_vocab_size(), sequence_len=16)
+    assert model.cos.size(1) == 160
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[1]))
+    items = [{"query": f"Question {i}: is the sky blue today?", "choices": ["yes", "no"], "gold": 0}
+             for i in range(4)]
+    task = {"label": "t", "type": "multiple_choice", "shots": 3, "delimiter": " ", "items": items}
+    evaluate_task(model, tok, task, "cpu")
+    data = prepare_items(items)
+    longest = [max(len(tok.encode(p, prepend=tok.get_bos_token_id()))
+                   for p in render_prompts("multiple_choice", item, fewshot_examples(data, i, 3), " "))
+               for i, item in enumerate(data)]
+    assert seen == longest and min(seen) > 16
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,10 +179,11 @@ def test_tokens_the_choices_share_do_not_count_in_their_mean_loss(tiny_tokenizer
     assert evaluate_task(model, tok, mc, "cpu") == 1.0
 
 
-def test_core_over_the_mirror_bundle_with_a_tiny_model(mirror, tiny_checkpoint, base_dir, monkeypatch, capsys):
+def test_core_over_the_mirror_bundle_with_a_tiny_model(mirror, tiny_tokenizer, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_MIRROR", str(mirror))
-    result = evaluate_core(tiny_checkpoint, __import__("nanochat.tokenizer").tokenizer.get_tokenizer(), "cpu",
-                           max_per_task=4)
+    # Whole prompts reach ~1,500 tokens of the tiny tokenizer: a 512-token context gives rotary tables for 5,120.
+    model = make_tiny_model(tiny_tokenizer.get_vocab_size(), sequence_len=512)
+    result = evaluate_core(model, tiny_tokenizer, "cpu", max_per_task=4)
     assert result["missing"] == ["squad"]
     assert result["label"] == core_label(21) == "CORE over 21/22 tasks"
     assert len(result["tasks"]) == 21

@@ -314,3 +314,10 @@ def test_bf16_policy_logits_track_fp32():
         low = model(idx)
     assert low.dtype == torch.float32
     assert (low - ref).abs().max() < 0.1 * ref.abs().max() + 0.05
+
+
+def test_rotary_tables_cover_ten_times_the_context_and_longer_inputs_are_a_clear_error():
+    model = model_with(sequence_len=16)
+    assert model(torch.randint(0, V, (1, 160))).shape == (1, 160, V)  # whole CORE prompts past the context
+    with pytest.raises(ValueError, match="161 tokens is longer than the rotary tables"):
+        model(torch.randint(0, V, (1, 161)))
