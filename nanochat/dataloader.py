@@ -2,7 +2,9 @@
 
 Every row of T+1 tokens starts at the <|bos|> of a document. The rest of the row is filled from a buffer of
 tokenized documents by repeatedly taking the largest document that still fits; only when none fits is the shortest
-one cropped to fill the row exactly. No padding, so every target is a real next token.
+one cropped to fill the row exactly. No padding, so every target is a real next token. As in the reference, the
+buffer holds at least 1,000 documents and is topped up 128 at a time (which documents a row can draw from, so the
+val bpb of one model, depend on both numbers).
 """
 
 import random
@@ -23,13 +25,13 @@ class PackedLoader:
 
     def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str, device: torch.device | str = "cpu",
                  dataset: str | None = None, rank: int = 0, world_size: int = 1, buffer_docs: int = 1000,
-                 seed: int = 0, tokenizer_threads: int = 4):
+                 seed: int = 0, tokenizer_threads: int = 4, refill_docs: int = 128):
         self.tokenizer = tokenizer
         self.bos = tokenizer.get_bos_token_id()
         self.B, self.T = batch_size, seq_len
         self.device = torch.device(device)
         self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.buffer_docs = buffer_docs
+        self.buffer_docs, self.refill_docs = buffer_docs, refill_docs
         self.threads = tokenizer_threads
         self.units = row_groups(split, dataset)
         # validation reads its row groups in file order, so val bpb covers the same tokens in every run
@@ -38,6 +40,7 @@ class PackedLoader:
         self.epoch, self.cursor = 0, 0
         self.lengths: list[tuple[int, int]] = []  # sorted (length, doc id) of buffered documents
         self.docs: dict[int, list[int]] = {}
+        self.pending: list[list[int]] = []  # tokenized documents of the current unit not yet in the buffer
         self.next_id = 0
         self.tokens_read = 0
         self.tokens_cropped = 0
@@ -75,8 +78,11 @@ class PackedLoader:
 
     def _refill(self) -> None:
         while len(self.lengths) < self.buffer_docs:
-            for doc in self._next_unit_docs():
+            if not self.pending:
+                self.pending = self._next_unit_docs()
+            for doc in self.pending[:self.refill_docs]:
                 self._add(doc)
+            del self.pending[:self.refill_docs]
 
     def _add(self, doc: list[int]) -> None:
         self.docs[self.next_id] = doc
@@ -125,7 +131,7 @@ class PackedLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "next_id": self.next_id,
-                "buffer": [(doc_id, self.docs[doc_id]) for _, doc_id in self.lengths],
+                "buffer": [(doc_id, self.docs[doc_id]) for _, doc_id in self.lengths], "pending": list(self.pending),
                 "tokens_read": self.tokens_read, "tokens_cropped": self.tokens_cropped,
                 "rank": self.rank, "world_size": self.world_size, "seed": self.seed}
 
@@ -137,6 +143,7 @@ class PackedLoader:
         self.tokens_read, self.tokens_cropped = state["tokens_read"], state["tokens_cropped"]
         self.docs = {doc_id: list(doc) for doc_id, doc in state["buffer"]}
         self.lengths = sorted((len(doc), doc_id) for doc_id, doc in self.docs.items())
+        self.pending = [list(doc) for doc in state.get("pending", [])]
         self._prefetch = None
 
 

@@ -16,18 +16,23 @@ from nanochat.tokenizer import get_token_bytes
 from nanochat.training import print_samples
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="CORE, bits per byte and samples of a base model checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model-tag", default=None, help="default: the largest base model")
     p.add_argument("--step", type=int, default=None, help="default: the last step")
     p.add_argument("--eval", default="core,bpb,sample", help="comma-separated: core, bpb, sample")
     p.add_argument("--max-per-task", type=int, default=-1, help="items per CORE task (-1 = all)")
-    p.add_argument("--bpb-tokens", type=int, default=2 ** 19, help="tokens per split for bits per byte")
+    p.add_argument("--bpb-tokens", type=int, default=40 * 2 ** 19,
+                   help="tokens per split for bits per byte (the reference's 40 x 2^19; fewer only for quick runs)")
     p.add_argument("--device-batch-size", type=int, default=16)
     p.add_argument("--device-type", default="")
     p.add_argument("--dry-run", action="store_true")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     wanted = set(args.eval.split(","))
     if wanted - {"core", "bpb", "sample"}:
         raise UserError(f"--eval takes core, bpb and sample, not {args.eval!r}")
@@ -38,17 +43,18 @@ def main(argv=None) -> None:
     model, tokenizer, meta = load_model("base", compute.device, args.model_tag, args.step)
     tag, step = meta.model_tag, meta.step
     print0(f"base_eval: {tag} step {step}")
-    results = {"model_tag": tag, "step": step}
+    results = {"model_tag": tag, "step": step, "dataset": meta.provenance.get("dataset") or default_dataset()}
     if "bpb" in wanted:
         token_bytes = get_token_bytes(compute.device)
         T, B, world = model.config.sequence_len, args.device_batch_size, compute.dist.world_size
         steps = max(1, args.bpb_tokens // (B * T * world))
         for split in ("train", "val"):
-            dataset = meta.provenance.get("dataset") or default_dataset()
-            loader = PackedLoader(tokenizer, B, T, split, compute.device, dataset, rank=compute.dist.rank, world_size=world, buffer_docs=100, seed=1234)
+            dataset = results["dataset"]
+            loader = PackedLoader(tokenizer, B, T, split, compute.device, dataset, rank=compute.dist.rank,
+                                  world_size=world, seed=1234)
             bpb = evaluate_bpb(model, iter(loader), steps, token_bytes, autocast=compute.autocast)
-            results[f"{split}_bpb"] = bpb
-            print0(f"{split} bpb: {bpb:.4f}")
+            results[f"{split}_bpb"], results[f"{split}_bpb_tokens"] = bpb, steps * B * T * world
+            print0(f"{split} bpb: {bpb:.4f} over {steps * B * T * world:,} tokens of {dataset}")
     if "core" in wanted:
         core = evaluate_core(model, tokenizer, compute.device, args.max_per_task, compute.autocast)
         print0(f"{core['label']}: {core['core']:.4f}")

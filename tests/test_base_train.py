@@ -52,6 +52,12 @@ def test_training_on_real_text_lowers_the_loss_and_saves(train_env, base_dir):
     assert curve[-1] < curve[0] - 0.5
     report = json.loads((base_dir / "report" / "t2" / "base-model-training.json").read_text())
     assert report["curves"]["val_bpb"] and report["data"][0]["steps"] == 30
+    assert report["data"][0]["val_bpb_tokens"] == 512  # the tokens evaluated, beside the number
+
+
+def test_val_bpb_evaluates_the_references_token_count_unless_told_otherwise():
+    from scripts.base_train import parse_args
+    assert parse_args([]).eval_tokens == 80 * 2 ** 19  # 41.9M, the reference's
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(train_env, base_dir, tmp_path):

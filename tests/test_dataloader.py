@@ -102,3 +102,28 @@ def test_validation_reads_row_groups_in_file_order_whatever_the_seed(shards, tin
         val.units = train.units = units  # more row groups than the mirror's validation shard has
         assert val._epoch_units(0) == val._epoch_units(3) == units
         assert train._epoch_units(0) != units  # training still shuffles
+
+
+def test_the_buffer_is_topped_up_refill_docs_at_a_time_as_the_reference_does(shards, tiny_tokenizer):
+    # The reference keeps at least 1,000 documents and adds them 128 at a time, never a whole row group (1,024).
+    l = loader(tiny_tokenizer, buffer_docs=1000)
+    assert (l.buffer_docs, l.refill_docs) == (1000, 128)
+    l._refill()
+    assert 1000 <= len(l.lengths) < 1000 + 128 and l.pending
+    l = loader(tiny_tokenizer, buffer_docs=50, refill_docs=8)
+    it = iter(l)
+    for _ in range(3):
+        next(it)
+        l._refill()
+        assert 50 <= len(l.lengths) < 58
+
+
+def test_resume_keeps_the_documents_not_yet_in_the_buffer(shards, tiny_tokenizer):
+    reference = take(iter(loader(tiny_tokenizer, refill_docs=8)), 6)
+    first = loader(tiny_tokenizer, refill_docs=8)
+    take(iter(first), 3)
+    assert first.pending  # the row group is only partly in the buffer
+    resumed = loader(tiny_tokenizer, refill_docs=8)
+    resumed.load_state_dict(first.state_dict())
+    for (x, y), (rx, ry) in zip(take(iter(resumed), 3), reference[3:]):
+        assert torch.equal(x, rx) and torch.equal(y, ry)
