@@ -17,6 +17,8 @@ import torch.distributed as dist
 from nanochat.common import UserError
 from nanochat.engine import Engine
 from nanochat.loss_eval import accumulator_dtype, pad_rows
+from nanochat.sandbox.bwrap import detect
+from nanochat.sandbox.execution import UNSAFE_ENV, unsafe_allowed
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -28,6 +30,18 @@ ALL_TASKS = CHATCORE_TASKS + ["SpellingBee"]
 CHANCE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 MAX_NEW_TOKENS = 512
 GENERATIVE_SIZES = {"GSM8K": 1319, "HumanEval": 164, "SpellingBee": 256}  # problems of the generative tasks' tests
+CODE_TASKS = ["GSM8K", "HumanEval"]  # scored with model-written code: the python tool's calls, the task's unit tests
+
+
+def require_python_tool(names: list[str]) -> None:
+    """Stop before evaluating tasks whose scores need code to run when the python tool would refuse to run it:
+    every refused call would count as a wrong answer and the task would report a meaningless zero."""
+    needing = [n for n in names if n in CODE_TASKS]
+    sandbox, why = detect()
+    if needing and sandbox is None and not unsafe_allowed():
+        raise UserError(f"{' and '.join(needing)} run model-written code, and there is no kernel sandbox here "
+                        f"({why}): pass --unsafe-python-tool (or set {UNSAFE_ENV}=1) to run it with rlimits only, "
+                        f"or leave {' and '.join(needing)} out of -a")
 
 
 def planned_decode_steps(names: list[str], max_problems: int | None, max_new_tokens: int, world: int = 1) -> int:

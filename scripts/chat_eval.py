@@ -11,12 +11,12 @@ import argparse
 import time
 
 from nanochat.chat_eval import (ALL_TASKS, CHATCORE_TASKS, MAX_NEW_TOKENS, chat_core, planned_decode_steps,
-                                run_chat_eval)
+                                require_python_tool, run_chat_eval)
 from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, print0, run_cli
 from nanochat.decode import DecodePolicy
 from nanochat.engine import Engine
-from nanochat.sandbox.execution import python_tool_banner
+from nanochat.sandbox.execution import allow_unsafe_python_tool, python_tool_banner
 from nanochat.report import get_report
 
 
@@ -34,6 +34,8 @@ def main(argv=None) -> None:
     p.add_argument("-t", "--temperature", type=float, default=0.0)
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("--device-type", default="")
+    p.add_argument("--unsafe-python-tool", action="store_true",
+                   help="run model-written code (GSM8K's tool calls, HumanEval's tests) without a kernel sandbox")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.task_name.split(",") if n.strip()]
@@ -45,8 +47,11 @@ def main(argv=None) -> None:
     if args.num_samples > 1 and args.temperature == 0:
         print0(f"note: -n {args.num_samples} with temperature 0 draws the same greedy completion each time; "
                "pass -t 1.0 for pass@k with sampling")
+    if args.unsafe_python_tool:
+        allow_unsafe_python_tool()
     compute = compute_init(args.device_type)
     print0(python_tool_banner())  # the sandbox layers in force, or why the python tool is off
+    require_python_tool(names)
     if args.dry_run:
         print0(f"chat_eval dry run: {args.source} model, tasks {', '.join(names)}")
         return
