@@ -183,7 +183,7 @@ def evaluate_task(model, tokenizer, task: dict, device, max_per_task: int = -1, 
 
 
 def evaluate_core(model, tokenizer, device, max_per_task: int = -1, autocast=None) -> dict:
-    """{'tasks': {label: {'accuracy', 'centered'}}, 'core': mean centered accuracy, 'label', 'missing'}."""
+    """{'tasks': {label: {'accuracy', 'chance', 'centered'}}, 'core': mean centered accuracy, 'label', 'missing'}."""
     tasks, baselines, missing = load_tasks()
     if missing:
         print(f"warning: CORE task files missing from the eval bundle: {', '.join(missing)}; "
@@ -192,7 +192,15 @@ def evaluate_core(model, tokenizer, device, max_per_task: int = -1, autocast=Non
     for task in tasks:
         accuracy = evaluate_task(model, tokenizer, task, device, max_per_task, autocast)
         b = baselines.get(task["label"], 0.0) / 100
-        results[task["label"]] = {"accuracy": accuracy, "centered": (accuracy - b) / (1 - b)}
+        results[task["label"]] = {"accuracy": accuracy, "chance": b, "centered": (accuracy - b) / (1 - b)}
         print0(f"  {task['label']:<34} accuracy {accuracy:.4f}  centered {results[task['label']]['centered']:+.4f}")
     core = sum(r["centered"] for r in results.values()) / max(1, len(results))
     return {"tasks": results, "core": core, "label": core_label(len(tasks)), "missing": missing}
+
+
+def core_table(tasks: dict[str, dict]) -> str:
+    """The per-task results as a markdown table, each accuracy beside its chance level (the random baseline)."""
+    rows = ["| CORE task | Accuracy | Chance | Centered |", "|---|---|---|---|"]
+    rows += [f"| {label} | {r['accuracy']:.4f} | {r['chance']:.4f} | {r['centered']:+.4f} |"
+             for label, r in tasks.items()]
+    return "\n".join(rows)

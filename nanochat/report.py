@@ -183,10 +183,18 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _tokens(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n:,}"
+
+
 def summary_table(sections: list[dict]) -> list[str]:
-    """Metrics per stage (BASE → SFT → RL): the rows are the SUMMARY_KEYS any stage recorded."""
+    """Metrics per stage (BASE → SFT → RL): the rows are the SUMMARY_KEYS any stage recorded, each beside its chance
+    level (stages record it under "chance"). A stage's val bpb is its last measurement (base_eval's after
+    base_train's), shown with the tokens it covered; a line under the table names the dataset of each."""
     values: dict[str, dict[str, object]] = {}
     labels: dict[str, str] = {}
+    chance: dict[str, object] = {}
+    bpb_datasets: dict[str, str] = {}
     for s in sections:
         column = STAGE_COLUMNS.get(s["section"])
         if not column:
@@ -194,18 +202,25 @@ def summary_table(sections: list[dict]) -> list[str]:
         for item in s["data"]:
             if not isinstance(item, dict):
                 continue
+            chance.update(item.get("chance") or {})
             for key, value in item.items():
                 base_key = key.split(" over ")[0] if key.startswith("CORE") else key
-                if base_key in SUMMARY_KEYS:
-                    labels[base_key] = key
-                    values.setdefault(base_key, {})[column] = value
+                if base_key not in SUMMARY_KEYS:
+                    continue
+                labels[base_key] = key
+                if key == "val_bpb" and isinstance(value, float) and item.get("val_bpb_tokens"):
+                    value = f"{value:.4f} ({_tokens(item['val_bpb_tokens'])} tokens)"
+                    bpb_datasets[column] = str(item.get("dataset", "?"))
+                values.setdefault(base_key, {})[column] = value
     if not values:
         return []
-    rows = ["| Metric | BASE | SFT | RL |", "|---|---|---|---|"]
+    rows = ["| Metric | Chance | BASE | SFT | RL |", "|---|---|---|---|---|"]
     for key in SUMMARY_KEYS:
         if key in values:
-            cells = [_fmt(values[key].get(c, "-")) for c in ("BASE", "SFT", "RL")]
+            cells = [_fmt(chance.get(key, "-"))] + [_fmt(values[key].get(c, "-")) for c in ("BASE", "SFT", "RL")]
             rows.append(f"| {labels[key]} | " + " | ".join(cells) + " |")
+    if bpb_datasets:
+        rows += ["", "val bpb measured on: " + "; ".join(f"{c} {d}" for c, d in bpb_datasets.items())]
     return rows
 
 

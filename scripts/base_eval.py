@@ -7,7 +7,7 @@ import argparse
 
 from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, print0, run_cli
-from nanochat.core_eval import evaluate_core
+from nanochat.core_eval import core_table, evaluate_core
 from nanochat.dataloader import PackedLoader
 from nanochat.dataset import default_dataset
 from nanochat.loss_eval import evaluate_bpb
@@ -59,14 +59,16 @@ def main(argv=None) -> None:
         core = evaluate_core(model, tokenizer, compute.device, args.max_per_task, compute.autocast)
         print0(f"{core['label']}: {core['core']:.4f}")
         results[core["label"]] = core["core"]
+        results["chance"] = {"CORE": 0.0}  # centered: 0 is chance, 1 is perfect
         results.update({f"{k} (centered)": v["centered"] for k, v in core["tasks"].items()})
         if core["missing"]:
             results["CORE missing tasks"] = ", ".join(core["missing"])
+    tables = [core_table(core["tasks"])] if "core" in wanted else []
     samples = []
     if "sample" in wanted and compute.dist.is_master:
         samples = print_samples(model, tokenizer)
     if compute.dist.is_master:
-        get_report().log("Base model evaluation", [results, {"max_per_task": args.max_per_task},
+        get_report().log("Base model evaluation", [results, {"max_per_task": args.max_per_task}, *tables,
                                                    {"samples": samples}])
 
 

@@ -10,7 +10,7 @@ each centered by chance; SpellingBee is printed beside it.
 import argparse
 import time
 
-from nanochat.chat_eval import (ALL_TASKS, CHATCORE_TASKS, MAX_NEW_TOKENS, chat_core, planned_decode_steps,
+from nanochat.chat_eval import (ALL_TASKS, CHANCE, CHATCORE_TASKS, MAX_NEW_TOKENS, chat_core, planned_decode_steps,
                                 require_python_tool, run_chat_eval)
 from nanochat.checkpoint import load_model
 from nanochat.common import UserError, compute_init, print0, run_cli
@@ -64,8 +64,10 @@ def main(argv=None) -> None:
         accuracies[name] = run_chat_eval(name, model, tokenizer, engine, args.batch_size, args.max_problems,
                                          args.max_new_tokens, args.temperature, args.top_k, compute.autocast,
                                          args.num_samples)
-        print0(f"{name:<14} accuracy {accuracies[name]:.4f}   ({time.time() - t0:.1f} s)")
+        print0(f"{name:<14} accuracy {accuracies[name]:.4f} (chance {CHANCE.get(name, 0.0):.2f})   "
+               f"({time.time() - t0:.1f} s)")
     results = dict(accuracies)
+    results["chance"] = {name: CHANCE.get(name, 0.0) for name in names} | {"ChatCORE": 0.0}  # ChatCORE is centered
     present = [n for n in CHATCORE_TASKS if n in accuracies]
     if len(present) == len(CHATCORE_TASKS):
         results["ChatCORE"] = chat_core(accuracies)

@@ -189,3 +189,10 @@ def test_core_over_the_mirror_bundle_with_a_tiny_model(mirror, tiny_tokenizer, m
     assert len(result["tasks"]) == 21
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["tasks"].values())
     assert "squad" in capsys.readouterr().err
+
+
+def test_the_per_task_table_shows_each_accuracy_beside_its_chance_level():
+    from nanochat.core_eval import core_table
+    table = core_table({"hellaswag": {"accuracy": 0.3, "chance": 0.25, "centered": 0.3 / 0.75 - 1 / 3}})
+    assert table.splitlines()[0] == "| CORE task | Accuracy | Chance | Centered |"
+    assert "| hellaswag | 0.3000 | 0.2500 | +0.0667 |" in table

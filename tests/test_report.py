@@ -16,9 +16,9 @@ def test_generate_writes_markdown_table_and_plots(base_dir):
     path = report.generate()
     assert path == base_dir / "report" / "d2" / "report.md"
     text = path.read_text()
-    assert "| Metric | BASE | SFT | RL |" in text
-    assert "| CORE over 21/22 tasks | 0.0500 | - | - |" in text
-    assert "| GSM8K | - | 0.0100 | 0.0400 |" in text
+    assert "| Metric | Chance | BASE | SFT | RL |" in text
+    assert "| CORE over 21/22 tasks | - | 0.0500 | - | - |" in text
+    assert "| GSM8K | - | - | 0.0100 | 0.0400 |" in text
     plots = sorted(p.name for p in (base_dir / "report" / "d2").glob("*.png"))
     assert plots == ["base-model-training-flops.png", "base-model-training-step.png"]
     assert all((base_dir / "report" / "d2" / p).stat().st_size > 1000 for p in plots)
@@ -61,3 +61,20 @@ def test_logging_a_section_again_replaces_it_and_reset_clears(base_dir):
     assert [s["data"][0]["GSM8K"] for s in report.sections()] == [0.2]
     report.reset()
     assert report.sections() == []
+
+
+def test_the_summary_shows_chance_levels_and_one_val_bpb_per_stage_with_tokens_and_dataset(base_dir):
+    report = get_report("d2")
+    report.log("Base model training", [{"model_tag": "d2", "val_bpb": 1.6663, "val_bpb_tokens": 65536,
+                                        "dataset": "karpathy/fineweb-edu-100b-shuffle"}])
+    report.log("Base model evaluation", [{"model_tag": "d2", "val_bpb": 1.634, "val_bpb_tokens": 20_971_520,
+                                          "dataset": "karpathy/fineweb-edu-100b-shuffle", "CORE": 0.1,
+                                          "chance": {"CORE": 0.0}}])
+    report.log("Chat evaluation sft", [{"model_tag": "d2", "ARC-Easy": 0.3, "SpellingBee": 0.5,
+                                        "chance": {"ARC-Easy": 0.25, "SpellingBee": 0.0}}])
+    text = report.generate().read_text()
+    table = text[text.index("| Metric"):text.index("## Base model training")]
+    assert "| val_bpb | - | 1.6340 (21.0M tokens) | - | - |" in table and "1.6663" not in table
+    assert "val bpb measured on: BASE karpathy/fineweb-edu-100b-shuffle" in table
+    assert "| CORE | 0.0000 | 0.1000 | - | - |" in table
+    assert "| ARC-Easy | 0.2500 | - | 0.3000 | - |" in table and "| SpellingBee | 0.0000 | - | 0.5000 | - |" in table
