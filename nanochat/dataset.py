@@ -1,7 +1,7 @@
 """Pretraining data: parquet shards with one `text` column, downloaded on demand or made from your own files.
 
     python -m nanochat.dataset -n 8                         # first 8 training shards + the validation shard
-    python -m nanochat.dataset -n 8 --dataset karpathy/climbmix-400b-shuffle
+    python -m nanochat.dataset -n 8 --dataset climbmix    # the reference's current data (a preset name)
     python -m nanochat.dataset --from-text notes/*.txt --name mynotes   # then --dataset local/mynotes
 
 The validation shard is always the dataset's last shard, however many training shards are present.
@@ -20,7 +20,9 @@ import pyarrow.parquet as pq
 from nanochat.common import UserError, get_base_dir, run_cli
 from nanochat.download import hf_file
 
-FINEWEB_EDU = "karpathy/fineweb-edu-100b-shuffle"
+FINEWEB_EDU = "karpathy/fineweb-edu-100b-shuffle"  # the seed's pretraining data, the default
+CLIMBMIX = "karpathy/climbmix-400b-shuffle"  # the reference's current data (its leaderboard's val bpb ~0.718)
+DATASET_PRESETS = {"fineweb-edu": FINEWEB_EDU, "climbmix": CLIMBMIX}
 KNOWN_SHARD_COUNTS = {
     "karpathy/fineweb-edu-100b-shuffle": 1823,
     "karpathy/climbmix-400b-shuffle": 6543,
@@ -29,8 +31,11 @@ KNOWN_SHARD_COUNTS = {
 ROWS_PER_GROUP = 1024
 
 
-def default_dataset() -> str:
-    return os.environ.get("NANOCHAT_DATASET") or FINEWEB_EDU
+def default_dataset(name: str | None = None) -> str:
+    """The dataset repo of `name` (a preset of DATASET_PRESETS or a repo), else of $NANOCHAT_DATASET, else
+    FineWeb-Edu's."""
+    name = name or os.environ.get("NANOCHAT_DATASET") or FINEWEB_EDU
+    return DATASET_PRESETS.get(name, name)
 
 
 def shard_name(index: int) -> str:
@@ -60,7 +65,7 @@ def num_shards(dataset: str, given: int | None = None) -> int:
 def download_shards(n: int, dataset: str | None = None, workers: int = 4, total: int | None = None) -> list[Path]:
     """Fetch the first n training shards and the validation shard, in parallel; returns their paths. `total`: the
     dataset's shard count when `num_shards` cannot know it."""
-    dataset = dataset or default_dataset()
+    dataset = default_dataset(dataset)
     total = num_shards(dataset, total)
     n = min(n, total - 1)
     indices = list(range(n)) + [total - 1]
@@ -74,7 +79,7 @@ def list_shards(split: str, dataset: str | None = None) -> list[Path]:
     """Local shards of a split: 'train' = every present shard but the last, 'val' = the dataset's last shard."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', not {split!r}")
-    dataset = dataset or default_dataset()
+    dataset = default_dataset(dataset)
     total = num_shards(dataset)
     folder = dataset_dir(dataset)
     if split == "val":
@@ -165,8 +170,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Download pretraining shards, or make shards from your own text.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("-n", "--num-files", type=int, default=8, help="training shards to download (plus val)")
-    parser.add_argument("--dataset", default=None, help="Hub dataset repo of parquet shards (default: "
-                        "$NANOCHAT_DATASET or karpathy/fineweb-edu-100b-shuffle)")
+    parser.add_argument("--dataset", default=None, help="fineweb-edu, climbmix or a Hub dataset repo of parquet "
+                        "shards (default: $NANOCHAT_DATASET or fineweb-edu)")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--num-shards", type=int, default=None,
                         help="total shards of a dataset we know no count of (default: $NANOCHAT_NUM_SHARDS)")
@@ -179,7 +184,7 @@ def main() -> None:
         print(f"wrote {num_shards('local/' + args.name)} shards to {folder}; train on them with "
               f"--dataset local/{args.name} (or NANOCHAT_DATASET=local/{args.name})")
         return
-    dataset = args.dataset or default_dataset()
+    dataset = default_dataset(args.dataset)
     paths = download_shards(args.num_files, dataset, args.num_workers, args.num_shards)
     print(f"{len(paths)} shards of {dataset} ready in {dataset_dir(dataset)} (validation: {paths[-1].name})")
 

@@ -62,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume-from-step", default=None, help="a step number or 'latest' (fresh start if none)")
     p.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0 = all)")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
-    p.add_argument("--dataset", default=None, help="pretraining dataset (default $NANOCHAT_DATASET or FineWeb-Edu)")
+    p.add_argument("--dataset", default=None,
+                   help="fineweb-edu, climbmix or a Hub repo (default $NANOCHAT_DATASET or fineweb-edu)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls via torchao, LM head included (H100+; default off)")
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
 
     # --- inputs -------------------------------------------------------------------------------------------------------
-    dataset = args.dataset or default_dataset()
+    dataset = default_dataset(args.dataset)
     try:
         tokenizer = get_tokenizer()
         token_bytes = get_token_bytes(device)

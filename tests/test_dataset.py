@@ -77,3 +77,15 @@ def test_from_text_rejects_bad_inputs_clearly(base_dir, tmp_path):
     (tmp_path / "y.jsonl").write_text(json.dumps({"body": "no text field"}))
     with pytest.raises(UserError, match="'text' field"):
         shards_from_text([tmp_path / "y.jsonl"], "bad", 10)
+
+
+def test_climbmix_is_a_preset_beside_fineweb_edu(base_dir, monkeypatch):
+    from nanochat.dataset import default_dataset, list_shards
+    monkeypatch.delenv("NANOCHAT_DATASET", raising=False)
+    assert default_dataset() == "karpathy/fineweb-edu-100b-shuffle"
+    assert default_dataset("climbmix") == "karpathy/climbmix-400b-shuffle"
+    assert default_dataset("someone/own-shards") == "someone/own-shards"
+    monkeypatch.setenv("NANOCHAT_DATASET", "climbmix")
+    assert default_dataset() == "karpathy/climbmix-400b-shuffle"
+    with pytest.raises(UserError, match="no val shards of karpathy/climbmix-400b-shuffle"):
+        list_shards("val")  # the preset's repo, its 6,543 shards known: the last is the validation shard
