@@ -2,7 +2,7 @@
 
 q: (B, T, H, D). Without a KV cache k, v are (B, T, Hkv, D); with one they are the cached (B, Hkv, L, D) and
 `positions` (B, T) gives each query's absolute position. Returns (B, T, H, D). A window w lets query i see keys
-i-w+1 .. i.
+i-w+1 .. i (GPTConfig.window_sizes gives w + 1 for the reference's window w).
 
 Which path runs, and why:
 - Hopper with the `kernels` package and bf16/fp16 inputs: FA3 (`flash_attn_func` for training, causal with a left
@@ -71,6 +71,18 @@ def kernel_summary(device_type: str, dtype: torch.dtype) -> str:
         return (f"attention: PyTorch SDPA, not Flash Attention 3: FA3 takes bf16/fp16 and the compute dtype is "
                 f"{str(dtype).removeprefix('torch.')}")
     return "attention: Flash Attention 3 (Hopper) for training, prefill and decoding"
+
+
+def default_window_pattern(device_type: str, compiled: bool) -> tuple[str, str]:
+    """The window pattern a run gets when --window-pattern is not given, and why: the reference's SSSL wherever
+    short windows skip the work outside them (FA3, or flex_attention under torch.compile on CUDA), L elsewhere, where
+    a window is a dense mask over the full scores and saves nothing (measured on CPUs, see above)."""
+    if device_type == "cuda" and FA3 is not None:
+        return "SSSL", "Flash Attention 3 skips what short windows leave out"
+    if device_type == "cuda" and compiled:
+        return "SSSL", "flex_attention under torch.compile skips what short windows leave out"
+    where = f"on {device_type}" + ("" if compiled else " without torch.compile")
+    return "L", f"{where} a window is a dense mask that saves nothing"
 
 
 def fa3_accepts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

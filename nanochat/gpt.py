@@ -64,15 +64,16 @@ class GPTConfig:
             raise ValueError(f"window_pattern={self.window_pattern!r} must be a string of L (full) and S (short)")
 
     def window_sizes(self) -> list[int]:
-        """Attention window per layer: the pattern tiled over layers, the last layer always full context.
+        """Keys each query sees, per layer: the pattern tiled over layers, the last layer always L.
 
-        S = a quarter of the context rounded up to a multiple of 128; L = the full context.
+        A window w (S = a quarter of the context rounded up to a multiple of 128, L = the context) covers the query
+        and the w keys before it, w + 1 in all, as the reference's (w, 0) windows do.
         """
         short = min(self.sequence_len, -(-self.sequence_len // 4 // 128) * 128 or 128)
         pattern = self.window_pattern.upper()
         sizes = [short if pattern[i % len(pattern)] == "S" else self.sequence_len for i in range(self.n_layer)]
         sizes[-1] = self.sequence_len
-        return sizes
+        return [w + 1 for w in sizes]
 
     def has_value_embedding(self, layer: int) -> bool:
         return layer % 2 == (self.n_layer - 1) % 2
@@ -100,7 +101,7 @@ class GPTConfig:
     def estimate_flops(self) -> float:
         """Training FLOPs per token: 6 per matmul weight + the attention scores and values of each layer."""
         T, h, d = self.sequence_len, self.n_head, self.head_dim
-        attention = sum(12 * h * d * min(w, T) for w in self.window_sizes())
+        attention = sum(12 * h * d * min(w - 1, T) for w in self.window_sizes())  # counted as the reference: w
         return 6 * self.num_scaling_params() + attention
 
 

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from nanochat.attention import default_window_pattern
 from nanochat.checkpoint import CheckpointMeta, build_model, checkpoint_dir, resume, save_checkpoint
 from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.core_eval import evaluate_core
@@ -33,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--n-kv-head", type=int, default=None, help="key/value heads for GQA (default: = query heads)")
     p.add_argument("--max-seq-len", dest="sequence_len", type=int, default=2048, help="context length in tokens")
-    p.add_argument("--window-pattern", default="L", help="per-layer attention windows, e.g. SSSL (S = 1/4 context)")
+    p.add_argument("--window-pattern", default=None,
+                   help="per-layer attention windows, e.g. SSSL (S = 1/4 context; default: SSSL on CUDA, else L)")
     p.add_argument("--smear", action=argparse.BooleanOptionalAction, default=GPTConfig.smear,
                    help="mix a gated share of the previous token's embedding into each position")
     p.add_argument("--backout", action=argparse.BooleanOptionalAction, default=GPTConfig.backout,
@@ -93,6 +95,10 @@ def main(argv=None) -> None:
         tokenizer, vocab_size = None, 32768
 
     # --- the one dial ---------------------------------------------------------------------------------------------
+    if args.window_pattern is None:
+        compiled = args.compile == "on" or (args.compile == "auto" and compute.device_type == "cuda")
+        args.window_pattern, why = default_window_pattern(compute.device_type, compiled)
+        print0(f"window pattern {args.window_pattern} (default): {why}")
     hp = derive_hparams(args.depth, Overrides.from_namespace(args), vocab_size=vocab_size,
                         world_size=dist_info.world_size)
     config = hp.model_config()

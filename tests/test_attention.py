@@ -186,3 +186,15 @@ def test_a_prompt_shared_by_every_row_is_attended_as_if_each_row_held_it(kv_head
     assert y.shape == (B, 1, H, D) and y.dtype == dtype
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     assert torch.allclose(y.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_the_default_window_pattern_is_sssl_only_where_windows_skip_work(monkeypatch):
+    import nanochat.attention
+    from nanochat.attention import default_window_pattern
+    monkeypatch.setattr(nanochat.attention, "FA3", None)
+    assert default_window_pattern("cuda", compiled=True)[0] == "SSSL"  # flex_attention's block mask
+    assert default_window_pattern("cuda", compiled=False)[0] == "L"  # eager CUDA: a dense mask
+    assert default_window_pattern("cpu", compiled=True)[0] == default_window_pattern("mps", compiled=False)[0] == "L"
+    monkeypatch.setattr(nanochat.attention, "FA3", object())
+    assert default_window_pattern("cuda", compiled=False) == ("SSSL", "Flash Attention 3 skips what short windows "
+                                                                      "leave out")

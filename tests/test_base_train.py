@@ -104,6 +104,8 @@ def test_dry_run_prints_the_derivation_without_inputs(base_dir):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "n_embd                   1,280" in proc.stdout and "total_batch_size" in proc.stdout
+    # the window pattern is chosen in one place and printed: L on a CPU, where windows save nothing
+    assert "window pattern L (default): on cpu without torch.compile a window is a dense mask" in proc.stdout
 
 
 def test_a_two_process_run_killed_by_sigkill_resumes_to_the_same_losses_bit_for_bit(train_env, base_dir):

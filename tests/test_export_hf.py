@@ -90,7 +90,7 @@ def test_the_folder_loads_through_auto_map_with_our_config(exported, hf_model):
     model, tok, out = exported
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].endswith("NanoChatGPTForCausalLM")
-    assert config["attention_windows"] == [128, 256, 256] and config["value_embedding_layers"] == [0, 2]
+    assert config["attention_windows"] == [129, 257, 257] and config["value_embedding_layers"] == [0, 2]
     assert config["smear"] and config["backout"] and config["backout_layer"] == 1
     assert {"model.safetensors", "generation_config.json", "tokenizer.json", "modeling_nanochat.py",
             "configuration_nanochat.py", "README.md"} <= set(os.listdir(out))

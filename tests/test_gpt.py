@@ -50,11 +50,12 @@ def test_changing_a_future_token_never_changes_past_logits():
 
 
 def test_window_pattern_tiles_and_keeps_the_last_layer_full():
+    # a window w covers w + 1 keys (the query and the w before it), as the reference's (w, 0) windows
     config = GPTConfig(sequence_len=2048, n_layer=6, window_pattern="SSL")
-    assert config.window_sizes() == [512, 512, 2048, 512, 512, 2048]
+    assert config.window_sizes() == [513, 513, 2049, 513, 513, 2049]
     config = GPTConfig(sequence_len=2048, n_layer=4, window_pattern="S")
-    assert config.window_sizes() == [512, 512, 512, 2048]
-    assert GPTConfig(sequence_len=1000, n_layer=2, window_pattern="S").window_sizes()[0] == 256
+    assert config.window_sizes() == [513, 513, 513, 2049]
+    assert GPTConfig(sequence_len=1000, n_layer=2, window_pattern="S").window_sizes()[0] == 257
 
 
 def test_short_window_layers_do_not_see_past_the_window():
