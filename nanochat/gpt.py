@@ -290,10 +290,9 @@ class GPT(nn.Module):
             positions = kv_cache.positions(slots, T)  # (B, T)
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = self.wte(idx).to(dtype)  # (B, T, C) in the compute dtype from here to the LM head
-        if self.config.smear:
+        x = norm(self.wte(idx).to(dtype))  # (B, T, C) in the compute dtype from here to the LM head
+        if self.config.smear:  # on the normalised embeddings, as the reference
             x = self.smear(x, kv_cache, slots, positions)
-        x = norm(x)
         x0 = x
         backout_layer = self.config.n_layer // 2 if self.config.backout else -1
         x_mid = None
@@ -403,4 +402,4 @@ class GPT(nn.Module):
         for g in groups:
             g["initial_lr"] = g["lr"]
             g["initial_weight_decay"] = g["weight_decay"]
-        return MuonAdamW(groups)
+        return MuonAdamW(groups, equalize_rows=True)  # MuonEq row equalisation on, as the reference's recipe

@@ -28,9 +28,9 @@ class Overrides:
     head_dim: int = 128
     n_kv_head: int | None = None
     sequence_len: int = 2048
-    window_pattern: str = "L"
-    smear: bool = False
-    backout: bool = False
+    window_pattern: str = "L"  # base_train picks SSSL where windows save work (attention.default_window_pattern)
+    smear: bool = True  # on, as the reference's recipe
+    backout: bool = True
     device_batch_size: int = 32
     total_batch_size: int | None = None
     num_iterations: int | None = None

@@ -17,7 +17,6 @@ from nanochat.dataloader import PackedLoader, micro_batch_loaders
 from nanochat.dataset import default_dataset, list_shards
 from nanochat.flops import device_peak_flops
 from nanochat.fp8 import enable_fp8_training, fp8_disabled, fp8_unavailable_reason
-from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.scaling import Overrides, derive_hparams, pretraining_schedule
@@ -36,9 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", dest="sequence_len", type=int, default=2048, help="context length in tokens")
     p.add_argument("--window-pattern", default=None,
                    help="per-layer attention windows, e.g. SSSL (S = 1/4 context; default: SSSL on CUDA, else L)")
-    p.add_argument("--smear", action=argparse.BooleanOptionalAction, default=GPTConfig.smear,
+    p.add_argument("--smear", action=argparse.BooleanOptionalAction, default=Overrides.smear,
                    help="mix a gated share of the previous token's embedding into each position")
-    p.add_argument("--backout", action=argparse.BooleanOptionalAction, default=GPTConfig.backout,
+    p.add_argument("--backout", action=argparse.BooleanOptionalAction, default=Overrides.backout,
                    help="subtract a learned share of the middle layer's residual stream before the final norm")
     p.add_argument("--num-iterations", type=int, default=None, help="override the derived number of steps")
     p.add_argument("--target-flops", type=float, default=None, help="derive steps from a compute budget")

@@ -322,3 +322,22 @@ def test_rotary_tables_cover_ten_times_the_context_and_longer_inputs_are_a_clear
     assert model(torch.randint(0, V, (1, 160))).shape == (1, 160, V)  # whole CORE prompts past the context
     with pytest.raises(ValueError, match="161 tokens is longer than the rotary tables"):
         model(torch.randint(0, V, (1, 161)))
+
+
+def test_smear_mixes_the_normalised_embeddings_as_the_reference_does():
+    model = model_with(smear=True)
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.7)
+        model.x0_lambdas.zero_()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+    idx = torch.randint(0, V, (1, 6))
+    model(idx)
+    emb = F.rms_norm(model.wte(idx), (model.config.n_embd,))
+    gate = 0.7 * torch.sigmoid(model.smear_gate(emb[..., :24]))
+    expected = torch.cat([emb[:, :1], emb[:, 1:] + gate[:, 1:] * emb[:, :-1]], dim=1)
+    assert torch.allclose(seen[0] / model.resid_lambdas[0], expected, atol=1e-5)  # x0 term zeroed above
+
+
+def test_muon_equalises_rows_by_default_as_the_reference():
+    assert model_with().setup_optimizer().equalize_rows

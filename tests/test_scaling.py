@@ -31,10 +31,10 @@ def test_closed_form_counts_of_the_config_equal_the_model_tensors():
 
 
 def test_hyperparams_give_the_model_config_and_round_trip_through_a_dict():
-    hp = derive_hparams(4, Overrides(head_dim=64, sequence_len=512, window_pattern="SL", smear=True))
+    hp = derive_hparams(4, Overrides(head_dim=64, sequence_len=512, window_pattern="SL", backout=False))
     config = hp.model_config()
     assert (config.n_layer, config.n_embd, config.n_head, config.sequence_len) == (4, 256, 4, 512)
-    assert config.window_pattern == "SL" and config.smear and not config.backout
+    assert config.window_pattern == "SL" and config.smear and not config.backout  # smear on by default
     assert Hyperparams.from_dict(hp.to_dict()) == hp
     assert hp.scaling_params == config.num_scaling_params()
 

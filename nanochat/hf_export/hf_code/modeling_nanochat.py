@@ -2,7 +2,7 @@
 conventions (a PreTrainedModel, keys and values kept in a transformers Cache, so `generate()` works).
 
 Standalone: this file ships inside every export and must not import nanochat. What it computes, in order:
-token embedding -> [smear] -> RMSNorm = x0; per layer: x = resid_lambda*x + x0_lambda*x0, then a pre-norm block
+token embedding -> RMSNorm -> [smear] = x0; per layer: x = resid_lambda*x + x0_lambda*x0, then a pre-norm block
 (attention with RoPE, QK-norm scaled by 1.2, GQA, a per-layer sliding window, value embeddings mixed into V through
 a gate; a ReLU² MLP); [backout] -> RMSNorm -> LM head -> fp32 logits soft-capped with tanh. RMSNorm has no weights.
 
@@ -190,10 +190,9 @@ class NanoChatGPTModel(NanoChatGPTPreTrainedModel):
         inv_freq = 1.0 / self.config.rope_theta ** (torch.arange(half, dtype=torch.float32, device=input_ids.device)
                                                     / half)
         angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, T, D/2)
-        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.config.smear:
+        x = rms_norm(self.wte(input_ids) if inputs_embeds is None else inputs_embeds)
+        if self.config.smear:  # on the normalised embeddings, as nanochat's GPT
             x = self._smear(x, cache, past, attention_mask)
-        x = rms_norm(x)
         cos, sin = angles.cos()[:, :, None].to(x.dtype), angles.sin()[:, :, None].to(x.dtype)  # (B, T, 1, D/2)
         mask_of = self._mask_builder(B, T, past, attention_mask, x.device)
         x0, x_mid = x, None
