@@ -2,7 +2,8 @@
 
 Reference point: a d12 model trained with a 2^19-token batch. Width = depth × aspect ratio rounded up to the head
 dim; tokens = ratio × scaling parameters (matrices + LM head); batch = a power of two growing as (D/D_ref)^0.383;
-learning rates × √(B/B_ref); Muon weight decay 0.28·√(B/B_ref)·(D_ref/D). The parameter and FLOP counts are
+learning rates × √(B/B_ref), given by flag or not; Muon weight decay 0.28·√(B/B_ref)·(D_ref/D). D_ref is the
+tokens of a d12 with the run's own aspect ratio, head dim and vocabulary. The parameter and FLOP counts are
 GPTConfig's closed forms, so nothing here builds a model.
 
 What flags set instead is one `Overrides`; `derive_hparams` gives the `Hyperparams`, whose `model_config()` is the
@@ -17,6 +18,9 @@ from nanochat.common import UserError
 from nanochat.gpt import GPTConfig
 
 B_REF = 2 ** 19
+# The rates at the reference batch B_REF and horizon D_ref (the reference's flag defaults).
+REFERENCE_RATES = {"embedding_lr": 0.3, "unembedding_lr": 0.008, "matrix_lr": 0.02, "scalar_lr": 0.5,
+                   "weight_decay": 0.28}
 REF_DEPTH = 12
 LEGACY_NAMES = {"depth": "n_layer", "model_dim": "n_embd", "max_seq_len": "sequence_len"}  # older checkpoints
 
@@ -118,10 +122,12 @@ def model_shape(depth: int, aspect_ratio: int = 64, head_dim: int = 128) -> tupl
     return n_embd, n_embd // head_dim
 
 
-def reference_tokens(target_param_data_ratio: float) -> float:
-    """Training tokens of the reference point (d12, head_dim 128, vocabulary 32768) at this tokens-per-parameter."""
-    n_embd, n_head = model_shape(REF_DEPTH, 64, 128)
-    ref = GPTConfig(n_layer=REF_DEPTH, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, vocab_size=32768)
+def reference_tokens(target_param_data_ratio: float, aspect_ratio: int = 64, head_dim: int = 128,
+                     vocab_size: int = 32768) -> float:
+    """Training tokens of the reference point, a d12 with the run's own aspect ratio, head dim and vocabulary (as the
+    reference builds it), at this tokens-per-parameter."""
+    n_embd, n_head = model_shape(REF_DEPTH, aspect_ratio, head_dim)
+    ref = GPTConfig(n_layer=REF_DEPTH, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, vocab_size=vocab_size)
     return target_param_data_ratio * ref.num_scaling_params()
 
 
@@ -140,7 +146,7 @@ def derive_hparams(n_layer: int, overrides: Overrides | None = None, *, vocab_si
                        n_kv_head=n_kv_head, n_embd=n_embd, window_pattern=o.window_pattern, smear=o.smear,
                        backout=o.backout)
     N = config.num_scaling_params()
-    D_ref = reference_tokens(o.target_param_data_ratio)
+    D_ref = reference_tokens(o.target_param_data_ratio, o.aspect_ratio, o.head_dim, vocab_size)
     D = int(o.target_param_data_ratio * N)
 
     total_batch_size = o.total_batch_size
@@ -161,17 +167,19 @@ def derive_hparams(n_layer: int, overrides: Overrides | None = None, *, vocab_si
         num_iterations = round(o.target_flops / (config.estimate_flops() * total_batch_size))
         sources["num_iterations"] = "target_flops"
     else:
-        num_iterations = max(1, round(D / total_batch_size))
+        num_iterations = max(1, D // total_batch_size)  # floored, as the reference does
     if num_iterations < 1:
         raise UserError(f"--num-iterations={num_iterations} must be at least 1")
 
+    # Rates given by hand are scaled like the defaults, as the reference scales its flags (their defaults included):
+    # a flag sets the rate at the reference batch, not the rate this batch runs at.
     lr_scale = math.sqrt(total_batch_size / B_REF)
-    derived = dict(embedding_lr=0.3 * lr_scale, unembedding_lr=0.008 * lr_scale, matrix_lr=0.02 * lr_scale,
-                   scalar_lr=0.5 * lr_scale, weight_decay=0.28 * lr_scale * (D_ref / max(D, 1)))
+    scale = dict(embedding_lr=lr_scale, unembedding_lr=lr_scale, matrix_lr=lr_scale, scalar_lr=lr_scale,
+                 weight_decay=lr_scale * (D_ref / max(D, 1)))
     rates = {}
-    for name, value in derived.items():
+    for name, default in REFERENCE_RATES.items():
         given = getattr(o, name)
-        rates[name] = value if given is None else given
+        rates[name] = (default if given is None else given) * scale[name]
         if given is not None:
             sources[name] = "flag"
     return Hyperparams(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head, head_dim=o.head_dim,
@@ -205,15 +213,17 @@ def lr_multiplier(step: int, num_iterations: int, warmup_steps: int, warmdown_ra
 
 
 def muon_momentum(step: int, num_iterations: int, warmdown_ratio: float) -> float:
-    """0.85 → 0.97 over the first 400 steps, flat, then 0.97 → 0.90 across the warmdown."""
-    warm = min(step / 400, 1.0)
-    momentum = 0.85 + 0.12 * warm
+    """0.85 → 0.97 over the first 400 steps, flat, then 0.97 → 0.90 across the warmdown. As in the reference, the
+    first 400 steps follow the warmup alone, even when the warmdown starts inside them (every run under ~1,140
+    steps at the default ratio, every d4 ablation among them)."""
+    if step < 400:
+        return 0.85 + 0.12 * max(step, 0) / 400
     warmdown = round(warmdown_ratio * num_iterations)
     start = num_iterations - warmdown
-    if warmdown > 0 and step > start:
+    if warmdown > 0 and step >= start:
         frac = min((step - start) / warmdown, 1.0)
-        momentum = momentum * (1 - frac) + 0.90 * frac
-    return momentum
+        return 0.97 * (1 - frac) + 0.90 * frac
+    return 0.97
 
 
 def weight_decay_multiplier(step: int, num_iterations: int) -> float:

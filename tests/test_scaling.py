@@ -44,7 +44,7 @@ def test_reference_depth_gets_the_reference_batch_and_rates():
     assert hp.total_batch_size == 2 ** 19
     assert hp.matrix_lr == pytest.approx(0.02) and hp.embedding_lr == pytest.approx(0.3)
     assert hp.weight_decay == pytest.approx(0.28)
-    assert hp.num_iterations == round(hp.target_tokens / hp.total_batch_size)
+    assert hp.num_iterations == hp.target_tokens // hp.total_batch_size  # floored, as the reference
 
 
 def test_bigger_models_get_bigger_batches_and_scaled_rates():
@@ -60,8 +60,9 @@ def test_every_flag_overrides_its_derived_value():
                                      scalar_lr=0.1, weight_decay=0.0, warmup_steps=5, warmdown_ratio=0.5,
                                      final_lr_frac=0.1))
     assert (hp.total_batch_size, hp.num_iterations, hp.grad_accum_steps) == (8192, 60, 1)
-    assert (hp.matrix_lr, hp.embedding_lr, hp.unembedding_lr, hp.scalar_lr, hp.weight_decay) == (0.03, 0.2, 0.004,
-                                                                                                 0.1, 0.0)
+    # rates given by hand are batch-scaled like the defaults: √(8192 / 2^19) = 1/8
+    assert (hp.matrix_lr, hp.embedding_lr, hp.unembedding_lr, hp.scalar_lr, hp.weight_decay) == pytest.approx(
+        (0.03 / 8, 0.2 / 8, 0.004 / 8, 0.1 / 8, 0.0))
     assert {"total_batch_size", "num_iterations", "matrix_lr"} <= set(hp.sources)
     assert "(flag)" in hp.describe()
 
@@ -101,6 +102,28 @@ def test_lr_never_goes_negative_when_steps_are_short_or_overrun():
 def test_a_run_shorter_than_its_warmup_warms_up_like_the_reference_and_never_jumps_down():
     lrm = [lr_multiplier(s, 10, 40, 0.65, 0.05) for s in range(10)]
     assert lrm == pytest.approx([(s + 1) / 40 for s in range(10)])
+
+
+def test_hand_given_rates_and_weight_decay_are_scaled_as_the_reference_scales_its_flags():
+    default = derive_hparams(8, Overrides(head_dim=64, total_batch_size=2 ** 17))
+    given = derive_hparams(8, Overrides(head_dim=64, total_batch_size=2 ** 17, matrix_lr=0.04, weight_decay=0.56))
+    assert default.matrix_lr == pytest.approx(0.02 / 2) and given.matrix_lr == pytest.approx(0.04 / 2)
+    assert given.weight_decay == pytest.approx(2 * default.weight_decay)
+
+
+def test_the_reference_point_is_a_d12_with_the_runs_own_shape_and_vocabulary():
+    # A d12 is its own reference point whatever its aspect ratio, head dim or vocabulary: the reference batch, rates
+    # and weight decay.
+    for o, vocab in [(Overrides(), 65536), (Overrides(head_dim=64), 32768), (Overrides(aspect_ratio=48), 8192)]:
+        hp = derive_hparams(12, o, vocab_size=vocab)
+        assert hp.total_batch_size == 2 ** 19 and hp.weight_decay == pytest.approx(0.28), (o, vocab)
+
+
+def test_muon_momentum_follows_the_references_warmup_in_runs_shorter_than_it():
+    # A 60-step d4 ablation: the warmdown starts at step 21, but the first 400 steps follow the warmup alone.
+    assert [muon_momentum(s, 60, 0.65) for s in (0, 21, 59)] == pytest.approx([0.85, 0.85 + 0.12 * 21 / 400,
+                                                                               0.85 + 0.12 * 59 / 400])
+    assert muon_momentum(500, 2000, 0.65) == 0.97 and muon_momentum(2000, 2000, 0.65) == pytest.approx(0.90)
 
 
 def test_muon_momentum_and_weight_decay_schedules():
