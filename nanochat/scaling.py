@@ -242,12 +242,14 @@ def pretraining_schedule(hp: Hyperparams, step: int) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Fine-tuning: SFT and RL start from the base run's rates as the user gave them (not batch-scaled), times a fraction.
 
-BASE_RATES = {"embedding_lr": 0.3, "unembedding_lr": 0.004, "matrix_lr": 0.02, "scalar_lr": 0.5}
+# The base run's rates at the reference batch: its flags' defaults (the LM head's 0.008; the reference's 0.004 is
+# only its fallback for checkpoints that recorded no flags).
+BASE_RATES = {name: REFERENCE_RATES[name] for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
 
 
 def finetune_rates(base_args: dict, overrides: dict, frac: float) -> dict[str, float]:
     """Each rate: the stage's flag if given, else the base run's flag if given, else BASE_RATES; then × frac. The
-    base run's batch scaling is not inherited: SFT runs at its own batch with the user's rates."""
+    base run's batch scaling is not inherited: SFT runs at its own batch with the rates the reference's flags set."""
     rates = {}
     for name, default in BASE_RATES.items():
         value = overrides.get(name)

@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the base run's")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per step (default: the base run's)")
     p.add_argument("--embedding-lr", type=float, default=None, help="default: the base run's flag, else 0.3")
-    p.add_argument("--unembedding-lr", type=float, default=None, help="default: the base run's flag, else 0.004")
+    p.add_argument("--unembedding-lr", type=float, default=None, help="default: the base run's flag, else 0.008")
     p.add_argument("--matrix-lr", type=float, default=None, help="default: the base run's flag, else 0.02")
     p.add_argument("--scalar-lr", type=float, default=None, help="default: the base run's flag, else 0.5")
     p.add_argument("--init-lr-frac", type=float, default=0.8, help="every learning rate × this")
