@@ -6,7 +6,7 @@ from pathlib import Path
 
 from nanochat.common import UserError
 from nanochat.download import hf_file
-from tasks.common import Task, read_parquet_rows
+from tasks.common import Task, hf_shuffled, read_parquet_rows
 
 
 class SmolTalk(Task):
@@ -17,9 +17,10 @@ class SmolTalk(Task):
 
     def __init__(self, split: str = "train", **kwargs):
         super().__init__(**kwargs)
-        self.rows = []
+        rows = []
         for path in self.FILES[split]:
-            self.rows += read_parquet_rows("HuggingFaceTB/smol-smoltalk", path, f"SmolTalk {split}")
+            rows += read_parquet_rows("HuggingFaceTB/smol-smoltalk", path, f"SmolTalk {split}")
+        self.rows = hf_shuffled(rows, seed=42)  # the reference's Dataset.shuffle(seed=42), before any mixing
 
     def num_examples(self) -> int:
         return len(self.rows)

@@ -165,3 +165,14 @@ def test_mixture_interleaves_deterministically_and_slices():
     assert {m["messages"][0]["content"][:5] for m in (mix[i] for i in range(30))} > {"Spell"}
     sliced = GSM8K("main", "test", start=10, stop=20, step=2)
     assert len(sliced) == 5 and sliced[1] == GSM8K("main", "test")[12]
+
+
+def test_smoltalk_rows_are_shuffled_with_seed_42_as_the_reference_loads_them(monkeypatch):
+    import tasks.chat
+    from tasks.common import hf_shuffled
+    shard = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+             for i in range(10)]
+    monkeypatch.setattr(tasks.chat, "read_parquet_rows", lambda repo, path, label: list(shard))
+    task = tasks.chat.SmolTalk("test")
+    assert task.rows == hf_shuffled(shard, seed=42) != shard
+    assert task[0]["messages"][0]["content"] == hf_shuffled(shard, seed=42)[0]["messages"][0]["content"]
