@@ -52,6 +52,24 @@ def policy_gradient_loss(logits: torch.Tensor, targets: torch.Tensor, advantages
     return -(logp * valid * advantages[:, None]).sum() / denominator
 
 
+def backward_in_passes(model, inputs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor,
+                       pass_size: int, questions: int, autocast) -> float:
+    """Backpropagate one question's group of samples in forward passes of `pass_size` samples, as the reference
+    does: each pass's loss is normalised by that pass's own sampled tokens, then divided by the number of passes and
+    of `questions` (this process's questions of the step), so the gradient is the mean over passes and questions.
+    Returns the summed loss."""
+    passes = -(-inputs.size(0) // pass_size)
+    total = 0.0
+    for start in range(0, inputs.size(0), pass_size):
+        rows = slice(start, start + pass_size)
+        with autocast():
+            logits = model(inputs[rows])
+        loss = policy_gradient_loss(logits, targets[rows], advantages[rows]) / (passes * questions)
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 def pass_at_k(correct: list[bool], k: int) -> float:
     """1 if any of the first k samples of a question is correct (samples are independent draws)."""
     return float(any(correct[:k]))
@@ -75,11 +93,12 @@ def rollout(engine, tokenizer, task, index: int, num_samples: int, max_new_token
 
 @torch.no_grad()
 def evaluate_pass_at_k(engine, tokenizer, task, indices, k: int, max_new_tokens: int, top_k: int) -> dict:
-    """pass@1 and pass@k over the questions `indices`, k samples each at temperature 1."""
-    p1, pk = [], []
+    """The pass@1 … pass@k curve over the questions `indices`, k samples each at temperature 1: pass@j is the share
+    of questions solved by one of their first j samples, as the reference logs it."""
+    solved = [0.0] * k
     for i in indices:
         r = rollout(engine, tokenizer, task, i, k, max_new_tokens, 1.0, top_k, seed=10_000 + i)
         correct = [bool(x) for x in r["rewards"]]
-        p1.append(sum(correct) / len(correct))
-        pk.append(pass_at_k(correct, k))
-    return {"pass@1": sum(p1) / max(1, len(p1)), f"pass@{k}": sum(pk) / max(1, len(pk))}
+        for j in range(k):
+            solved[j] += pass_at_k(correct, j + 1)
+    return {f"pass@{j + 1}": solved[j] / max(1, len(indices)) for j in range(k)}

@@ -20,7 +20,7 @@ from nanochat.common import UserError, compute_init, get_wandb, print0, run_cli
 from nanochat.decode import DecodePolicy
 from nanochat.engine import Engine
 from nanochat.sandbox.execution import python_tool_banner
-from nanochat.grpo import evaluate_pass_at_k, group_advantages, policy_gradient_loss, rollout, rollout_batch
+from nanochat.grpo import backward_in_passes, evaluate_pass_at_k, group_advantages, rollout, rollout_batch
 from nanochat.loss_eval import accumulator_dtype
 from nanochat.report import get_report
 from nanochat.scaling import rl_schedule
@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-steps", type=int, default=None, help="default: one pass over GSM8K train")
     p.add_argument("--examples-per-step", type=int, default=16, help="questions per step (over all processes)")
     p.add_argument("--num-samples", type=int, default=16, help="completions per question")
+    p.add_argument("--device-batch-size", type=int, default=8,
+                   help="samples per forward pass of the update (each pass's loss is normalised by its own tokens)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
@@ -61,6 +63,10 @@ def main(argv=None) -> None:
     dist_info, device, world = compute.dist, compute.device, compute.dist.world_size
     if args.examples_per_step % world:
         raise UserError(f"--examples-per-step={args.examples_per_step} must be a multiple of the {world} processes")
+    pass_size = min(args.device_batch_size, args.num_samples)
+    if args.num_samples % pass_size:
+        raise UserError(f"--num-samples={args.num_samples} must be a multiple of --device-batch-size="
+                        f"{args.device_batch_size}: the update runs each question's samples in equal passes")
     if args.dry_run:
         steps = args.num_steps or 7473 // args.examples_per_step  # GSM8K train has 7,473 questions
         print0(f"chat_rl dry run: {steps} steps × {args.examples_per_step} questions × {args.num_samples} samples")
@@ -104,7 +110,9 @@ def main(argv=None) -> None:
             torch.distributed.all_reduce(sums)
         result = {k: (sums[i] / sums[-1].clamp(min=1)).item() for i, k in enumerate(local)}
         print0(f"  eval step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-        curves["pass@1"].append([step, 0, result["pass@1"]])
+        for name in ("pass@1", f"pass@{args.eval_k}"):  # the ends of the curve; the whole curve is printed above
+            curves.setdefault(name, []).append([step, 0, result[name]])
+        wandb.log({"step": step, **result})
         return result
 
     last_eval = None
@@ -129,12 +137,9 @@ def main(argv=None) -> None:
             advantages = group_advantages(b["rewards"].float(), args.std_normalize).to(device)
             inputs, targets = rollout_batch(b["sequences"], b["masks"], tokenizer.get_bos_token_id(), device,
                                             untrained=engine.tools.stops)
-            with compute.autocast():
-                logits = model(inputs)
-            # the question's loss is normalised by its own sampled tokens; / per_rank here and the optimizer's
-            # average over processes make the step the mean over all questions
-            loss = policy_gradient_loss(logits, targets, advantages) / per_rank
-            loss.backward()
+            # each pass's loss is normalised by its own sampled tokens; / (passes × per_rank) there and the
+            # optimizer's average over processes make the step the mean over all passes of all questions
+            backward_in_passes(model, inputs, targets, advantages, pass_size, per_rank, compute.autocast)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dt = time.time() - t0

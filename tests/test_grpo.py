@@ -1,9 +1,11 @@
 """GRPO maths: group advantages, masks that keep prompts and tool outputs out of the loss, the gradient's sign."""
 
+from contextlib import nullcontext
+
 import torch
 
 from conftest import make_tiny_model
-from nanochat.grpo import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
+from nanochat.grpo import backward_in_passes, group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
 
 
 def test_all_correct_and_all_wrong_groups_have_zero_advantage():
@@ -71,3 +73,31 @@ def test_loss_has_no_gradient_through_masked_positions():
 
 def test_pass_at_k():
     assert pass_at_k([False, True, False], 1) == 0.0 and pass_at_k([False, True, False], 2) == 1.0
+
+
+def test_each_forward_pass_is_normalised_by_its_own_tokens_as_the_reference_does():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(11, 8), torch.nn.Linear(8, 11))
+    inputs = torch.randint(0, 11, (4, 6))
+    targets = torch.randint(0, 11, (4, 6))
+    targets[0, 3:] = -1  # the first pass holds 6 + 3 sampled tokens, the second 12
+    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    backward_in_passes(model, inputs, targets, advantages, pass_size=2, questions=3, autocast=nullcontext)
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = sum(policy_gradient_loss(model(inputs[r]), targets[r], advantages[r], int((targets[r] >= 0).sum()))
+                   for r in (slice(0, 2), slice(2, 4))) / (2 * 3)
+    expected.backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(ours, model.parameters()))
+    model.zero_grad()  # one normalisation over the whole group (per question) gives another gradient
+    (policy_gradient_loss(model(inputs), targets, advantages) / 3).backward()
+    assert not all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(ours, model.parameters()))
+
+
+def test_evaluation_logs_the_pass_at_1_to_k_curve(monkeypatch):
+    import nanochat.grpo
+    outcomes = {0: [0, 1, 0, 0], 1: [0, 0, 0, 1], 2: [1, 1, 1, 1], 3: [0, 0, 0, 0]}
+    monkeypatch.setattr(nanochat.grpo, "rollout", lambda engine, tok, task, i, k, *args, **kwargs:
+                        {"rewards": torch.tensor(outcomes[i][:k], dtype=torch.float)})
+    curve = nanochat.grpo.evaluate_pass_at_k(None, None, None, [0, 1, 2, 3], 4, 16, 50)
+    assert curve == {"pass@1": 0.25, "pass@2": 0.5, "pass@3": 0.5, "pass@4": 0.75}
