@@ -93,3 +93,23 @@ def test_setup_adds_the_gpu_extra_to_the_ones_asked_for_and_not_without_a_gpu(tm
                        capture_output=True, timeout=60)
         calls = log.read_text().splitlines()
         assert expected in calls and ("python -m nanochat.attention" in calls) == gpu
+
+
+def test_reference_speedrun_dry_run_checks_every_stage_of_the_references_recipe(base_dir):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), DRY_RUN="1")
+    env.pop("NANOCHAT_MIRROR", None)
+    proc = subprocess.run(["bash", "runs/speedrun_reference.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    train = next(line for line in out.splitlines() if line.startswith("+ python -m scripts.base_train "))
+    for flag in ("--depth=24", "--target-param-data-ratio=8", "--fp8", "--window-pattern=SSSL",
+                 "--device-batch-size=16", "--save-every=", "--resume-from-step=latest", "--keep-last=2"):
+        assert flag in train
+    assert "base_train d24 on karpathy/climbmix-400b-shuffle" in out  # the preset reaches every stage
+    assert "n_embd                   1,536" in out and "window_pattern           SSSL" in out
+    for stage in ("scripts.base_eval", "scripts.chat_sft", "scripts.chat_eval"):
+        assert f"+ python -m {stage} --dry-run" in out
+    sft = next(line for line in out.splitlines() if line.startswith("+ python -m scripts.chat_sft "))
+    assert "--resume-from-step=latest" in sft and "--keep-last=2" in sft
+    assert not (base_dir / "stages").exists()  # a dry run marks no stage as done
