@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The smear/backout ablation of docs/recipe.md on the d4 CPU benchmark configuration: 60 steps of 16x512 tokens,
+# The smear/backout/MuonEq ablation of docs/recipe.md on the d4 CPU benchmark configuration: 60 steps of 16x512 tokens,
 # compiled, bf16 autocast where the CPU has native bf16, val bpb over 262,144 tokens. One JSON line per run.
 #
-#   flock /tmp/nanochat-bench.lock bash bench/recipe_ablation.sh                  # baseline, +smear, +backout, both
+#   flock /tmp/nanochat-bench.lock bash bench/recipe_ablation.sh                  # five variants (see the end)
 #   BEFORE_TREE=/tmp/base-checkout flock /tmp/nanochat-bench.lock bash bench/recipe_ablation.sh   # + an older tree
 #
 # Needs a 32,768-token tokenizer and the shards in $NANOCHAT_BASE_DIR (python -m nanochat.dataset -n 4;
@@ -33,3 +33,4 @@ run baseline "$PWD" --no-smear --no-backout
 run smear "$PWD" --smear --no-backout
 run backout "$PWD" --no-smear --backout
 run both "$PWD" --smear --backout
+run both_no_muon_eq "$PWD" --smear --backout --no-muon-eq

@@ -373,7 +373,7 @@ class GPT(nn.Module):
 
     def setup_optimizer(self, embedding_lr: float = 0.3, unembedding_lr: float = 0.008, matrix_lr: float = 0.02,
                         scalar_lr: float = 0.5, weight_decay: float = 0.28, adam_lr_scale: float | None = None,
-                        smear_lr: float = 0.2):
+                        smear_lr: float = 0.2, equalize_rows: bool = True):
         """Muon for the 2-D matrices of the blocks, AdamW for everything else, with the reference's groups.
 
         The embedding and LM-head rates are multiplied by (C/768)^-0.5 (`adam_lr_scale` to override); the scalar
@@ -402,4 +402,4 @@ class GPT(nn.Module):
         for g in groups:
             g["initial_lr"] = g["lr"]
             g["initial_weight_decay"] = g["weight_decay"]
-        return MuonAdamW(groups, equalize_rows=True)  # MuonEq row equalisation on, as the reference's recipe
+        return MuonAdamW(groups, equalize_rows=equalize_rows)  # MuonEq: on by default, as the reference's recipe

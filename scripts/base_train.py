@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="mix a gated share of the previous token's embedding into each position")
     p.add_argument("--backout", action=argparse.BooleanOptionalAction, default=Overrides.backout,
                    help="subtract a learned share of the middle layer's residual stream before the final norm")
+    p.add_argument("--muon-eq", action=argparse.BooleanOptionalAction, default=True,
+                   help="equalise Muon's update rows before orthogonalising (MuonEq, as the reference)")
     p.add_argument("--num-iterations", type=int, default=None, help="override the derived number of steps")
     p.add_argument("--target-flops", type=float, default=None, help="derive steps from a compute budget")
     p.add_argument("--target-param-data-ratio", type=float, default=12.0, help="training tokens per parameter")
@@ -124,7 +126,8 @@ def main(argv=None) -> None:
     print0(f"parameters: {n['total']:,} ({', '.join(f'{k} {v:,}' for k, v in n.items() if k != 'total')}); "
            f"{flops_per_token:.3g} FLOPs/token; {hp.num_iterations * hp.total_batch_size:,} training tokens")
     optimizer = model.setup_optimizer(embedding_lr=hp.embedding_lr, unembedding_lr=hp.unembedding_lr,
-                                      matrix_lr=hp.matrix_lr, scalar_lr=hp.scalar_lr, weight_decay=hp.weight_decay)
+                                      matrix_lr=hp.matrix_lr, scalar_lr=hp.scalar_lr, weight_decay=hp.weight_decay,
+                                      equalize_rows=args.muon_eq)
     use_compile = args.compile == "on" or (args.compile == "auto" and compute.device_type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 

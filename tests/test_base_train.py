@@ -170,3 +170,8 @@ def test_two_nodes_with_their_own_disks_each_save_a_complete_checkpoint(train_en
     proc = run(env0, "--num-iterations=3", "--eval-every=-1", "--resume-from-step=latest")
     assert "re-sharded the training state of 2 processes for 1" in proc.stdout and "resumed from" in proc.stdout
     assert last_step(nodes[0] / "base_checkpoints" / "t2") == 3
+
+
+def test_muon_eq_is_on_unless_turned_off_for_an_ablation():
+    from scripts.base_train import parse_args
+    assert parse_args([]).muon_eq and not parse_args(["--no-muon-eq"]).muon_eq

@@ -341,3 +341,4 @@ def test_smear_mixes_the_normalised_embeddings_as_the_reference_does():
 
 def test_muon_equalises_rows_by_default_as_the_reference():
     assert model_with().setup_optimizer().equalize_rows
+    assert not model_with().setup_optimizer(equalize_rows=False).equalize_rows  # bench/recipe_ablation.sh's variant
