@@ -156,7 +156,7 @@ def supervised_loss(model, batches):
 
 
 def test_tiny_sft_lowers_the_loss_on_its_training_conversations(sft_env, base_dir, tiny_tokenizer, monkeypatch):
-    proc = run_sft(sft_env, "--num-iterations=12")
+    proc = run_sft(sft_env, "--num-iterations=12", "--unembedding-lr=0.004")  # × 30 stays stable on the tiny model
     first = [line for line in proc.stdout.splitlines() if not line.startswith("attention:")][0]  # after the kernel's
     assert "offline: SmolTalk → HH-RLHF" in first
     monkeypatch.setenv("NANOCHAT_MIRROR", sft_env["NANOCHAT_MIRROR"])

@@ -37,7 +37,7 @@ def test_sections_are_filed_under_the_model_tag_they_name(base_dir):
     assert d2[1]["data"][0]["val_bpb"] == 1.5 and d4[1]["data"][0]["val_bpb"] == 1.1
     text = report.generate().read_text()
     assert "# Model d2" in text and "# Model d4" in text
-    assert "| val_bpb | 1.5000 | - | - |" in (base_dir / "report" / "d2" / "report.md").read_text()
+    assert "| val_bpb | - | 1.5000 | - | - |" in (base_dir / "report" / "d2" / "report.md").read_text()
     assert "1.1000" not in (base_dir / "report" / "d2" / "report.md").read_text()
 
 
