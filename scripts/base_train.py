@@ -109,9 +109,7 @@ def main(argv=None) -> None:
     print0(hp.describe())
     if args.fp8:
         if (reason := fp8_unavailable_reason()) is not None:
-            if not args.dry_run:
-                raise UserError(reason)
-            print0(f"warning (dry run): {reason}")
+            raise UserError(reason)
     if args.dry_run:
         print0("dry run: arguments and derived hyper-parameters are valid; not training")
         return
