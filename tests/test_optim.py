@@ -35,6 +35,7 @@ def reference_step(params, grads, state, lr, momentum, wd, kinds, adam_cfg, t):
             buf.lerp_(g, 1 - momentum)  # lerp as the optimizer does: the quintic amplifies rounding differences
             nesterov = g.lerp(buf, momentum)
             x = nesterov.clone()
+            x = x / (x.norm(dim=1, keepdim=True) + 1e-7)  # MuonEq, on by default: every row at the same norm
             if x.size(0) > x.size(1):
                 x = x.T
             x = x / (x.norm() * 1.01 + 1e-7)
