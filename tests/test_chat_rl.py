@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import make_tiny_model
@@ -86,3 +87,11 @@ def test_chat_rl_resumes_its_full_state_exactly(mirror, tiny_checkpoint, base_di
     assert "resumed RL from step 1" in proc.stdout
     resumed = load_checkpoint(rl_dir, 2)["model"]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_samples_that_do_not_split_into_equal_passes_are_refused_in_one_line():
+    from nanochat.common import UserError
+    from scripts.chat_rl import main
+    with pytest.raises(UserError, match="--num-samples=12 must be a multiple of --device-batch-size=8"):
+        main(["--num-samples=12", "--device-batch-size=8", "--dry-run", "--device-type=cpu"])
+    main(["--num-samples=16", "--device-batch-size=8", "--dry-run", "--device-type=cpu"])  # the reference's 2 passes
