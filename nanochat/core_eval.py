@@ -147,7 +147,8 @@ def score_item(model, tokenizer, task_type: str, prompts: list[str], device, aut
     every continuation token is the model's greedy prediction (language_modeling).
 
     Whole prompts are scored, never cropped to the training context, as the reference scores its own models (its
-    crop applies only to models that declare a max_seq_len): the rotary tables cover 10x the context (gpt.py).
+    crop applies only to models that declare a max_seq_len): the rotary tables cover 10x the context (gpt.py), and a
+    longer prompt gets tables of its own length.
     """
     seqs = [tokenizer.encode(p, prepend=tokenizer.get_bos_token_id()) for p in prompts]
     rows, spans = scored_spans(task_type, seqs)

@@ -280,11 +280,11 @@ class GPT(nn.Module):
     def _forward(self, idx, targets, kv_cache, slots, loss_reduction, last_only, dtype, capped):
         B, T = idx.shape
         if kv_cache is None:
-            if T > self.cos.size(1):
-                raise ValueError(f"a sequence of {T} tokens is longer than the rotary tables ({self.cos.size(1)} "
-                                 f"positions, {ROTARY_CONTEXT_MULTIPLE}x the training context)")
             positions = None
-            cos, sin = self.cos[:, :T], self.sin[:, :T]
+            if T > self.cos.size(1):  # a whole CORE prompt of a short-context model: tables for this call
+                cos, sin = self._rotary_tables(T, device=idx.device)
+            else:
+                cos, sin = self.cos[:, :T], self.sin[:, :T]
         else:
             slots = kv_cache.resolve_slots(slots, B)
             positions = kv_cache.positions(slots, T)  # (B, T)
