@@ -17,8 +17,7 @@ import torch.distributed as dist
 from nanochat.common import UserError
 from nanochat.engine import Engine
 from nanochat.loss_eval import accumulator_dtype, pad_rows
-from nanochat.sandbox.bwrap import detect
-from nanochat.sandbox.execution import UNSAFE_ENV, unsafe_allowed
+from nanochat.sandbox.execution import UNSAFE_ENV, refusal_reason
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -37,8 +36,8 @@ def require_python_tool(names: list[str]) -> None:
     """Stop before evaluating tasks whose scores need code to run when the python tool would refuse to run it:
     every refused call would count as a wrong answer and the task would report a meaningless zero."""
     needing = [n for n in names if n in CODE_TASKS]
-    sandbox, why = detect()
-    if needing and sandbox is None and not unsafe_allowed():
+    why = refusal_reason()
+    if needing and why is not None:
         raise UserError(f"{' and '.join(needing)} run model-written code, and there is no kernel sandbox here "
                         f"({why}): pass --unsafe-python-tool (or set {UNSAFE_ENV}=1) to run it with rlimits only, "
                         f"or leave {' and '.join(needing)} out of -a")

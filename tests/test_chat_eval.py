@@ -88,11 +88,11 @@ def test_unknown_task_is_a_clear_error(tiny_checkpoint, base_dir):
 
 
 def test_code_tasks_without_a_sandbox_stop_and_name_the_flag_instead_of_scoring_zero(monkeypatch, capsys):
-    import nanochat.chat_eval
     from nanochat.common import UserError
+    from nanochat.sandbox import execution
     from nanochat.sandbox.execution import UNSAFE_ENV
     from scripts.chat_eval import main
-    monkeypatch.setattr(nanochat.chat_eval, "detect", lambda: (None, "bubblewrap is not installed"))
+    monkeypatch.setattr(execution, "detect", lambda: (None, "bubblewrap is not installed"))
     monkeypatch.setenv(UNSAFE_ENV, "0")  # restored after the test, whatever --unsafe-python-tool sets
     with pytest.raises(UserError, match=r"GSM8K and HumanEval run model-written code.*--unsafe-python-tool"):
         main(["-a", "ARC-Easy,GSM8K,HumanEval", "--dry-run", "--device-type=cpu"])

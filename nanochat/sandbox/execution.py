@@ -77,6 +77,13 @@ def unsafe_allowed() -> bool:
     return os.environ.get(UNSAFE_ENV, "") == "1"
 
 
+def refusal_reason() -> str | None:
+    """Why `execute_code` would refuse to run code on this machine (no kernel sandbox, and running without one not
+    allowed), or None when it would run it."""
+    sandbox, why = detect()
+    return None if sandbox is not None or unsafe_allowed() else why
+
+
 def allow_unsafe_python_tool() -> None:
     """What --unsafe-python-tool does: run the tool even without the kernel layers (inherited by child processes)."""
     os.environ[UNSAFE_ENV] = "1"
