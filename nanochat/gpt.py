@@ -264,18 +264,23 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 slots: torch.Tensor | list[int] | None = None, loss_reduction: str = "mean", last_only: bool = False,
-                capped: bool = True):
+                capped: bool = True, dtype: torch.dtype | None = None):
         """idx (B, T) → logits (B, T, vocab_size) fp32, or the fp32 loss when targets (B, T; -1 = ignore) are given.
         `last_only` computes the logits of the last position only (B, 1, vocab_size): what generation needs after
         a prefill, without paying the LM head for every prompt token. `capped` False returns the logits before the
         soft-cap, for a caller that caps only the ones it looks at (a decode step's sampler: `sample_tokens`).
 
         With a kv_cache, the T new tokens are appended to the cache rows `slots` (default 0..B-1), each at its own
-        position, and attend to that row's history.
+        position, and attend to that row's history. `dtype` sets the compute dtype where autocast cannot (the meta
+        device, which nanochat.memory traces on).
         """
-        dtype = compute_dtype(idx.device.type, self.lm_head.weight.dtype)
+        dtype = dtype or compute_dtype(idx.device.type, self.lm_head.weight.dtype)
         with torch.autocast(idx.device.type, enabled=False) if idx.device.type in ("cuda", "cpu") else nullcontext():
             return self._forward(idx, targets, kv_cache, slots, loss_reduction, last_only, dtype, capped)
+
+    def apply_dtype_policy(self, device_type: str, compute_dtype: torch.dtype) -> None:
+        """The parameter dtypes of a model that trains on `device_type` in `compute_dtype`: every parameter is an
+        fp32 master."""
 
     def _forward(self, idx, targets, kv_cache, slots, loss_reduction, last_only, dtype, capped):
         B, T = idx.shape

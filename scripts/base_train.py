@@ -18,6 +18,7 @@ from nanochat.dataset import default_dataset, list_shards
 from nanochat.flops import device_peak_flops
 from nanochat.fp8 import enable_fp8_training, fp8_disabled, fp8_unavailable_reason
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.memory import estimate_memory
 from nanochat.report import get_report
 from nanochat.scaling import Overrides, derive_hparams, pretraining_schedule
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -111,6 +112,8 @@ def main(argv=None) -> None:
         if (reason := fp8_unavailable_reason()) is not None:
             raise UserError(reason)
     if args.dry_run:
+        print0(estimate_memory(config, hp.device_batch_size, dist_info.world_size, compute.device_type,
+                               compute.dtype).table())
         print0("dry run: arguments and derived hyper-parameters are valid; not training")
         return
 

@@ -1,0 +1,229 @@
+"""How much GPU memory a training run needs, per GPU, counted from the real model and optimizer without a GPU.
+
+The model and its optimizer are built on the meta device (shapes and dtypes, no storage), with the dtype policy of
+the device the run targets (`GPT.apply_dtype_policy`), and their tensors are counted:
+- parameters (and buffers), their gradients (one per trainable parameter, in its dtype; every rank keeps all of
+  them, the sharded optimizer reduces them in step());
+- optimizer state: one world-size-1 step on meta gradients, whose state tensors are counted; under torchrun, each
+  rank's share from the sharded layout (`nanochat.optim_shard.state_bytes`);
+- communication buffers: the tensors the sharded optimizer keeps between steps (its `_Shards`), 0 on one GPU.
+Then one forward and backward of a device batch runs on the meta device under `torch.autograd.graph.
+saved_tensors_hooks`, which sees every tensor autograd keeps for the backward pass; storages are deduplicated (views
+of one tensor count once) and parameters are not counted again. Attention is traced as the flash kernel CUDA runs
+(FA3 or SDPA's flash backend): it keeps q, k, v, its output and an fp32 log-sum-exp per query and head, never the
+(T, T) scores that the meta device's SDPA fallback would.
+
+The trace is of the eager code. A compiled model (the default on CUDA) may save less (Inductor recomputes cheap
+element-wise ops) or keep temporaries of its own; the peak printed here is an estimate:
+    backward peak = static + all saved activations + the loss's share + the largest layer's saved bytes again
+(the gradients of one layer's activations while its saved tensors are still alive), before allocator
+fragmentation. The reference design measured 71.9 GiB peak for d20 at device batch 32 on an H200.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+
+from nanochat import gpt as gpt_module
+from nanochat.gpt import GPT, GPTConfig
+
+GiB = 2 ** 30
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per GPU of one training run's parts; see the module docstring for how each is counted."""
+    config: GPTConfig
+    device_batch_size: int
+    world_size: int
+    device_type: str
+    dtype: torch.dtype
+    parameters: int
+    gradients: int
+    optimizer_state: int
+    communication: int
+    activations_per_layer: list[int]  # saved for backward by each block (the residual mix before it included)
+    activations_other: int  # saved before the first block (embeddings, the first mix's inputs)
+    loss: int  # saved after the last block: final norm, LM head, soft-cap and cross-entropy
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def static(self) -> int:
+        return self.parameters + self.gradients + self.optimizer_state + self.communication
+
+    @property
+    def activations(self) -> int:
+        return sum(self.activations_per_layer) + self.activations_other
+
+    @property
+    def backward_peak(self) -> int:
+        return self.static + self.activations + self.loss + max(self.activations_per_layer, default=0)
+
+    def table(self) -> str:
+        per_layer = self.activations_per_layer
+        mean = sum(per_layer) / max(1, len(per_layer))
+        rows = [("parameters", self.parameters), ("gradients", self.gradients),
+                ("optimizer state", self.optimizer_state), ("communication buffers", self.communication),
+                ("static", self.static),
+                (f"activations saved per layer (mean of {len(per_layer)}; max {max(per_layer, default=0) / GiB:.2f})",
+                 mean),
+                ("activations saved, all layers and embeddings", self.activations),
+                ("loss (saved for backward)", self.loss), ("backward peak (estimate)", self.backward_peak)]
+        c = self.config
+        title = (f"memory per GPU (process): depth {c.n_layer} (n_embd {c.n_embd}), device batch {self.device_batch_size} x "
+                 f"{c.sequence_len} tokens, {self.world_size} GPU(s), {self.device_type} policy, "
+                 f"{str(self.dtype).removeprefix('torch.')}")
+        lines = [title] + [f"  {name:<58} {nbytes / GiB:8.2f} GiB" for name, nbytes in rows]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+    def to_dict(self) -> dict:
+        return {"depth": self.config.n_layer, "device_batch_size": self.device_batch_size,
+                "sequence_len": self.config.sequence_len, "world_size": self.world_size,
+                "device_type": self.device_type, "dtype": str(self.dtype).removeprefix("torch."),
+                "parameters": self.parameters, "gradients": self.gradients, "optimizer_state": self.optimizer_state,
+                "communication": self.communication, "static": self.static,
+                "activations_per_layer": self.activations_per_layer, "activations": self.activations,
+                "loss": self.loss, "backward_peak": self.backward_peak, "notes": self.notes}
+
+
+def estimate_memory(config: GPTConfig, device_batch_size: int, world_size: int = 1, device_type: str = "cuda",
+                    dtype: torch.dtype = torch.bfloat16) -> MemoryEstimate:
+    """Bytes per GPU of training `config` at `device_batch_size` sequences of config.sequence_len tokens per forward
+    pass on each of `world_size` processes, with `dtype` as the compute dtype and the parameter dtypes of
+    `device_type`'s policy. Runs on the meta device: no GPU is needed and d20 takes seconds."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.apply_dtype_policy(device_type, dtype)
+    model.train()
+    notes: list[str] = []
+    parameters = _nbytes(list(model.parameters()) + list(model.buffers()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gradients = _nbytes(trainable)
+    optimizer = model.setup_optimizer()
+    optimizer_state, communication = _optimizer_bytes(optimizer, trainable, world_size, notes)
+    per_layer, other, loss = _trace_saved(model, device_batch_size, dtype)
+    return MemoryEstimate(config, device_batch_size, world_size, device_type, dtype, parameters, gradients,
+                          optimizer_state, communication, per_layer, other, loss, notes)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def _nbytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
+def _optimizer_bytes(optimizer, trainable: list[torch.Tensor], world_size: int, notes: list[str]) -> tuple[int, int]:
+    """(optimizer state, communication buffers) per rank."""
+    if world_size == 1:
+        for p in trainable:
+            p.grad = torch.empty_like(p)
+        optimizer.step()  # creates the state lazily, as in training; on meta it computes nothing
+        for p in trainable:
+            p.grad = None
+        return _nbytes(t for state in optimizer.state.values() for t in state.values()
+                       if isinstance(t, torch.Tensor)), 0
+    from nanochat import optim_shard
+    state = optim_shard.state_bytes(optimizer.param_groups, world_size)["state_bytes_per_rank"]
+    try:
+        shards = optim_shard._Shards(optimizer, world_size, 0)  # what a rank keeps from its first step on
+    except ValueError as e:
+        segment = optim_shard.plan_shards(optimizer.param_groups, world_size).segment
+        notes.append(f"the sharded optimizer refuses these parameters ({e}); communication buffers counted as "
+                     "its fp32 layout")
+        return state, (world_size + 2) * segment * 4
+    return state, _nbytes(t for t in vars(shards).values() if isinstance(t, torch.Tensor))
+
+
+class _FlashAttention(torch.autograd.Function):
+    """What a flash-attention kernel keeps for its backward: q, k, v, the output and a fp32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, T, H, _ = q.shape
+        out = torch.empty_like(q)
+        lse = q.new_empty(B, H, T, dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_attention(q, k, v, window, **kwargs):
+    return _FlashAttention.apply(q, k, v)
+
+
+@contextmanager
+def _regions(model: GPT, log: dict):
+    """Label saved tensors by where the forward pass is: 'embed', then each block i (from its start to the next
+    block's, so the residual mix and value embedding of block i+1 count for block i), then 'loss'."""
+    log["region"] = "embed"
+
+    def enter(i):
+        def hook(module, args):
+            log["region"] = i
+        return hook
+
+    handles = [block.register_forward_pre_hook(enter(i)) for i, block in enumerate(model.blocks)]
+    handles.append(model.blocks[-1].register_forward_hook(lambda *a: log.__setitem__("region", "loss")))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _trace_saved(model: GPT, B: int, dtype: torch.dtype) -> tuple[list[int], int, int]:
+    """Bytes saved for backward by each block, before the blocks, and by the loss, in one forward + backward."""
+    T = model.config.sequence_len
+    params = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
+    seen: set[int] = set()
+    log: dict = {}
+    saved: dict = {}
+
+    def pack(t: torch.Tensor):
+        key = _storage_key(t)
+        if key not in params and key not in seen:
+            seen.add(key)
+            saved[log["region"]] = saved.get(log["region"], 0) + t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.zeros(B, T, dtype=torch.long, device="meta")
+    with _regions(model, log), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            mock.patch.object(gpt_module, "attention", _flash_attention):
+        loss = model(idx, idx, dtype=dtype)
+        loss.backward()
+    for p in model.parameters():
+        p.grad = None
+    per_layer = [saved.get(i, 0) for i in range(model.config.n_layer)]
+    return per_layer, saved.get("embed", 0), saved.get("loss", 0)
+
+
+def reference_saved_per_layer(config: GPTConfig, B: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes a layer of the reference design keeps for backward, from first principles: a flash-attention block
+    whose residual mix is recomputed. Per token, in the compute dtype unless said: the block's input (the mix's and
+    the attention norm's backward need it; the mix's output is recomputed), the normed input of q, k, v; q and k
+    after rotary and QK-norm, v (with its value embedding where the layer has one: that embedding and the gate
+    input too); the attention output, its fp32 log-sum-exp per head; the residual after attention and its norm
+    (the MLP's input); the MLP's pre-activation and its ReLU² (the c_proj input)."""
+    C, H, Hkv, D = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
+    item = torch.empty(0, dtype=dtype).element_size()
+    ve = sum(config.has_value_embedding(i) for i in range(config.n_layer)) / config.n_layer
+    per_token = item * (C + C + H * D + 2 * Hkv * D + ve * (Hkv * D + Hkv * D) + H * D + 2 * C + 4 * C + 4 * C)
+    per_token += 4 * H
+    return math.ceil(B * config.sequence_len * per_token)

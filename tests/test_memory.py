@@ -1,0 +1,54 @@
+"""The memory model: what it counts from the real model and optimizer on the meta device, the budgets d20 must hold
+on an 80 GB GPU, and the dry run that prints it."""
+
+import pytest
+import torch
+
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.memory import GiB, estimate_memory, reference_saved_per_layer
+from nanochat.optim import neuron_stat_shape
+
+TINY = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+D20 = GPTConfig(sequence_len=2048, vocab_size=32768, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280)
+
+
+def test_static_memory_is_the_real_tensors_of_model_and_optimizer():
+    est = estimate_memory(TINY, device_batch_size=2, world_size=1, device_type="cpu", dtype=torch.float32)
+    with torch.device("meta"):
+        model = GPT(TINY)
+    n = model.num_params()["total"]
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert est.parameters == 4 * n + buffers and est.gradients == 4 * n
+    matrices = list(model.blocks.parameters())
+    muon = sum(p.numel() + torch.Size(neuron_stat_shape(p)).numel() for p in matrices)
+    adam = 2 * (n - sum(p.numel() for p in matrices))
+    assert est.optimizer_state == 4 * (muon + adam) and est.communication == 0
+
+
+def test_saved_activations_grow_with_the_device_batch():
+    one, two = (estimate_memory(TINY, device_batch_size=b, device_type="cpu", dtype=torch.float32) for b in (2, 4))
+    assert all(a > 0 for a in one.activations_per_layer) and one.loss > 0
+    # weights cast for the matmuls are saved too and do not grow with the batch
+    assert all(a < b <= 2 * a for a, b in zip(one.activations_per_layer, two.activations_per_layer))
+
+
+def test_sharded_ranks_hold_a_world_share_of_the_optimizer_state():
+    one = estimate_memory(TINY, device_batch_size=2, world_size=1, device_type="cpu", dtype=torch.float32)
+    four = estimate_memory(TINY, device_batch_size=2, world_size=4, device_type="cpu", dtype=torch.float32)
+    assert four.optimizer_state < one.optimizer_state / 2 and four.communication > 0
+    assert four.parameters == one.parameters and four.gradients == one.gradients
+
+
+def test_the_table_names_every_component():
+    table = estimate_memory(TINY, device_batch_size=2, device_type="cpu", dtype=torch.float32).table()
+    for name in ("parameters", "gradients", "optimizer state", "communication buffers", "activations saved per layer",
+                 "loss", "backward peak"):
+        assert name in table
+
+
+def test_dry_run_prints_the_memory_table(base_dir, capsys):
+    from scripts.base_train import main
+    main(["--depth=2", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=4", "--total-batch-size=512",
+          "--device-type=cpu", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "memory per GPU" in out and "device batch 4 x 64 tokens" in out and "backward peak" in out
