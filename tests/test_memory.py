@@ -52,3 +52,48 @@ def test_dry_run_prints_the_memory_table(base_dir, capsys):
           "--device-type=cpu", "--dry-run"])
     out = capsys.readouterr().out
     assert "memory per GPU" in out and "device batch 4 x 64 tokens" in out and "backward peak" in out
+
+
+# --- the dtype policy (defect 4b): embedding tables in bf16 on CUDA, fp32 masters elsewhere ---------------------------
+
+def test_cuda_bf16_policy_stores_the_embedding_tables_in_bf16_and_keeps_fp32_masters():
+    with torch.device("meta"):
+        model = GPT(TINY)
+    model.apply_dtype_policy("cuda", torch.bfloat16)
+    embeddings = [model.wte.weight, *model.value_embeds.parameters()]
+    assert all(p.dtype == torch.bfloat16 for p in embeddings)
+    ids = {id(p) for p in embeddings}
+    assert all(p.dtype == torch.float32 for p in model.parameters() if id(p) not in ids)
+
+
+@pytest.mark.parametrize("device_type, dtype", [("cpu", torch.bfloat16), ("cuda", torch.float32)])
+def test_other_policies_keep_every_parameter_an_fp32_master(device_type, dtype):
+    with torch.device("meta"):
+        model = GPT(TINY)
+    model.apply_dtype_policy(device_type, dtype)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_embedding_tables_train_a_step_on_one_process():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    model.init_weights()
+    model.apply_dtype_policy("cuda", torch.bfloat16)  # the CUDA policy, simulated on the CPU
+    before = model.wte.weight.detach().clone()
+    optimizer = model.setup_optimizer()
+    idx = torch.randint(0, TINY.vocab_size, (2, TINY.sequence_len))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx)
+    loss.backward()
+    assert model.wte.weight.grad.dtype == torch.bfloat16
+    optimizer.step()
+    assert model.wte.weight.dtype == torch.bfloat16 and not torch.equal(model.wte.weight, before)
+    assert torch.isfinite(model.wte.weight).all()
+
+
+def test_the_cuda_policy_halves_the_embedding_tables_in_the_memory_model():
+    cpu = estimate_memory(TINY, device_batch_size=2, device_type="cpu", dtype=torch.bfloat16)
+    cuda = estimate_memory(TINY, device_batch_size=2, device_type="cuda", dtype=torch.bfloat16)
+    counts = TINY.param_counts()
+    tables = counts["wte"] + counts["value_embeds"]
+    assert cpu.parameters - cuda.parameters == 2 * tables and cpu.gradients - cuda.gradients == 2 * tables
