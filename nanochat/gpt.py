@@ -25,6 +25,7 @@ from nanochat.attention import attention
 from nanochat.common import get_compute_dtype
 from nanochat.few_rows import LM_HEAD_FORMS, product
 from nanochat.kv_cache import KVCache
+from nanochat.recompute import mix_and_norm, relu_square_linear
 from nanochat.optim import MuonAdamW
 from nanochat.sampling import soft_cap
 from nanochat.softcap_loss import softcap_cross_entropy
@@ -188,7 +189,10 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        u = self.c_fc(x)  # (B, T, 4C)
+        if torch.is_grad_enabled() and isinstance(self.c_proj, Linear):  # not fp8's: it casts its own way
+            return relu_square_linear(u, self.c_proj.weight.to(u.dtype))  # keeps u only (nanochat/recompute.py)
+        return self.c_proj(F.relu(u).square())
 
 
 class Block(nn.Module):
@@ -197,8 +201,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window, kv_cache, slots, positions):
-        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache, slots, positions)
+    def forward(self, x, ve, cos, sin, window, kv_cache, slots, positions, normed=None):
+        normed = norm(x) if normed is None else normed  # GPT passes it, computed with the residual mix
+        x = x + self.attn(normed, ve, cos, sin, window, kv_cache, slots, positions)
         return x + self.mlp(norm(x))
 
 
@@ -311,9 +316,10 @@ class GPT(nn.Module):
         backout_layer = self.config.n_layer // 2 if self.config.backout else -1
         x_mid = None
         for i, block in enumerate(self.blocks):
-            x = self.resid_lambdas[i].to(dtype) * x + self.x0_lambdas[i].to(dtype) * x0
+            # resid·x + x0λ·x0 and its norm, recomputed in backward rather than kept (nanochat/recompute.py)
+            x, normed = mix_and_norm(x, x0, self.resid_lambdas[i].to(dtype), self.x0_lambdas[i].to(dtype))
             ve = self.value_embeds[str(i)](idx).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i], kv_cache, slots, positions)
+            x = block(x, ve, cos, sin, self.windows[i], kv_cache, slots, positions, normed)
             if i == backout_layer:
                 x_mid = x
         if kv_cache is not None:
@@ -324,10 +330,11 @@ class GPT(nn.Module):
         if x_mid is not None:
             x = x - self.backout_lambda.to(x.dtype) * x_mid
         x = norm(x)
-        chunked = x.device.type == "cpu" and (loss_reduction != "none" or not torch.is_grad_enabled())
+        chunked = loss_reduction != "none" or not torch.is_grad_enabled()
         if targets is not None and chunked:
-            # On CPUs the full fp32 logits cost more in memory traffic than in FLOPs: the same loss, in chunks that
-            # stay in cache (nanochat/softcap_loss.py). GPUs keep the compiled plain form below.
+            # The same loss in chunks of rows (nanochat/softcap_loss.py), on every device: the fp32 logits of a
+            # whole batch are 8 GiB at d20 and device batch 32, which a GPU would otherwise keep for backward, and
+            # on CPUs they cost more in memory traffic than in FLOPs.
             return softcap_cross_entropy(x, self.lm_head.weight[:self.config.vocab_size], targets, SOFTCAP,
                                          loss_reduction)
         # GPUs call the module, so that a head converted for fp8 (nanochat/fp8.py) computes in fp8

@@ -11,7 +11,8 @@ Then one forward and backward of a device batch runs on the meta device under `t
 saved_tensors_hooks`, which sees every tensor autograd keeps for the backward pass; storages are deduplicated (views
 of one tensor count once) and parameters are not counted again. Attention is traced as the flash kernel CUDA runs
 (FA3 or SDPA's flash backend): it keeps q, k, v, its output and an fp32 log-sum-exp per query and head, never the
-(T, T) scores that the meta device's SDPA fallback would.
+(T, T) scores that the meta device's SDPA fallback would; rms_norm as CUDA's fused kernel, which keeps its input and
+an fp32 reciprocal RMS per row.
 
 The trace is of the eager code. A compiled model (the default on CUDA) may save less (Inductor recomputes cheap
 element-wise ops) or keep temporaries of its own; the peak printed here is an estimate:
@@ -51,6 +52,7 @@ class MemoryEstimate:
     activations_other: int  # saved before the first block (embeddings, the first mix's inputs)
     loss: int  # saved after the last block: final norm, LM head, soft-cap and cross-entropy
     notes: list[str] = field(default_factory=list)
+    saved_shapes: dict = field(default_factory=dict, repr=False)  # region -> [(shape, dtype)] of what it keeps
 
     @property
     def static(self) -> int:
@@ -106,9 +108,10 @@ def estimate_memory(config: GPTConfig, device_batch_size: int, world_size: int =
     gradients = _nbytes(trainable)
     optimizer = model.setup_optimizer()
     optimizer_state, communication = _optimizer_bytes(optimizer, trainable, world_size, notes)
-    per_layer, other, loss = _trace_saved(model, device_batch_size, dtype)
+    shapes: dict = {}
+    per_layer, other, loss = _trace_saved(model, device_batch_size, dtype, shapes)
     return MemoryEstimate(config, device_batch_size, world_size, device_type, dtype, parameters, gradients,
-                          optimizer_state, communication, per_layer, other, loss, notes)
+                          optimizer_state, communication, per_layer, other, loss, notes, shapes)
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -168,6 +171,24 @@ def _flash_attention(q, k, v, window, **kwargs):
     return _FlashAttention.apply(q, k, v)
 
 
+class _FusedRmsNorm(torch.autograd.Function):
+    """What CUDA's fused rms_norm keeps: its input and an fp32 reciprocal RMS per row (the meta device runs the
+    decomposed form instead, which keeps an fp32 copy of the input)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x, x.new_empty(x.shape[:-1], dtype=torch.float32))
+        return torch.empty_like(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.empty_like(ctx.saved_tensors[0])
+
+
+def _fused_rms_norm(x, normalized_shape, weight=None, eps=None):
+    return _FusedRmsNorm.apply(x)
+
+
 @contextmanager
 def _regions(model: GPT, log: dict):
     """Label saved tensors by where the forward pass is: 'embed', then each block i (from its start to the next
@@ -188,8 +209,9 @@ def _regions(model: GPT, log: dict):
             h.remove()
 
 
-def _trace_saved(model: GPT, B: int, dtype: torch.dtype) -> tuple[list[int], int, int]:
-    """Bytes saved for backward by each block, before the blocks, and by the loss, in one forward + backward."""
+def _trace_saved(model: GPT, B: int, dtype: torch.dtype, shapes: dict) -> tuple[list[int], int, int]:
+    """Bytes saved for backward by each block, before the blocks, and by the loss, in one forward + backward;
+    `shapes` receives each region's saved (shape, dtype) pairs."""
     T = model.config.sequence_len
     params = {_storage_key(t) for t in list(model.parameters()) + list(model.buffers())}
     seen: set[int] = set()
@@ -198,15 +220,18 @@ def _trace_saved(model: GPT, B: int, dtype: torch.dtype) -> tuple[list[int], int
 
     def pack(t: torch.Tensor):
         key = _storage_key(t)
-        if key not in params and key not in seen:
+        if log["region"] != "backward" and key not in params and key not in seen:
             seen.add(key)
             saved[log["region"]] = saved.get(log["region"], 0) + t.untyped_storage().nbytes()
+            shapes.setdefault(log["region"], []).append((tuple(t.shape), t.dtype))
         return t
 
     idx = torch.zeros(B, T, dtype=torch.long, device="meta")
     with _regions(model, log), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            mock.patch.object(gpt_module, "attention", _flash_attention):
+            mock.patch.object(gpt_module, "attention", _flash_attention), \
+            mock.patch.object(torch.nn.functional, "rms_norm", _fused_rms_norm):
         loss = model(idx, idx, dtype=dtype)
+        log["region"] = "backward"  # what backward itself saves (recomputation) is transient: not counted
         loss.backward()
     for p in model.parameters():
         p.grad = None

@@ -8,8 +8,12 @@ the training step. Here the rows go through in chunks small enough to stay in ca
 are computed in the same pass (the loss is the end of the graph, so its upstream gradient is one scalar), so nothing
 of size (rows, vocab) outlives a chunk and the LM head's matmul is not recomputed in the backward.
 
+On a GPU it is a matter of memory rather than speed: what the loss keeps for backward is dΣloss/dx (N, C) and
+dΣloss/dW (V, C), 0.3 GiB at d20, instead of the fp32 logits of the whole batch (8 GiB at device batch 32), and
+chunks of CHUNK_ROWS_GPU rows keep the matmuls large.
+
 It is a custom op, so a compiled model calls it as one opaque kernel instead of tracing the chunk loop; the chunk
-itself is compiled on its own. GPT.forward uses it on CPUs only (GPUs keep the plain form, which inductor fuses).
+itself is compiled on its own. GPT.forward uses it on every device.
 """
 
 import warnings
@@ -17,6 +21,7 @@ import warnings
 import torch
 
 CHUNK_ROWS = 512  # (512, 32768) fp32 = 64 MiB per temporary; fewer, larger chunks re-read dW less often
+CHUNK_ROWS_GPU = 2048  # 256 MiB per temporary: a few of them live at once, next to every activation of the step
 
 
 def _chunk(xc: torch.Tensor, w: torch.Tensor, yc: torch.Tensor, softcap: float, need_grad: bool):
@@ -70,11 +75,12 @@ def _softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch
     grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else weight.new_empty(0)
     with torch.autocast(x.device.type, enabled=False):  # the dtypes are explicit here
         w = weight.to(mm_dtype)
-        for i in range(0, N, CHUNK_ROWS):
-            xc = x[i:i + CHUNK_ROWS].to(mm_dtype)
-            rows[i:i + CHUNK_ROWS], gx, gw = _run_chunk(xc, w, targets[i:i + CHUNK_ROWS], softcap, need_grad)
+        step = CHUNK_ROWS if x.device.type == "cpu" else CHUNK_ROWS_GPU
+        for i in range(0, N, step):
+            xc = x[i:i + step].to(mm_dtype)
+            rows[i:i + step], gx, gw = _run_chunk(xc, w, targets[i:i + step], softcap, need_grad)
             if need_grad:
-                grad_x[i:i + CHUNK_ROWS] = gx
+                grad_x[i:i + step] = gx
                 grad_w += gw
     return rows.sum(), rows, grad_x, grad_w.to(weight.dtype)
 
@@ -112,7 +118,8 @@ def softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction={reduction!r} is not one of mean, sum, none")
     device = x.device.type
-    mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    autocast = device in ("cuda", "cpu") and torch.is_autocast_enabled(device)  # (the meta device has none)
+    mm_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     need_grad = reduction != "none" and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     flat_targets = targets.reshape(-1)
     total, rows, _, _ = _softcap_cross_entropy(x.reshape(-1, x.size(-1)), weight, flat_targets, softcap, mm_dtype,

@@ -7,6 +7,7 @@ import torch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.memory import GiB, estimate_memory, reference_saved_per_layer
 from nanochat.optim import neuron_stat_shape
+from nanochat.recompute import mix_and_norm, relu_square_linear
 
 TINY = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
 D20 = GPTConfig(sequence_len=2048, vocab_size=32768, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280)
@@ -97,3 +98,60 @@ def test_the_cuda_policy_halves_the_embedding_tables_in_the_memory_model():
     counts = TINY.param_counts()
     tables = counts["wte"] + counts["value_embeds"]
     assert cpu.parameters - cuda.parameters == 2 * tables and cpu.gradients - cuda.gradients == 2 * tables
+
+
+# --- activations (defect 4c): the loss in chunks on every device, two cheap tensors recomputed in backward ------------
+
+def test_the_loss_keeps_no_logits_of_the_whole_batch_off_the_cpu():
+    B = 16
+    est = estimate_memory(TINY, device_batch_size=B, device_type="cuda", dtype=torch.bfloat16)  # traced on meta
+    logits = B * TINY.sequence_len * TINY.vocab_size * 4  # fp32
+    assert est.loss < logits / 2
+    assert all(TINY.vocab_size not in shape or shape == (TINY.vocab_size, TINY.n_embd)
+               for shape, _ in est.saved_shapes["loss"])
+
+
+def test_a_layer_keeps_one_tensor_of_the_mlp_width_and_not_the_mixed_residual():
+    B, T, C = 2, TINY.sequence_len, TINY.n_embd
+    est = estimate_memory(TINY, device_batch_size=B, device_type="cuda", dtype=torch.bfloat16)
+    layer = [shape for shape, _ in est.saved_shapes[0]]
+    assert sum(torch.Size(s).numel() == B * T * 4 * C for s in layer) == 1  # the pre-activation, not its ReLU²
+    # (B, T, C) tensors: block input (for the mix), normed input, residual after attention, its norm; attention's
+    # q, k, v, output and rotary outputs are (B, T, H, D)
+    assert sum(s == (B, T, C) or s == (B * T, C) for s in layer) == 4
+
+
+def test_mix_and_norm_equals_the_plain_ops_in_value_and_gradient():
+    torch.manual_seed(0)
+    x, x0 = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    a, b = torch.tensor(1.1, dtype=torch.float64), torch.tensor(0.2, dtype=torch.float64)
+    gh, gn = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+
+    def grads(fn):
+        inputs = [t.clone().requires_grad_() for t in (x, x0, a, b)]
+        h, n = fn(*inputs)
+        torch.autograd.backward([h, n], [gh, gn])
+        return [h.detach(), n.detach()] + [t.grad for t in inputs]
+
+    def plain(x, x0, a, b):
+        h = a * x + b * x0
+        return h, torch.nn.functional.rms_norm(h, (16,))
+
+    for got, want in zip(grads(mix_and_norm), grads(plain)):
+        torch.testing.assert_close(got, want)
+
+
+def test_relu_square_linear_equals_the_plain_ops_in_value_and_gradient():
+    torch.manual_seed(0)
+    u, w = torch.randn(3, 4, 32, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64)
+    g = torch.randn(3, 4, 8, dtype=torch.float64)
+
+    def grads(fn):
+        inputs = [t.clone().requires_grad_() for t in (u, w)]
+        y = fn(*inputs)
+        y.backward(g)
+        return [y.detach()] + [t.grad for t in inputs]
+
+    plain = lambda u, w: torch.nn.functional.linear(torch.relu(u).square(), w)  # noqa: E731
+    for got, want in zip(grads(relu_square_linear), grads(plain)):
+        torch.testing.assert_close(got, want)
