@@ -4,6 +4,7 @@ on an 80 GB GPU, and the dry run that prints it."""
 import pytest
 import torch
 
+from nanochat import softcap_loss
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.memory import GiB, estimate_memory, reference_saved_per_layer
 from nanochat.optim import neuron_stat_shape
@@ -75,7 +76,8 @@ def test_other_policies_keep_every_parameter_an_fp32_master(device_type, dtype):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_bf16_embedding_tables_train_a_step_on_one_process():
+def test_bf16_embedding_tables_train_a_step_on_one_process(monkeypatch):
+    monkeypatch.setattr(softcap_loss._run_chunk, "failed", True)  # eager chunks: no compile in this test
     torch.manual_seed(0)
     model = GPT(TINY)
     model.init_weights()
@@ -155,3 +157,34 @@ def test_relu_square_linear_equals_the_plain_ops_in_value_and_gradient():
     plain = lambda u, w: torch.nn.functional.linear(torch.relu(u).square(), w)  # noqa: E731
     for got, want in zip(grads(relu_square_linear), grads(plain)):
         torch.testing.assert_close(got, want)
+
+
+# --- budgets: d20 at the speedrun's device batch 32 x 2048 in bf16 fits an 80 GB GPU by construction -----------------
+
+@pytest.fixture(scope="module")
+def d20():
+    return {world: estimate_memory(D20, device_batch_size=32, world_size=world, device_type="cuda",
+                                   dtype=torch.bfloat16) for world in (1, 8)}
+
+
+@pytest.mark.xfail(strict=True, reason="AdamW moments of the bf16 embedding tables are allocated in fp32 by "
+                                       "nanochat/optim.py (adamw_update): the optimizer rework makes them follow the "
+                                       "parameter dtype")
+def test_d20_static_memory_on_one_gpu_is_at_most_9_gib(d20):
+    assert d20[1].static <= 9 * GiB, d20[1].table()
+
+
+@pytest.mark.xfail(strict=True, reason="ZeRO-2 persistent buffer: fixed by the optimizer rework")
+def test_d20_static_memory_per_rank_on_8_gpus_is_at_most_6_gib(d20):
+    assert d20[8].static <= 6 * GiB, d20[8].table()
+
+
+def test_d20_keeps_no_more_per_layer_than_the_reference_design(d20):
+    # the reference design's layer, counted from first principles (nanochat.memory.reference_saved_per_layer);
+    # the same trace run on the reference code's eager graph gives 3.09 GiB a layer
+    budget = reference_saved_per_layer(D20, 32)
+    assert max(d20[1].activations_per_layer) <= budget, d20[1].table()
+
+
+def test_d20_estimated_backward_peak_leaves_headroom_on_an_80_gb_gpu(d20):
+    assert d20[1].backward_peak <= 64 * GiB, d20[1].table()
