@@ -23,14 +23,17 @@ fragmentation. The reference design measured 71.9 GiB peak for d20 at device bat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from unittest import mock
 
 import torch
+import torch.distributed as dist
 
 from nanochat import gpt as gpt_module
+from nanochat.common import UserError
 from nanochat.gpt import GPT, GPTConfig
 
 GiB = 2 ** 30
@@ -98,10 +101,7 @@ def estimate_memory(config: GPTConfig, device_batch_size: int, world_size: int =
     """Bytes per GPU of training `config` at `device_batch_size` sequences of config.sequence_len tokens per forward
     pass on each of `world_size` processes, with `dtype` as the compute dtype and the parameter dtypes of
     `device_type`'s policy. Runs on the meta device: no GPU is needed and d20 takes seconds."""
-    with torch.device("meta"):
-        model = GPT(config)
-    model.apply_dtype_policy(device_type, dtype)
-    model.train()
+    model = _meta_model(config, device_type, dtype)
     notes: list[str] = []
     parameters = _nbytes(list(model.parameters()) + list(model.buffers()))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -112,6 +112,30 @@ def estimate_memory(config: GPTConfig, device_batch_size: int, world_size: int =
     per_layer, other, loss = _trace_saved(model, device_batch_size, dtype, shapes)
     return MemoryEstimate(config, device_batch_size, world_size, device_type, dtype, parameters, gradients,
                           optimizer_state, communication, per_layer, other, loss, notes, shapes)
+
+
+def estimate_memory_for_batches(config: GPTConfig, batch_sizes: list[int], world_size: int = 1,
+                                device_type: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> list[MemoryEstimate]:
+    """`estimate_memory` at each device batch size, counting the static memory (the optimizer's meta step is most
+    of the time) once."""
+    first = estimate_memory(config, batch_sizes[0], world_size, device_type, dtype)
+    return [first] + [_with_batch(first, b) for b in batch_sizes[1:]]
+
+
+def _meta_model(config: GPTConfig, device_type: str, dtype: torch.dtype) -> GPT:
+    with torch.device("meta"):
+        model = GPT(config)
+    model.apply_dtype_policy(device_type, dtype)
+    return model.train()
+
+
+def _with_batch(estimate: MemoryEstimate, device_batch_size: int) -> MemoryEstimate:
+    """`estimate`'s static memory with the activations of another batch size (traced anew)."""
+    shapes: dict = {}
+    per_layer, other, loss = _trace_saved(_meta_model(estimate.config, estimate.device_type, estimate.dtype),
+                                          device_batch_size, estimate.dtype, shapes)
+    return dataclasses.replace(estimate, device_batch_size=device_batch_size, activations_per_layer=per_layer,
+                               activations_other=other, loss=loss, saved_shapes=shapes)
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -252,3 +276,57 @@ def reference_saved_per_layer(config: GPTConfig, B: int, dtype: torch.dtype = to
     per_token = item * (C + C + H * D + 2 * Hkv * D + ve * (Hkv * D + Hkv * D) + H * D + 2 * C + 4 * C + 4 * C)
     per_token += 4 * H
     return math.ceil(B * config.sequence_len * per_token)
+
+
+AUTO_BATCH_MARGIN = 0.10  # of free memory kept back: allocator fragmentation, compile workspaces, the estimate's error
+AUTO_BATCH_CPU = 32  # what --device-batch-size=auto takes where there is no GPU memory to fit
+
+
+def pick_device_batch_size(config: GPTConfig, total_batch_size: int, world_size: int, device_type: str,
+                           dtype: torch.dtype, free_bytes: int | None,
+                           margin: float = AUTO_BATCH_MARGIN) -> tuple[int, str]:
+    """--device-batch-size=auto: the largest power of two that divides the total batch (in sequences per process)
+    and whose estimated backward peak fits (1 − margin) of `free_bytes`; returns it and a one-line reason.
+
+    Without GPU memory to fit (`free_bytes` None: a CPU or MPS run) it takes AUTO_BATCH_CPU or the largest power of
+    two below it that divides. The peak is linear in the batch (activations, loss) plus a constant (static memory,
+    weights cast for the matmuls), so two traces, at 1 and 2 sequences, give it for every batch."""
+    T = config.sequence_len
+    if total_batch_size % (T * world_size):
+        raise UserError(f"--total-batch-size={total_batch_size} is not a multiple of sequence × processes = "
+                        f"{T}×{world_size}: change --total-batch-size")
+    per_process = total_batch_size // (T * world_size)
+    candidates = [2 ** i for i in range(per_process.bit_length() - 1, -1, -1) if per_process % 2 ** i == 0]
+    if free_bytes is None:
+        batch = next(b for b in candidates if b <= AUTO_BATCH_CPU)
+        return batch, (f"device batch auto: {batch} on {device_type} (no GPU memory to size it from; "
+                       f"{AUTO_BATCH_CPU} or the largest power of two below that divides the {per_process} "
+                       "sequences per process)")
+    one, two = (e.backward_peak for e in estimate_memory_for_batches(config, [1, 2], world_size, device_type, dtype))
+
+    def peak(b: int) -> int:
+        return one + (b - 1) * (two - one)
+
+    usable = (1 - margin) * free_bytes
+    fits = [b for b in candidates if peak(b) <= usable]
+    budget = (f"{usable / GiB:.1f} GiB usable = {1 - margin:.0%} of {free_bytes / GiB:.1f} GiB free per GPU")
+    if not fits:
+        raise UserError(f"depth {config.n_layer} does not fit: one sequence of {T} tokens needs about "
+                          f"{peak(1) / GiB:.1f} GiB per GPU, {budget}; use a smaller --depth or --max-seq-len, or "
+                          "more GPUs")
+    batch = fits[0]
+    larger = [b for b in candidates if b > batch]  # descending: the last is the next size up
+    beyond = f"; {larger[-1]} would need {peak(larger[-1]) / GiB:.1f} GiB" if larger else ""
+    return batch, (f"device batch auto: {batch} (estimated peak {peak(batch) / GiB:.1f} GiB of {budget}{beyond}; "
+                   f"{per_process // batch} micro-batch(es) a step)")
+
+
+def free_gpu_bytes(device: torch.device) -> int | None:
+    """Free memory of this process's GPU, the smallest over torchrun's processes (they must pick one batch size);
+    None off CUDA."""
+    if device.type != "cuda":
+        return None
+    free = torch.tensor(torch.cuda.mem_get_info(device)[0], dtype=torch.int64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(free, op=dist.ReduceOp.MIN)
+    return int(free)

@@ -86,7 +86,7 @@ if [ "$DRY_RUN" != "1" ]; then
 fi
 
 stage "base_train_$TAG" "${TORCHRUN[@]}" scripts.base_train "${DRY[@]}" "${DEVICE[@]}" --depth="$DEPTH" \
-    --target-param-data-ratio=10.5 --device-batch-size=32 --model-tag="$TAG" --run="$WANDB_RUN" \
+    --target-param-data-ratio=10.5 --device-batch-size=auto --model-tag="$TAG" --run="$WANDB_RUN" \
     --save-every="$SAVE_EVERY" "${RESUME[@]}"
 stage "base_eval_$TAG" "${TORCHRUN[@]}" scripts.base_eval "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG"
 stage "chat_sft_$TAG" "${TORCHRUN[@]}" scripts.chat_sft "${DRY[@]}" "${DEVICE[@]}" --model-tag="$TAG" \

@@ -5,6 +5,7 @@
 """
 
 import argparse
+import dataclasses
 import math
 
 import torch
@@ -18,12 +19,21 @@ from nanochat.dataset import default_dataset, list_shards
 from nanochat.flops import device_peak_flops
 from nanochat.fp8 import enable_fp8_training, fp8_disabled, fp8_unavailable_reason
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.memory import estimate_memory
+from nanochat.memory import estimate_memory, free_gpu_bytes, pick_device_batch_size
 from nanochat.report import get_report
 from nanochat.scaling import Overrides, derive_hparams, pretraining_schedule
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (Prefetching, Progress, Timer, print_samples, restore_training_state, train_step,
                                training_state)
+
+
+def device_batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a number of sequences nor auto") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-iterations", type=int, default=None, help="override the derived number of steps")
     p.add_argument("--target-flops", type=float, default=None, help="derive steps from a compute budget")
     p.add_argument("--target-param-data-ratio", type=float, default=12.0, help="training tokens per parameter")
-    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per process")
+    p.add_argument("--device-batch-size", type=device_batch_size, default=32,
+                   help="sequences per forward pass per process, or auto: the largest power of two that divides the "
+                        "total batch and fits the GPU's free memory (nanochat/memory.py)")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (all processes)")
     p.add_argument("--embedding-lr", type=float, default=None)
     p.add_argument("--unembedding-lr", type=float, default=None)
@@ -101,8 +113,15 @@ def main(argv=None) -> None:
         compiled = args.compile == "on" or (args.compile == "auto" and compute.device_type == "cuda")
         args.window_pattern, why = default_window_pattern(compute.device_type, compiled)
         print0(f"window pattern {args.window_pattern} (default): {why}")
-    hp = derive_hparams(args.depth, Overrides.from_namespace(args), vocab_size=vocab_size,
-                        world_size=dist_info.world_size)
+    overrides = Overrides.from_namespace(args)
+    if args.device_batch_size == "auto":
+        plan = derive_hparams(args.depth, dataclasses.replace(overrides, device_batch_size=1), vocab_size=vocab_size,
+                              world_size=dist_info.world_size)
+        batch, reason = pick_device_batch_size(plan.model_config(), plan.total_batch_size, dist_info.world_size,
+                                               compute.device_type, compute.dtype, free_gpu_bytes(device))
+        print0(reason)
+        overrides = dataclasses.replace(overrides, device_batch_size=batch)
+    hp = derive_hparams(args.depth, overrides, vocab_size=vocab_size, world_size=dist_info.world_size)
     config = hp.model_config()
     model_tag = args.model_tag or f"d{args.depth}"
     print0(f"base_train {model_tag} on {dataset}: {dist_info.world_size} process(es) on {compute.device_type}, "

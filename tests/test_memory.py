@@ -6,11 +6,14 @@ import torch
 
 from nanochat import softcap_loss
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.memory import GiB, estimate_memory, reference_saved_per_layer
+from nanochat.common import UserError
+from nanochat.memory import (GiB, estimate_memory, estimate_memory_for_batches, pick_device_batch_size,
+                             reference_saved_per_layer)
 from nanochat.optim import neuron_stat_shape
 from nanochat.recompute import mix_and_norm, relu_square_linear
 
 TINY = GPTConfig(sequence_len=64, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+D8 = GPTConfig(sequence_len=2048, vocab_size=32768, n_layer=8, n_head=4, n_kv_head=4, n_embd=512)
 D20 = GPTConfig(sequence_len=2048, vocab_size=32768, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280)
 
 
@@ -188,3 +191,46 @@ def test_d20_keeps_no_more_per_layer_than_the_reference_design(d20):
 
 def test_d20_estimated_backward_peak_leaves_headroom_on_an_80_gb_gpu(d20):
     assert d20[1].backward_peak <= 64 * GiB, d20[1].table()
+
+
+# --- --device-batch-size=auto -------------------------------------------------------------------------------------------
+
+def test_auto_batch_on_an_80_gb_gpu_is_the_speedruns_32_at_d20():
+    free = int(79.2 * GiB)
+    for world in (1, 8):
+        batch, reason = pick_device_batch_size(D20, 2 ** 19, world, "cuda", torch.bfloat16, free)
+        assert batch == 32 and "device batch auto: 32" in reason and "79.2 GiB free" in reason
+
+
+def test_auto_batch_on_a_smaller_gpu_is_the_largest_power_of_two_that_fits():
+    free = 4 * GiB
+    batch, reason = pick_device_batch_size(D8, 2 ** 16, 1, "cuda", torch.bfloat16, free)
+    assert batch in (1, 2, 4, 8, 16) and f"{2 * batch} would need" in reason
+    # the two-point extrapolation agrees with traces at the chosen batch and the next one up
+    fits, too_big = estimate_memory_for_batches(D8, [batch, 2 * batch], 1, "cuda", torch.bfloat16)
+    assert fits.backward_peak <= 0.9 * free < too_big.backward_peak
+
+
+def test_auto_batch_says_when_not_even_one_sequence_fits():
+    with pytest.raises(UserError, match="depth 8 does not fit.*--depth"):
+        pick_device_batch_size(D8, 2 ** 16, 1, "cuda", torch.bfloat16, GiB // 2)
+
+
+def test_auto_batch_divides_the_total_batch():
+    batch, _ = pick_device_batch_size(D8, 3 * 2048 * 8, 1, "cuda", torch.bfloat16, 80 * GiB)
+    assert batch == 8  # 24 sequences: 8 divides them, 16 does not
+
+
+def test_auto_batch_without_a_gpu_takes_the_default_and_says_so(base_dir, capsys):
+    from scripts.base_train import main
+    main(["--depth=2", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=auto", "--total-batch-size=1024",
+          "--device-type=cpu", "--dry-run"])
+    out = capsys.readouterr().out
+    assert "device batch auto: 16 on cpu" in out and "device batch 16 x 64 tokens" in out
+
+
+def test_device_batch_size_must_be_a_number_or_auto(capsys):
+    from scripts.base_train import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(["--device-batch-size=big"])
+    assert "neither a number of sequences nor auto" in capsys.readouterr().err
