@@ -193,7 +193,7 @@ def test_d20_estimated_backward_peak_leaves_headroom_on_an_80_gb_gpu(d20):
     assert d20[1].backward_peak <= 64 * GiB, d20[1].table()
 
 
-# --- --device-batch-size=auto -------------------------------------------------------------------------------------------
+# --- --device-batch-size=auto -----------------------------------------------------------------------------------------
 
 def test_auto_batch_on_an_80_gb_gpu_is_the_speedruns_32_at_d20():
     free = int(79.2 * GiB)
