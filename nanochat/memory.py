@@ -267,16 +267,17 @@ def _trace_saved(model: GPT, B: int, dtype: torch.dtype, shapes: dict) -> tuple[
 
 
 def reference_saved_per_layer(config: GPTConfig, B: int, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes a layer of the reference design keeps for backward, from first principles: a flash-attention block
-    whose residual mix is recomputed. Per token, in the compute dtype unless said: the block's input (the mix's and
-    the attention norm's backward need it; the mix's output is recomputed), the normed input of q, k, v; q and k
-    after rotary and QK-norm, v (with its value embedding where the layer has one: that embedding and the gate
-    input too); the attention output, its fp32 log-sum-exp per head; the residual after attention and its norm
-    (the MLP's input); the MLP's pre-activation and its ReLU² (the c_proj input)."""
+    """Bytes a layer of the reference design keeps for backward (averaged over layers), from first principles: a
+    flash-attention block whose residual mix is recomputed. Per token, in the compute dtype unless said: the block's
+    input (the mix's and the attention norm's backward need it; the mix's output is recomputed); the normed input of
+    q, k, v; q and k after rotary and QK-norm, and v, as the attention kernel keeps them; on the layers with a value
+    embedding, that embedding and its gate (one per KV head); the attention output and its fp32 log-sum-exp per head;
+    the residual after attention and its norm (the MLP's input); the MLP's pre-activation and its ReLU² (the output
+    projection's input)."""
     C, H, Hkv, D = config.n_embd, config.n_head, config.n_kv_head, config.head_dim
     item = torch.empty(0, dtype=dtype).element_size()
     ve = sum(config.has_value_embedding(i) for i in range(config.n_layer)) / config.n_layer
-    per_token = item * (C + C + H * D + 2 * Hkv * D + ve * (Hkv * D + Hkv * D) + H * D + 2 * C + 4 * C + 4 * C)
+    per_token = item * (C + C + H * D + 2 * Hkv * D + ve * (Hkv * D + Hkv) + H * D + 2 * C + 4 * C + 4 * C)
     per_token += 4 * H
     return math.ceil(B * config.sequence_len * per_token)
 
