@@ -6,7 +6,7 @@ over 60 steps (491,520 tokens, bf16): val bpb 2.2972 with it, 2.2899 without, 2.
 normalisation; so it is off by default and the neuron normalisation (neutral here, used at scale) stays on.
 
 Under torchrun the optimizer is sharded ZeRO-2 style (no DDP wrapper; see nanochat/optim_shard.py for the layout):
-one reduce-scatter per dtype hands each rank the averaged gradient of its slice of every AdamW tensor and of its
+one reduce-scatter (in the widest parameter dtype, fp32) hands each rank the averaged gradient of its slice of every AdamW tensor and of its
 share of the Muon matrices; the rank keeps only that slice's state, updates it, and one all-gather returns the
 updated parameters to every rank. A single process steps each Muon param group's matrices of one shape as one stack
 and each AdamW group in multi-tensor calls. Either way Newton–Schulz is batched over the matrices of one shape, and

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import print0
-from nanochat.optim_math import adamw_update, muon_update, neuron_stat_shape
+from nanochat.optim_math import adamw_state, adamw_update, muon_update, neuron_stat_shape
 
 
 @dataclass(frozen=True)
@@ -97,16 +97,22 @@ class _Shards:
 
     def __init__(self, optimizer, world: int, rank: int):
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1:
-            raise ValueError(f"the sharded optimizer needs one parameter dtype, got {sorted(map(str, dtypes))}")
         self.plan = plan_shards(optimizer.param_groups, world)
         self.rank, self.world = rank, world
-        like = self.params[0]
-        self.dtype, self.device = like.dtype, like.device
+        self.dtype, self.device = communication_dtype(self.params), self.params[0].device
         self.grads: torch.Tensor | None = None  # my averaged gradients, from the reduce-scatter to the step's end
         self.use_reduce_scatter = True
         self.stacks: dict[int, dict[str, torch.Tensor]] = {}  # bucket number -> stacked Muon state of my matrices
+
+
+def communication_dtype(params) -> torch.dtype:
+    """The dtype of the step's buffers: the widest parameter dtype (fp32 when the CUDA policy keeps the embedding
+    tables in bf16 and the rest in fp32). Gradients are packed into it and parameters written back from it by
+    casting copies, so an all-fp32 model steps exactly as before and a bf16 table is rounded once, at write-back."""
+    dtype = params[0].dtype
+    for p in params[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
 
 
 def _shards(optimizer) -> _Shards:
@@ -224,6 +230,8 @@ def sharded_step(optimizer) -> None:
         slices, slice_grads, states = adam.setdefault(a.group, ([], [], []))
         slices.append(values[cols])
         slice_grads.append(grads[cols])
+        if not optimizer.state[p]:  # moments in the parameter's dtype, not the buffer's
+            optimizer.state[p].update(adamw_state(values[cols], dtype=p.dtype))
         states.append(optimizer.state[p])
     for number, (slices, slice_grads, states) in adam.items():
         group = groups[number]
@@ -315,14 +323,14 @@ def shard_state_dict(param_groups: list[dict], full: dict, rank: int, world: int
 
 
 def state_bytes(param_groups: list[dict], world: int, neuron_stats: bool = True) -> dict:
-    """Optimizer-state bytes per rank (fp32: AdamW m and v, Muon momentum and neuron statistics) and the elements
-    each rank sends per step, from shapes alone (meta-device parameters are fine)."""
+    """Optimizer-state bytes per rank (AdamW m and v and Muon momentum in their parameter's dtype, Muon neuron
+    statistics in fp32) and the elements each rank sends per step, from shapes alone (meta-device parameters are
+    fine)."""
     plan = plan_shards(param_groups, world)
     params = [p for g in param_groups for p in g["params"]]
-    adam = sum(2 * a.shard for a in plan.adam)
-    muon = 0
+    nbytes = sum(2 * a.shard * params[a.index].element_size() for a in plan.adam)
     for b in plan.muon:
         stat = math.prod(neuron_stat_shape(params[b.indices[0]])) if neuron_stats else 0
-        muon += b.per_rank * (b.shape[0] * b.shape[1] + stat)
-    return {"world_size": world, "state_bytes_per_rank": 4 * (adam + muon),
+        nbytes += b.per_rank * (b.shape[0] * b.shape[1] * params[b.indices[0]].element_size() + 4 * stat)
+    return {"world_size": world, "state_bytes_per_rank": nbytes,
             "segment_elements": plan.segment, "padded_elements": world * plan.segment}
