@@ -6,7 +6,11 @@ the device the run targets (`GPT.apply_dtype_policy`), and their tensors are cou
   them, the sharded optimizer reduces them in step());
 - optimizer state: one world-size-1 step on meta gradients, whose state tensors are counted; under torchrun, each
   rank's share from the sharded layout (`nanochat.optim_shard.state_bytes`);
-- communication buffers: the tensors the sharded optimizer keeps between steps (its `_Shards`), 0 on one GPU.
+- nothing else is kept between steps: the optimizer's working buffers are allocated inside `step()` and freed at its
+  end, so they are a transient of the step, not static memory. Under torchrun, the step holds at most the gathered
+  (W, S) buffer and two segments of S elements in the widest parameter dtype (`nanochat.optim_shard`); on one GPU,
+  the largest Muon stack's gradients and parameters (k, rows, cols). The step runs after backward has freed the
+  activations, so its peak is static + this transient.
 Then one forward and backward of a device batch runs on the meta device under `torch.autograd.graph.
 saved_tensors_hooks`, which sees every tensor autograd keeps for the backward pass; storages are deduplicated (views
 of one tensor count once) and parameters are not counted again. Attention is traced as the flash kernel CUDA runs
@@ -53,7 +57,7 @@ class MemoryEstimate:
     parameters: int
     gradients: int
     optimizer_state: int
-    communication: int
+    step_transient: int  # allocated and freed inside optimizer.step(): communication buffers, Muon stacks
     activations_per_layer: list[int]  # saved for backward by each block (the residual mix before it included)
     activations_other: int  # saved before the first block (embeddings, the first mix's inputs)
     loss: int  # saved after the last block: final norm, LM head, soft-cap and cross-entropy
@@ -62,7 +66,7 @@ class MemoryEstimate:
 
     @property
     def static(self) -> int:
-        return self.parameters + self.gradients + self.optimizer_state + self.communication
+        return self.parameters + self.gradients + self.optimizer_state
 
     @property
     def activations(self) -> int:
@@ -72,12 +76,23 @@ class MemoryEstimate:
     def backward_peak(self) -> int:
         return self.static + self.activations + self.loss + max(self.activations_per_layer, default=0)
 
+    @property
+    def step_peak(self) -> int:
+        return self.static + self.step_transient
+
+    @property
+    def peak(self) -> int:
+        return max(self.backward_peak, self.step_peak)
+
     def table(self) -> str:
         per_layer = self.activations_per_layer
         mean = sum(per_layer) / max(1, len(per_layer))
-        rows = [("parameters", self.parameters), ("gradients", self.gradients),
-                ("optimizer state", self.optimizer_state), ("communication buffers", self.communication),
-                ("static", self.static),
+        step_buffers = "communication buffers" if self.world_size > 1 else "Muon stacks"  # see _optimizer_bytes
+        rows = [("parameters (and buffers)", self.parameters), ("gradients", self.gradients),
+                ("optimizer state (this rank's share)", self.optimizer_state),
+                ("static (kept between steps)", self.static),
+                (f"step transient: {step_buffers}, inside step() only", self.step_transient),
+                ("step peak (static + transient)", self.step_peak),
                 (f"activations saved per layer (mean of {len(per_layer)}; max {max(per_layer, default=0) / GiB:.2f})",
                  mean),
                 ("activations saved, all layers and embeddings", self.activations),
@@ -94,7 +109,7 @@ class MemoryEstimate:
                 "sequence_len": self.config.sequence_len, "world_size": self.world_size,
                 "device_type": self.device_type, "dtype": str(self.dtype).removeprefix("torch."),
                 "parameters": self.parameters, "gradients": self.gradients, "optimizer_state": self.optimizer_state,
-                "communication": self.communication, "static": self.static,
+                "step_transient": self.step_transient, "step_peak": self.step_peak, "static": self.static,
                 "activations_per_layer": self.activations_per_layer, "activations": self.activations,
                 "loss": self.loss, "backward_peak": self.backward_peak, "notes": self.notes}
 
@@ -110,11 +125,11 @@ def estimate_memory(config: GPTConfig, device_batch_size: int, world_size: int =
     trainable = [p for p in model.parameters() if p.requires_grad]
     gradients = _nbytes(trainable)
     optimizer = model.setup_optimizer()
-    optimizer_state, communication = _optimizer_bytes(optimizer, trainable, world_size, notes)
+    optimizer_state, step_transient = _optimizer_bytes(optimizer, trainable, world_size)
     shapes: dict = {}
     per_layer, other, loss = _trace_saved(model, device_batch_size, dtype, shapes)
     return MemoryEstimate(config, device_batch_size, world_size, device_type, dtype, parameters, gradients,
-                          optimizer_state, communication, per_layer, other, loss, notes, shapes)
+                          optimizer_state, step_transient, per_layer, other, loss, notes, shapes)
 
 
 def estimate_memory_for_batches(config: GPTConfig, batch_sizes: list[int], world_size: int = 1,
@@ -155,26 +170,27 @@ def _nbytes(tensors) -> int:
     return total
 
 
-def _optimizer_bytes(optimizer, trainable: list[torch.Tensor], world_size: int, notes: list[str]) -> tuple[int, int]:
-    """(optimizer state, communication buffers) per rank."""
+def _optimizer_bytes(optimizer, trainable: list[torch.Tensor], world_size: int) -> tuple[int, int]:
+    """(optimizer state, the step's transient buffers) per rank."""
+    from nanochat import optim_shard
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     if world_size == 1:
         for p in trainable:
             p.grad = torch.empty_like(p)
         optimizer.step()  # creates the state lazily, as in training; on meta it computes nothing
         for p in trainable:
             p.grad = None
-        return _nbytes(t for state in optimizer.state.values() for t in state.values()
-                       if isinstance(t, torch.Tensor)), 0
-    from nanochat import optim_shard
+        state = _nbytes(t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor))
+        # one Muon stack at a time: its stacked gradients and parameters (Newton–Schulz temporaries not counted)
+        stacks = [2 * len(b.indices) * b.shape[0] * b.shape[1] * params[b.indices[0]].element_size()
+                  for b in optimizer._plan.muon]
+        return state, max(stacks, default=0)
     state = optim_shard.state_bytes(optimizer.param_groups, world_size)["state_bytes_per_rank"]
-    try:
-        shards = optim_shard._Shards(optimizer, world_size, 0)  # what a rank keeps from its first step on
-    except ValueError as e:
-        segment = optim_shard.plan_shards(optimizer.param_groups, world_size).segment
-        notes.append(f"the sharded optimizer refuses these parameters ({e}); communication buffers counted as "
-                     "its fp32 layout")
-        return state, (world_size + 2) * segment * 4
-    return state, _nbytes(t for t in vars(shards).values() if isinstance(t, torch.Tensor))
+    segment = optim_shard.plan_shards(optimizer.param_groups, world_size).segment
+    item = torch.empty(0, dtype=optim_shard.communication_dtype(params)).element_size()
+    # the all-gather's (W, S) buffer with this rank's averaged gradients and updated parameters (S each) alive; the
+    # reduce-scatter's (W, S) input is freed before them
+    return state, (world_size + 2) * segment * item
 
 
 class _FlashAttention(torch.autograd.Function):
@@ -290,7 +306,7 @@ def pick_device_batch_size(config: GPTConfig, total_batch_size: int, world_size:
                            dtype: torch.dtype, free_bytes: int | None,
                            margin: float = AUTO_BATCH_MARGIN) -> tuple[int, str]:
     """--device-batch-size=auto: the largest power of two that divides the total batch (in sequences per process)
-    and whose estimated backward peak fits (1 − margin) of `free_bytes`; returns it and a one-line reason.
+    and whose estimated peak (backward's or the optimizer step's, the larger) fits (1 − margin) of `free_bytes`; returns it and a one-line reason.
 
     Without GPU memory to fit (`free_bytes` None: a CPU or MPS run) it takes AUTO_BATCH_CPU or the largest power of
     two below it that divides. The peak is linear in the batch (activations, loss) plus a constant (static memory,
@@ -306,7 +322,7 @@ def pick_device_batch_size(config: GPTConfig, total_batch_size: int, world_size:
         return batch, (f"device batch auto: {batch} on {device_type} (no GPU memory to size it from; "
                        f"{AUTO_BATCH_CPU} or the largest power of two below that divides the {per_process} "
                        "sequences per process)")
-    one, two = (e.backward_peak for e in estimate_memory_for_batches(config, [1, 2], world_size, device_type, dtype))
+    one, two = (e.peak for e in estimate_memory_for_batches(config, [1, 2], world_size, device_type, dtype))
 
     def peak(b: int) -> int:
         return one + (b - 1) * (two - one)
