@@ -7,6 +7,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torch.distributed as dist
@@ -157,8 +158,9 @@ def cuda_unusable_reason() -> str:
             "build for an older CUDA")
 
 
-def compute_init(device_type: str = "") -> Compute:
-    """Pick the device, the compute dtype, and join torchrun's process group (nccl on CUDA, gloo otherwise)."""
+def compute_init(device_type: str = "", announce: TextIO | None = None) -> Compute:
+    """Pick the device, the compute dtype, and join torchrun's process group (nccl on CUDA, gloo otherwise); say
+    which attention kernel runs on `announce` (stdout by default)."""
     requested = device_type
     device_type = device_type or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
@@ -179,7 +181,7 @@ def compute_init(device_type: str = "") -> Compute:
         dist.barrier()
     dtype = get_compute_dtype(device_type)
     from nanochat.attention import kernel_summary  # imported here: it resolves FA3 on CUDA machines
-    print0(kernel_summary(device_type, dtype))
+    print0(kernel_summary(device_type, dtype), file=announce or sys.stdout)  # the CLI's -p keeps stdout for the reply
     return Compute(device=device, device_type=device_type, dtype=dtype, dist=info)
 
 

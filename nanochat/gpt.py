@@ -309,7 +309,7 @@ class GPT(nn.Module):
             positions = kv_cache.positions(slots, T)  # (B, T)
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
         cos, sin = cos.to(dtype), sin.to(dtype)
-        x = norm(self.wte(idx).to(dtype))  # (B, T, C) in the compute dtype from here to the LM head
+        x = self.embed(idx, dtype)  # (B, T, C) in the compute dtype from here to the LM head
         if self.config.smear:  # on the normalised embeddings, as the reference
             x = self.smear(x, kv_cache, slots, positions)
         x0 = x
@@ -345,6 +345,11 @@ class GPT(nn.Module):
         logits = soft_cap(logits, SOFTCAP)
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
+
+    def embed(self, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """idx (B, T) → the normalised token embeddings (B, T, C) in `dtype`: what smear mixes and x0 holds (and what
+        a decoder that copies a cached prefix must remember for smear)."""
+        return norm(self.wte(idx).to(dtype))
 
     def smear(self, emb: torch.Tensor, kv_cache: KVCache | None, slots, positions) -> torch.Tensor:
         """emb (B, T, C) → each position t ≥ 1 plus λ_smear · sigmoid(W · emb[t, :24]) · emb[t-1].

@@ -103,7 +103,7 @@ def main(argv=None) -> None:
         raise UserError("--temperature and --top-k must be >= 0 and --max-tokens >= 1")
     if args.unsafe_python_tool:
         allow_unsafe_python_tool()
-    compute = compute_init(args.device_type)
+    compute = compute_init(args.device_type, announce=sys.stderr)
     loaded = load_chat_model(args.source, compute.device, args.model_tag, args.step, dry_run=args.dry_run)
     print0(python_tool_banner(), file=sys.stderr)
     if loaded is None:

@@ -43,7 +43,8 @@ def test_tool_markers_are_shown_distinctly(tiny_tokenizer):
 def test_no_checkpoint_gives_one_line_naming_the_command(base_dir):
     proc = cli(base_dir, "-p", "hi")
     assert proc.returncode == 1
-    assert proc.stderr.strip().startswith("error:") and "python -m scripts.base_train" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "python -m scripts.base_train" in errors[0] and "Traceback" not in proc.stderr
 
 
 def test_no_checkpoint_names_the_base_dir_and_the_stages_and_creates_nothing(tmp_path):

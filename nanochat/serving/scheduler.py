@@ -236,9 +236,9 @@ class BatchScheduler:
         n = self.prefixes.load(tokens, slot)
         if n and self.cache.prev_embedding is not None:
             # a model with smear adds the previous token's embedding to the next one: the embedding of the last
-            # token copied in, as GPT._forward computes it (wte, in the compute dtype)
-            last = torch.tensor([tokens[n - 1]], device=self.engine.device)
-            self.cache.remember_embeddings(slice(slot, slot + 1), self.engine.model.wte(last))
+            # token copied in, as GPT._forward computes it (normalised, in the compute dtype)
+            last = torch.tensor([[tokens[n - 1]]], device=self.engine.device)
+            self.cache.remember_embeddings(slice(slot, slot + 1), self.engine.model.embed(last, self.engine.dtype)[0])
         return n
 
     @torch.no_grad()
