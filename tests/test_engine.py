@@ -4,6 +4,7 @@ sampling rules (top-k, top-p, seeds) and UTF-8-safe streaming text."""
 
 import copy
 import queue
+import sys
 
 import pytest
 import torch
@@ -177,12 +178,18 @@ def test_greedy_engine_with_a_tool_call_equals_full_forward_passes(tool_model, t
 
 
 def test_a_call_that_breaks_the_tool_becomes_its_error_output(tiny_tokenizer):
-    """`1+1+…+1` with 600 terms makes `ast` recurse past Python's limit in this process while the call is
-    prepared: the call's output says so and generation carries on (it used to raise RecursionError)."""
+    """`1+1+…+1` with 600 terms makes `ast` recurse past Python's default limit in this process while the call is
+    prepared: the call's output says so and generation carries on (it used to raise RecursionError). The default
+    limit is set for the test: torch.compile raises it for the rest of a process that compiled anything."""
     tok = tiny_tokenizer
     prompt = encode(tok, "Sum:") + [tok.encode_special("<|python_start|>")] + tok.encode("+".join(["1"] * 600))
     model = closing_the_call(make_tiny_model(tok.get_vocab_size(), sequence_len=512).eval(), tok, prompt)
-    results, masks = Engine(model, tok).generate_batch(prompt, max_tokens=100, temperature=0.0)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)  # CPython's default
+    try:
+        results, masks = Engine(model, tok).generate_batch(prompt, max_tokens=100, temperature=0.0)
+    finally:
+        sys.setrecursionlimit(limit)
     new, output_start = results[0][len(prompt):], tok.encode_special("<|output_start|>")
     assert new[:2] == [tok.encode_special("<|python_end|>"), output_start]
     end = new.index(tok.encode_special("<|output_end|>"))
