@@ -22,6 +22,8 @@ from nanochat.scaling import model_shape
 
 
 class AtenCalls(TorchDispatchMode):
+    """Counts the aten calls made under it (on the meta device: shapes only, nothing computed)."""
+
     def __init__(self):
         super().__init__()
         self.count = 0

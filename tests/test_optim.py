@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.optim_shard import AtenCalls
 from conftest import make_tiny_model
 from nanochat.optim import MuonAdamW
 from nanochat.optim_math import normalize_neurons, orthogonalize, POLAR_EXPRESS
@@ -237,18 +237,6 @@ def test_state_re_shards_to_any_world_size_and_back():
                     back["state"][index][key] == value
 
 
-class OpCounter(TorchDispatchMode):
-    """Counts the aten calls made under it (on the meta device: shapes only, nothing computed)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def meta_model(depth: int):
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.scaling import model_shape
@@ -268,7 +256,7 @@ def test_one_process_step_makes_a_bounded_number_of_calls_whatever_the_depth():
         for p in model.parameters():
             p.grad = torch.empty_like(p)
         optimizer.step()  # the first step also creates the state
-        with OpCounter() as counter:
+        with AtenCalls() as counter:
             optimizer.step()
         counts[depth] = counter.count
     assert max(counts.values()) <= 1000, counts  # 720 and 772 when written
